@@ -1,0 +1,236 @@
+"""The per-subject cache: its layout and every file format, read and written only through this module.
+
+    results/{subject}/
+      crop/                      stage `crop`
+        frames/000000.png        RGB frames, crop.size x crop.size, lossless
+        meta.json                source video (size, fps, rotation, ffmpeg build), crop window in source
+                                 pixels (x, y, side; may extend past the border = padded black),
+                                 per frame: source frame number, source timestamp (s), face box in
+                                 crop pixels [x0, y0, x1, y1] or null, detector score
+        split.json               {"train": [...], "val": [...], "test": [...], "excluded": {frame: reason}}
+      landmarks/                 stage `landmarks`
+        landmarks.npz            mp478 float32 (N, 478, 3): x, y in crop pixels, z relative depth in pixels
+                                 (mediapipe's, larger = farther); ibug68 float32 (N, 68, 3) derived from it;
+                                 valid bool (N,); NaN where not valid
+        meta.json                backend, smoothing, invalid frames
+      parsing/                   stage `parsing`
+        labels/000000.png        uint8 label map, CelebAMask-HQ classes (see parsing.CLASSES)
+        matte/000000.png         uint8 soft person matte, 255 = person
+        meta.json                backend, class names, per-class pixel fractions
+      background/                stage `background`
+        background.png           RGB background without the person, crop.size square
+        coverage.png             255 where the background was observed, 0 where inpainted
+        background.json          source (plate|estimated), covered fraction, frames used
+      normals/                   stage `normals`
+        normals/000000.png       camera-space normals, RGB = (n + 1) / 2 * 255; axes x right, y up,
+                                 z toward the camera (a face seen frontally is (0, 0, 1))
+        mask/000000.png          255 where the normal is valid
+        meta.json                backend
+      qa/                        stage `qa`
+        contact_sheet.png, overlay.mp4, summary.json
+      logs/{rule}.log            one log per Snakemake rule
+
+Every stage writes into `<stage>.partial-<pid>/` and renames it into place when complete, so an
+interrupted run never leaves a folder that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from .errors import CacheError
+
+STAGES = ("crop", "landmarks", "parsing", "background", "normals", "qa")
+CACHE_VERSION = 1
+
+
+def frame_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+class SubjectCache:
+    """Paths and readers of one subject's cache."""
+
+    def __init__(self, results_dir: str | os.PathLike, subject: str):
+        self.root = Path(results_dir) / subject
+        self.subject = subject
+
+    def stage_dir(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        return self.root / stage
+
+    def log_path(self, rule: str) -> Path:
+        return self.root / "logs" / f"{rule}.log"
+
+    # --- crop -----------------------------------------------------------------------------
+    def frame_path(self, index: int) -> Path:
+        return self.stage_dir("crop") / "frames" / frame_name(index)
+
+    def crop_meta(self) -> dict:
+        return read_json(self.stage_dir("crop") / "meta.json", "crop")
+
+    def split(self) -> dict:
+        return read_json(self.stage_dir("crop") / "split.json", "crop")
+
+    def num_frames(self) -> int:
+        return len(self.crop_meta()["frames"])
+
+    def read_frame(self, index: int) -> np.ndarray:
+        return read_png(self.frame_path(index), "crop", color=True)
+
+    def iter_frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        for i in range(self.num_frames()):
+            yield i, self.read_frame(i)
+
+    # --- landmarks ------------------------------------------------------------------------
+    def landmarks(self) -> dict[str, np.ndarray]:
+        path = self.stage_dir("landmarks") / "landmarks.npz"
+        data = read_npz(path, "landmarks", required=("mp478", "ibug68", "valid"))
+        n = self.num_frames()
+        if len(data["valid"]) != n:
+            raise CacheError(path, f"has {len(data['valid'])} frames but crop/ has {n}", "landmarks")
+        return data
+
+    # --- parsing --------------------------------------------------------------------------
+    def labels_path(self, index: int) -> Path:
+        return self.stage_dir("parsing") / "labels" / frame_name(index)
+
+    def matte_path(self, index: int) -> Path:
+        return self.stage_dir("parsing") / "matte" / frame_name(index)
+
+    def read_labels(self, index: int) -> np.ndarray:
+        return read_png(self.labels_path(index), "parsing", color=False)
+
+    def read_matte(self, index: int) -> np.ndarray:
+        """Soft matte in [0, 1], float32."""
+        return read_png(self.matte_path(index), "parsing", color=False).astype(np.float32) / 255.0
+
+    # --- background -----------------------------------------------------------------------
+    def read_background(self) -> np.ndarray:
+        return read_png(self.stage_dir("background") / "background.png", "background", color=True)
+
+    def read_coverage(self) -> np.ndarray:
+        return read_png(self.stage_dir("background") / "coverage.png", "background", color=False) > 127
+
+    # --- normals --------------------------------------------------------------------------
+    def normal_path(self, index: int) -> Path:
+        return self.stage_dir("normals") / "normals" / frame_name(index)
+
+    def normal_mask_path(self, index: int) -> Path:
+        return self.stage_dir("normals") / "mask" / frame_name(index)
+
+    def read_normals(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit normals (H, W, 3) float32 in the documented camera frame, and the validity mask."""
+        rgb = read_png(self.normal_path(index), "normals", color=True)
+        mask = read_png(self.normal_mask_path(index), "normals", color=False) > 127
+        return decode_normals(rgb), mask
+
+
+# --- formats -----------------------------------------------------------------------------------
+def encode_normals(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    rgb = np.clip((normals + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    rgb[~mask] = 0
+    return rgb
+
+
+def decode_normals(rgb: np.ndarray) -> np.ndarray:
+    n = rgb.astype(np.float32) / 127.5 - 1.0
+    return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-6)
+
+
+def read_png(path: Path, rule: str, color: bool) -> np.ndarray:
+    if not path.exists():
+        raise CacheError(path, "missing", rule)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise CacheError(path, "cannot be decoded (truncated or corrupted PNG)", rule)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if color else img
+
+
+def write_png(path: Path, image: np.ndarray, compression: int = 1) -> None:
+    """Write RGB (H, W, 3) or single-channel uint8 as PNG. Callers write inside a staged folder."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
+        raise OSError(f"could not write {path}")
+
+
+def read_json(path: Path, rule: str) -> Any:
+    if not path.exists():
+        raise CacheError(path, "missing", rule)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(path, f"is not valid JSON ({e})", rule) from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temp file + rename in the same folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def read_npz(path: Path, rule: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise CacheError(path, "missing", rule)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except Exception as e:  # zipfile/ValueError/EOFError on truncation
+        raise CacheError(path, f"cannot be read ({type(e).__name__}: {e})", rule) from None
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise CacheError(path, f"lacks arrays {missing}", rule)
+    return out
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
+    os.close(fd)
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh partial folder; on success replace `final` with it, on failure remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.parent / f"{final.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    for stale in final.parent.glob(f"{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
