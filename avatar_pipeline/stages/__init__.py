@@ -1,0 +1,11 @@
+"""The preprocessing stages, in DAG order; each module has `run(store, cfg, ...)`."""
+from . import background, crop, landmarks, normals, parsing, qa
+
+STAGES = {
+    "crop": crop,
+    "landmarks": landmarks,
+    "parsing": parsing,
+    "background": background,
+    "normals": normals,
+    "qa": qa,
+}

