@@ -6,7 +6,8 @@
         meta.json                source video (size, fps, rotation, ffmpeg build), crop window in source
                                  pixels (x, y, side; may extend past the border = padded black),
                                  per frame: source frame number, source timestamp (s), face box in
-                                 crop pixels [x0, y0, x1, y1] or null, detector score
+                                 crop pixels [x0, y0, x1, y1] or null, detector score, the detector's
+                                 6 keypoints (eyes, nose tip, mouth, ears), why it is excluded or null
         split.json               {"train": [...], "val": [...], "test": [...], "excluded": {frame: reason}}
       landmarks/                 stage `landmarks`
         landmarks.npz            mp478 float32 (N, 478, 3): x, y in crop pixels, z relative depth in pixels

@@ -26,6 +26,8 @@ class FaceBox:
     x1: float
     y1: float
     score: float
+    # BlazeFace's 6 keypoints (x, y): right eye, left eye, nose tip, mouth centre, right ear, left ear
+    keypoints: np.ndarray | None = None
 
     @property
     def size(self) -> float:
@@ -34,9 +36,6 @@ class FaceBox:
     @property
     def center(self) -> tuple[float, float]:
         return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
-
-    def scaled(self, s: float) -> "FaceBox":
-        return FaceBox(self.x0 * s, self.y0 * s, self.x1 * s, self.y1 * s, self.score)
 
     def as_list(self) -> list[float]:
         return [round(self.x0, 2), round(self.y0, 2), round(self.x1, 2), round(self.y1, 2)]
@@ -77,8 +76,9 @@ class FaceDetector(_MediapipeModel):
         boxes = []
         for det in model.process(rgb).detections or []:
             b = det.location_data.relative_bounding_box
+            keypoints = np.array([(k.x * w, k.y * h) for k in det.location_data.relative_keypoints], np.float32)
             boxes.append(FaceBox(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h,
-                                 float(det.score[0])))
+                                 float(det.score[0]), keypoints))
         return boxes
 
     def close(self):

@@ -10,7 +10,6 @@ Frames are always streamed: nothing here holds more than one decoded frame.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -58,7 +57,7 @@ class VideoInfo:
     path: str
     width: int
     height: int
-    rotation: int  # degrees the player rotates the coded frame (counter-clockwise), in {0, 90, 180, 270}
+    rotation: int  # degrees a player rotates the coded frame clockwise (the legacy `rotate` tag), 0/90/180/270
     fps: float  # nominal (average) frame rate
     duration: float | None
     codec: str
@@ -93,7 +92,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 
 def _not_a_video(path: Path, detail: str) -> InputError:
-    return InputError(str(path), f"not a readable video ({detail.strip()[-300:]})",
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return InputError(str(path), f"not a readable video ({' / '.join(lines[-2:])[-300:]})",
                       "give a video file ffmpeg can decode (mp4/mov/mkv/avi); re-export it if it is damaged")
 
 
@@ -110,7 +110,7 @@ def _probe_ffprobe(path: Path, ffprobe_exe: str) -> VideoInfo:
     rotation = 0
     for side in s.get("side_data_list", []) or []:
         if "rotation" in side:
-            # ffprobe reports the display-matrix angle (clockwise negative); normalise to CCW degrees
+            # ffprobe reports the display matrix's counter-clockwise angle; normalise to clockwise degrees
             rotation = _rotation_from_degrees(-float(side["rotation"]))
     if "rotate" in s.get("tags", {}):
         rotation = _rotation_from_degrees(-float(s["tags"]["rotate"]))
@@ -269,7 +269,3 @@ class VideoWriter:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def info_to_json(info: VideoInfo) -> str:
-    return json.dumps(dataclasses.asdict(info))

@@ -39,8 +39,10 @@ class CropWindow:
 
     def to_crop(self, box: FaceBox, size: int) -> FaceBox:
         s = size / self.side
+        offset = np.array([self.x0, self.y0], np.float32)
+        keypoints = (box.keypoints - offset) * s if box.keypoints is not None else None
         return FaceBox((box.x0 - self.x0) * s, (box.y0 - self.y0) * s, (box.x1 - self.x0) * s,
-                       (box.y1 - self.y0) * s, box.score)
+                       (box.y1 - self.y0) * s, box.score, keypoints)
 
 
 def select_frames(index: int, kept: int, cfg: CropConfig) -> bool:
@@ -147,7 +149,8 @@ def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
             kept_index.append(i)
             kept_time.append(t)
             sx, sy = info.width / dw, info.height / dh
-            detections.append([FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score)
+            to_source = np.array([sx, sy], np.float32)
+            detections.append([FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.keypoints * to_source)
                                for b in detector.detect(frame)])
     video.check_decode(info, report, decoded)
     # showinfo timestamps arrive asynchronously; re-read them now that decoding is over
@@ -215,7 +218,9 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         crop_box = window.to_crop(box, cfg.size) if box is not None else None
         frames_meta.append({"index": out_i, "source_frame": src_i, "time": round(t, 6),
                             "face_box": crop_box.as_list() if crop_box else None,
-                            "face_score": round(box.score, 4) if box else None, "excluded": reason})
+                            "face_score": round(box.score, 4) if box else None,
+                            "face_keypoints": crop_box.keypoints.round(2).tolist() if crop_box else None,
+                            "excluded": reason})
     n_bad = len(valid) - sum(valid)
     if n_bad:
         msg = f"{n_bad} of {len(valid)} frames have no usable face; they are excluded from the splits"

@@ -1,0 +1,79 @@
+"""Shared fixtures. Real media are read in place from ../shared (never copied into the repo); where it
+is absent the tests that need it skip with the reason, except under CI (CI=true), where that fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from avatar_pipeline import cache
+from avatar_pipeline.config import BackgroundConfig, CropConfig, LandmarksConfig, NormalsConfig, ParsingConfig, QAConfig
+from avatar_pipeline.video import ffmpeg_tools
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AVATAR_PIPELINE_SHARED", REPO.parent / "shared"))
+
+
+def require_shared(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        reason = f"{path} is not available (the real test media live in ../shared)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"under CI ../shared must be present: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def videos_dir() -> Path:
+    return require_shared("data/videos")
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    return require_shared("data/images")
+
+
+def ffmpeg(*args: str) -> None:
+    """Run the ffmpeg the package uses (to make test inputs)."""
+    subprocess.run([ffmpeg_tools().ffmpeg, "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def image_to_video(image: Path, out: Path, frames: int = 12, fps: int = 10, width: int | None = None) -> Path:
+    scale = f"scale={width}:-2" if width else "scale=trunc(iw/2)*2:trunc(ih/2)*2"
+    ffmpeg("-loop", "1", "-i", str(image), "-frames:v", str(frames), "-r", str(fps), "-vf", scale,
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(out))
+    return out
+
+
+TINY = dict(size=128, max_frames=40)
+
+
+def run_preprocessing(video: Path, results: Path, subject: str, crop_overrides: dict | None = None,
+                      plate: str | None = None) -> cache.SubjectCache:
+    """All preprocessing stages, called directly (no Snakemake), at test resolution."""
+    from avatar_pipeline.stages import background, crop, landmarks, normals, parsing, qa
+
+    store = cache.SubjectCache(results, subject)
+    crop.run(store, video, CropConfig(**{**TINY, **(crop_overrides or {})}))
+    landmarks.run(store, LandmarksConfig())
+    parsing.run(store, ParsingConfig())
+    background.run(store, BackgroundConfig(), plate=plate)
+    normals.run(store, NormalsConfig())
+    qa.run(store, QAConfig(sheet_frames=4, video_frames=20))
+    return store
+
+
+@pytest.fixture(scope="session")
+def w009(videos_dir, tmp_path_factory) -> cache.SubjectCache:
+    """dt_W009 (tight studio face crop) preprocessed at 128 px."""
+    return run_preprocessing(videos_dir / "dt_W009_front_happy_level3_001.mp4", tmp_path_factory.mktemp("w009"), "w009")
+
+
+@pytest.fixture(scope="session")
+def lp_d18(videos_dir, tmp_path_factory) -> cache.SubjectCache:
+    """lp_d18 (head and shoulders, grey studio, strong expressions) preprocessed at 128 px."""
+    return run_preprocessing(videos_dir / "lp_d18.mp4", tmp_path_factory.mktemp("lp_d18"), "lp_d18",
+                             {"max_frames": 60})
