@@ -113,7 +113,7 @@ def compute_window(boxes: list[FaceBox], width: int, height: int, cfg: CropConfi
     bx0, by0 = min(b.x0 for b in boxes), min(b.y0 for b in boxes)
     bx1, by1 = max(b.x1 for b in boxes), max(b.y1 for b in boxes)
     side_min = max(bx1 - bx0, by1 - by0) + 2 * margin
-    side = int(math.ceil(max(side_min, min(cfg.scale * face, min(width, height)))))
+    side = int(math.ceil(max(side_min, min(cfg.scale * face, min(width, height))) - 1e-6))
 
     def place(center: float, lo_box: float, hi_box: float, extent: int) -> int:
         """Start of the window on one axis: contain every face box (with margin if possible),
