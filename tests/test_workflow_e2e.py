@@ -1,0 +1,107 @@
+"""End to end through Snakemake on real clips at low resolution, as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from avatar_pipeline import cache
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "avatar_pipeline"]
+TINY = {"crop": {"size": 128, "max_frames": 40}, "qa": {"sheet_frames": 3, "video_frames": 10},
+        "background": {"max_frames": 20}}
+
+
+def _run(args, cwd, **kw):
+    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def workspace(videos_dir, tmp_path_factory):
+    """Two subjects, one behind a path with spaces and non-ASCII characters, run by `workflow`."""
+    ws = tmp_path_factory.mktemp("ws")
+    odd = ws / "clips ü" / "vidéo un.mp4"
+    odd.parent.mkdir()
+    os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
+    config = {**TINY, "subjects": {"m030": {"video": str(odd)},
+                                   "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
+    (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    proc = _run(["workflow", "--cores", "2"], ws)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return ws
+
+
+def test_both_subjects_complete_with_logs(workspace):
+    for subject in ("m030", "d18"):
+        store = cache.SubjectCache(workspace / "results", subject)
+        for stage in cache.STAGES:
+            assert store.stage_dir(stage).is_dir(), (subject, stage)
+            assert store.log_path(stage).exists()
+        assert not list(store.root.glob("*.partial-*"))
+        summary = cache.read_json(store.stage_dir("qa") / "summary.json", "qa")
+        assert summary["frames"] == 40 and summary["size"] == 128
+        lms = store.landmarks()
+        assert lms["valid"].mean() > 0.9
+        # the face is inside the crop on every frame with landmarks
+        pts = lms["mp478"][lms["valid"]][:, :, :2]
+        assert np.all((pts > -1) & (pts < 129))
+    d18 = cache.SubjectCache(workspace / "results", "d18").split()
+    assert d18["test"] == list(range(30, 40))  # explicit range from the config
+
+
+def test_second_run_does_nothing(workspace):
+    proc = _run(["workflow", "--cores", "2"], workspace)
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _planned_jobs(workspace, config_overrides) -> set[str]:
+    config = yaml.safe_load((workspace / "config.yaml").read_text())
+    for section, values in config_overrides.items():
+        config[section] = {**config.get(section, {}), **values}
+    (workspace / "changed.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    proc = _run(["workflow", "--config", "changed.yaml", "--cores", "2", "--", "--dry-run", "--quiet", "rules"],
+                workspace)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    return {rule for rule in cache.STAGES if f"\n{rule} " in out or f"\n{rule}\t" in out}
+
+
+def test_changing_a_landmark_setting_reruns_landmarks_and_downstream_only(workspace):
+    jobs = _planned_jobs(workspace, {"landmarks": {"smoothing_sigma": 1.0}})
+    assert jobs == {"landmarks", "parsing", "background", "normals", "qa"}
+
+
+def test_changing_the_qa_setting_reruns_only_qa(workspace):
+    assert _planned_jobs(workspace, {"qa": {"sheet_frames": 2}}) == {"qa"}
+
+
+def test_run_one_video_with_the_cli(videos_dir, tmp_path):
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    base["crop"].update(size=96, max_frames=12)
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(base))
+    proc = _run(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
+                 "--config", "small.yaml"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "results" / "w9" / "crop" / "meta.json").read_text())
+    assert meta["size"] == 96 and len(meta["frames"]) == 12
+    assert (tmp_path / "results" / "w9" / "qa" / "report.html").exists()
+
+
+def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
+    (tmp_path / "config.yaml").write_text("crop:\n  sizee: 128\nsubjects: {}\n")
+    proc = _run(["workflow", "--cores", "1"], tmp_path)
+    assert proc.returncode != 0
+    assert "sizee" in proc.stderr and "allowed keys" in proc.stderr
+    assert not (tmp_path / "results" / "x").exists()
+
+
+def test_missing_video_is_a_clear_cli_error(tmp_path):
+    proc = _run(["run", str(tmp_path / "nope.mp4")], tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "nope.mp4" in proc.stderr
