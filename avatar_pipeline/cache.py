@@ -36,13 +36,15 @@ interrupted run never leaves a folder that looks finished.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -89,8 +91,8 @@ class SubjectCache:
         return read_png(self.frame_path(index), "crop", color=True)
 
     def iter_frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        for i in range(self.num_frames()):
-            yield i, self.read_frame(i)
+        """(index, RGB frame) in order; decoding runs ahead in threads (PNG decoding releases the GIL)."""
+        yield from prefetch(range(self.num_frames()), self.read_frame)
 
     # --- landmarks ------------------------------------------------------------------------
     def landmarks(self) -> dict[str, np.ndarray]:
@@ -138,8 +140,8 @@ class SubjectCache:
 
 # --- formats -----------------------------------------------------------------------------------
 def encode_normals(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    rgb = np.clip((normals + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    rgb[~mask] = 0
+    rgb = np.zeros(normals.shape, np.uint8)
+    rgb[mask] = np.clip((normals[mask] + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     return rgb
 
 
@@ -163,6 +165,49 @@ def write_png(path: Path, image: np.ndarray, compression: int = 1) -> None:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
         raise OSError(f"could not write {path}")
+
+
+T = TypeVar("T")
+
+
+def prefetch(keys: Iterable[int], load: Callable[[int], T], ahead: int = 4) -> Iterator[tuple[int, T]]:
+    """Yield (key, load(key)) in order while up to `ahead` loads run in background threads."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        pending: collections.deque = collections.deque()
+        for key in keys:
+            pending.append((key, pool.submit(load, key)))
+            if len(pending) > ahead:
+                k, fut = pending.popleft()
+                yield k, fut.result()
+        while pending:
+            k, fut = pending.popleft()
+            yield k, fut.result()
+
+
+class PngWriter:
+    """Writes PNGs in background threads (encoding releases the GIL), at most `pending` in flight.
+
+    Use as a context manager: leaving it waits for every write and re-raises the first error."""
+
+    def __init__(self, compression: int = 1, pending: int = 8):
+        self.compression, self.limit = compression, pending
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self._pending: collections.deque = collections.deque()
+
+    def write(self, path: Path, image: np.ndarray) -> None:
+        self._pending.append(self._pool.submit(write_png, path, image, self.compression))
+        while len(self._pending) > self.limit:
+            self._pending.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_json(path: Path, rule: str) -> Any:

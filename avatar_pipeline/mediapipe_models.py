@@ -57,17 +57,17 @@ class _MediapipeModel:
 
 
 class FaceDetector(_MediapipeModel):
-    """BlazeFace: the full-range model (small faces in wide shots) with the short-range one as a
-    second opinion on frames where it finds nothing (it is better on large, close faces)."""
+    """BlazeFace: the short-range model (fast, best on the large faces of portrait video) with the
+    full-range one as a second opinion on frames where it finds nothing (small faces in wide shots)."""
 
     def __init__(self, min_confidence: float = 0.5):
         fd = _solutions().face_detection
-        self._model = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
-        self._short = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+        self._model = fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence)
+        self._full = fd.FaceDetection(model_selection=1, min_detection_confidence=min_confidence)
 
     def detect(self, rgb: np.ndarray) -> list[FaceBox]:
         rgb = np.ascontiguousarray(rgb)
-        boxes = self._boxes(self._model, rgb) or self._boxes(self._short, rgb)
+        boxes = self._boxes(self._model, rgb) or self._boxes(self._full, rgb)
         return sorted(boxes, key=lambda b: -b.size)
 
     @staticmethod
@@ -83,7 +83,7 @@ class FaceDetector(_MediapipeModel):
 
     def close(self):
         super().close()
-        self._short.close()
+        self._full.close()
 
 
 class FaceMeshTracker(_MediapipeModel):

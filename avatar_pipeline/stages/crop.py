@@ -7,7 +7,6 @@ frame, and one at full resolution in which ffmpeg pads, crops and resizes.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -267,20 +266,12 @@ def _write_crops(info: video.VideoInfo, window: CropWindow, kept_index: list[int
     keep = set(kept_index)
     report = video.DecodeReport()
     out_i = 0
-    # PNG encoding releases the GIL: overlap it with decoding
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        pending = []
+    with cache.PngWriter(cfg.png_compression) as writer:
         frames = video.iter_frames(info, filters, (cfg.size, cfg.size), report)
         for src_i, frame in enumerate(progress(frames, info.expected_frames, "crop: write frames")):
-            if src_i not in keep:
-                continue
-            pending.append(pool.submit(cache.write_png, frames_dir / cache.frame_name(out_i), frame.copy(),
-                                       cfg.png_compression))
-            out_i += 1
-            if len(pending) > 8:
-                pending.pop(0).result()
-        for p in pending:
-            p.result()
+            if src_i in keep:
+                writer.write(frames_dir / cache.frame_name(out_i), frame.copy())
+                out_i += 1
     if out_i != len(kept_index):
         raise InputError(info.path, f"second decoding pass gave {out_i} of {len(kept_index)} frames "
                          "(file changed while reading, or non-deterministic decoding)", "rerun; re-export the clip if it repeats")

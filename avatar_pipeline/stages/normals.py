@@ -28,9 +28,10 @@ def mesh_normals(mp478: np.ndarray, height: int, width: int) -> tuple[np.ndarray
     # to a right-handed y-up frame with z toward the camera (mediapipe's z grows away from it)
     vertices = np.stack([pts[:, 0], -pts[:, 1], -pts[:, 2]], 1)
     normals = raster.vertex_normals(vertices, tris)
-    tri_id, bary = raster.rasterize(pts[:, :2], -pts[:, 2], tris, height, width)
-    normal_map = raster.interpolate(normals, tris, tri_id, bary)
-    normal_map /= np.maximum(np.linalg.norm(normal_map, axis=-1, keepdims=True), 1e-6)
+    tri_id = raster.rasterize(pts[:, :2], -pts[:, 2], tris, height, width)
+    ys, xs, values = raster.interpolate(normals, pts[:, :2], tris, tri_id)
+    normal_map = np.zeros((height, width, 3), np.float32)
+    normal_map[ys, xs] = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-6)
     return normal_map, tri_id >= 0
 
 
@@ -61,7 +62,7 @@ def run(store: cache.SubjectCache, cfg: NormalsConfig) -> dict:
     lms = store.landmarks()
     network = NetworkNormals(cfg.network_weights) if cfg.backend == "network" else None
     facing = []
-    with cache.staged_dir(store.stage_dir("normals")) as stage:
+    with cache.staged_dir(store.stage_dir("normals")) as stage, cache.PngWriter() as writer:
         (stage / "normals").mkdir()
         (stage / "mask").mkdir()
         frames = store.iter_frames() if network else ((i, None) for i in range(n))
@@ -73,8 +74,8 @@ def run(store: cache.SubjectCache, cfg: NormalsConfig) -> dict:
                 facing.append(float(np.mean(normal_map[mask][:, 2] > 0)) if mask.any() else 0.0)
             else:
                 normal_map, mask = np.zeros((size, size, 3), np.float32), np.zeros((size, size), bool)
-            cache.write_png(stage / "normals" / cache.frame_name(i), cache.encode_normals(normal_map, mask))
-            cache.write_png(stage / "mask" / cache.frame_name(i), mask.astype(np.uint8) * 255)
+            writer.write(stage / "normals" / cache.frame_name(i), cache.encode_normals(normal_map, mask))
+            writer.write(stage / "mask" / cache.frame_name(i), mask.astype(np.uint8) * 255)
         info = {"version": cache.CACHE_VERSION, "backend": cfg.backend,
                 "convention": "camera space, x right, y up, z toward the camera; RGB = (n + 1) / 2 * 255",
                 "mean_fraction_facing_camera": round(float(np.mean(facing)), 4) if facing else None,

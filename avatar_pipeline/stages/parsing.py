@@ -104,7 +104,7 @@ def run(store: cache.SubjectCache, cfg: ParsingConfig) -> dict:
 
         bisenet = BiSeNetParser.from_config(cfg)
     with SelfieSegmenter(landscape=cfg.matte_model == "landscape") as segmenter, \
-            cache.staged_dir(store.stage_dir("parsing")) as stage:
+            cache.staged_dir(store.stage_dir("parsing")) as stage, cache.PngWriter() as writer:
         (stage / "labels").mkdir()
         (stage / "matte").mkdir()
         for i, frame in progress(store.iter_frames(), n, "parsing"):
@@ -116,8 +116,8 @@ def run(store: cache.SubjectCache, cfg: ParsingConfig) -> dict:
             else:  # no face geometry: person pixels only, without face classes
                 labels = np.where(matte > MATTE_PERSON, CLASS_ID["cloth"], 0).astype(np.uint8)
             counts += np.bincount(labels.ravel(), minlength=len(CLASSES))
-            cache.write_png(stage / "labels" / cache.frame_name(i), labels)
-            cache.write_png(stage / "matte" / cache.frame_name(i), np.round(matte * 255).astype(np.uint8))
+            writer.write(stage / "labels" / cache.frame_name(i), labels)
+            writer.write(stage / "matte" / cache.frame_name(i), np.round(matte * 255).astype(np.uint8))
         info = {"version": cache.CACHE_VERSION, "backend": cfg.backend, "classes": list(CLASSES),
                 "class_fraction": {c: round(float(v) / max(1, counts.sum()), 5) for c, v in zip(CLASSES, counts)},
                 "frames_without_face_classes": [int(i) for i in np.flatnonzero(~lms["valid"])]}
