@@ -85,8 +85,8 @@ def run(store: cache.SubjectCache, cfg: LandmarksConfig) -> dict:
 
         with FanLandmarker.from_config(cfg) as fan:
             for i, frame in progress(store.iter_frames(), n, "landmarks: FAN 68"):
-                if valid[i]:
-                    ibug68[i, :, :2] = fan.predict(frame, _box_of(mp478[i, :468]))
+                if valid[i]:  # FAN expects a detector-like box: brows to chin, i.e. the 68 points' extent
+                    ibug68[i, :, :2] = fan.predict(frame, _box_of(ibug68[i]))
         ibug68 = smooth_valid_runs(ibug68, valid, cfg.smoothing_sigma)
     if len(reasons):
         log.warning("landmarks: no usable face mesh in %d of %d frames: %s", len(reasons), n,

@@ -9,6 +9,7 @@ Backends:
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,9 @@ class NetworkNormals:
         from ..runtime import torch_device
 
         self.torch, self.device = torch, torch_device()
-        self.model = torch.jit.load(weights, map_location=self.device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format these weights ship in
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(weights, map_location=self.device).eval()
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         x = self.torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(self.device)
