@@ -139,10 +139,9 @@ class SubjectCache:
 
 
 # --- formats -----------------------------------------------------------------------------------
-def encode_normals(normals: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    rgb = np.zeros(normals.shape, np.uint8)
-    rgb[mask] = np.clip((normals[mask] + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    return rgb
+def encode_normals(normals: np.ndarray) -> np.ndarray:
+    """Unit normals (..., 3) to the stored 8-bit RGB."""
+    return np.clip((normals + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:

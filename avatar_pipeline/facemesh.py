@@ -6,7 +6,9 @@ the image's left in an unmirrored video.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -49,19 +51,30 @@ IBUG68_OUTER_LIPS = slice(48, 60)
 
 
 @functools.lru_cache(maxsize=1)
+def tessellation_edges() -> frozenset:
+    """mediapipe's FACEMESH_TESSELATION, read from its pure-Python table without importing mediapipe
+    (whose start-up takes most of a second) - stages that only need the topology stay light."""
+    spec = importlib.util.find_spec("mediapipe")
+    table = Path(spec.submodule_search_locations[0]) / "python" / "solutions" / "face_mesh_connections.py"
+    module_spec = importlib.util.spec_from_file_location("_facemesh_connections", table)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.FACEMESH_TESSELATION
+
+
+@functools.lru_cache(maxsize=1)
 def triangles() -> np.ndarray:
     """(T, 3) int triangles of the 478-point mesh (eyes closed over the iris centres), consistently oriented so that they face the viewer
     (counter-clockwise in a y-up frame) on a frontal face.
 
     mediapipe ships only the mesh's edges; its faces are the 3-cliques of that edge graph.
     """
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
-
+    edges = tessellation_edges()
     neighbours: dict[int, set[int]] = defaultdict(set)
-    for a, b in FACEMESH_TESSELATION:
+    for a, b in edges:
         neighbours[a].add(b)
         neighbours[b].add(a)
-    tris = sorted({tuple(sorted((a, b, c))) for a, b in FACEMESH_TESSELATION for c in neighbours[a] & neighbours[b]})
+    tris = sorted({tuple(sorted((a, b, c))) for a, b in edges for c in neighbours[a] & neighbours[b]})
     # the mesh has holes at the eyes: close them with fans around the iris centres (points 468, 473)
     for contour, centre in ((RIGHT_EYE, RIGHT_IRIS[0]), (LEFT_EYE, LEFT_IRIS[0])):
         tris += [(centre, contour[k], contour[(k + 1) % len(contour)]) for k in range(len(contour))]
@@ -108,8 +121,6 @@ def _orient_consistently(tris: np.ndarray) -> np.ndarray:
 def canonical_frontal_xy() -> np.ndarray:
     """A rough frontal layout (x right, y down) of the mesh points from the mesh connectivity alone:
     Tutte embedding with the face oval pinned to a circle. Good enough to orient triangles."""
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_TESSELATION
-
     n = NUM_POINTS
     pos = np.zeros((n, 2))
     angles = np.linspace(0, 2 * np.pi, len(FACE_OVAL), endpoint=False)
@@ -118,7 +129,7 @@ def canonical_frontal_xy() -> np.ndarray:
     fixed = np.zeros(n, bool)
     fixed[FACE_OVAL] = True
     adj = np.zeros((n, n))
-    for a, b in FACEMESH_TESSELATION:
+    for a, b in tessellation_edges():
         adj[a, b] = adj[b, a] = 1
     for contour, centre in ((RIGHT_EYE, RIGHT_IRIS[0]), (LEFT_EYE, LEFT_IRIS[0])):
         adj[centre, contour] = adj[contour, centre] = 1

@@ -17,9 +17,9 @@ def rasterize(xy: np.ndarray, closeness: np.ndarray, triangles: np.ndarray, heig
     """
     order = np.argsort(closeness[triangles].mean(1))  # far first, near ones paint over them
     tri_id = np.full((height, width), -1, np.int32)
-    fixed = np.round(xy * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    for t in order:
-        cv2.fillConvexPoly(tri_id, fixed[triangles[t]], int(t), lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    polygons = np.round(xy[triangles[order]] * (1 << _SUBPIXEL_BITS)).astype(np.int32)
+    for polygon, t in zip(polygons, order.tolist()):
+        cv2.fillConvexPoly(tri_id, polygon, t, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
     return tri_id
 
 

@@ -22,18 +22,26 @@ from ..runtime import progress
 log = logging.getLogger(__name__)
 
 
-def mesh_normals(mp478: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normal map (H, W, 3) with x right, y up, z toward the camera, and its mask."""
+def mesh_normal_pixels(mp478: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The face's covered pixels (rows, columns) and their unit normals (N, 3): x right, y up, z toward
+    the camera."""
     tris = facemesh.triangles()
     pts = mp478.astype(np.float64)
     # to a right-handed y-up frame with z toward the camera (mediapipe's z grows away from it)
     vertices = np.stack([pts[:, 0], -pts[:, 1], -pts[:, 2]], 1)
-    normals = raster.vertex_normals(vertices, tris)
     tri_id = raster.rasterize(pts[:, :2], -pts[:, 2], tris, height, width)
-    ys, xs, values = raster.interpolate(normals, pts[:, :2], tris, tri_id)
+    ys, xs, values = raster.interpolate(raster.vertex_normals(vertices, tris), pts[:, :2], tris, tri_id)
+    return ys, xs, values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-6)
+
+
+def mesh_normals(mp478: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normal map (H, W, 3) and its mask."""
+    ys, xs, values = mesh_normal_pixels(mp478, height, width)
     normal_map = np.zeros((height, width, 3), np.float32)
-    normal_map[ys, xs] = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-6)
-    return normal_map, tri_id >= 0
+    normal_map[ys, xs] = values
+    mask = np.zeros((height, width), bool)
+    mask[ys, xs] = True
+    return normal_map, mask
 
 
 class NetworkNormals:
@@ -70,15 +78,16 @@ def run(store: cache.SubjectCache, cfg: NormalsConfig) -> dict:
         (stage / "mask").mkdir()
         frames = store.iter_frames() if network else ((i, None) for i in range(n))
         for i, frame in progress(frames, n, "normals"):
+            rgb, mask = np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.uint8)
             if lms["valid"][i]:
-                normal_map, mask = mesh_normals(lms["mp478"][i], size, size)
+                ys, xs, values = mesh_normal_pixels(lms["mp478"][i], size, size)
                 if network is not None:
-                    normal_map = network.predict(frame)
-                facing.append(float(np.mean(normal_map[mask][:, 2] > 0)) if mask.any() else 0.0)
-            else:
-                normal_map, mask = np.zeros((size, size, 3), np.float32), np.zeros((size, size), bool)
-            writer.write(stage / "normals" / cache.frame_name(i), cache.encode_normals(normal_map, mask))
-            writer.write(stage / "mask" / cache.frame_name(i), mask.astype(np.uint8) * 255)
+                    values = network.predict(frame)[ys, xs]
+                rgb[ys, xs] = cache.encode_normals(values)
+                mask[ys, xs] = 255
+                facing.append(float(np.mean(values[:, 2] > 0)) if len(values) else 0.0)
+            writer.write(stage / "normals" / cache.frame_name(i), rgb)
+            writer.write(stage / "mask" / cache.frame_name(i), mask)
         info = {"version": cache.CACHE_VERSION, "backend": cfg.backend,
                 "convention": "camera space, x right, y up, z toward the camera; RGB = (n + 1) / 2 * 255",
                 "mean_fraction_facing_camera": round(float(np.mean(facing)), 4) if facing else None,
