@@ -145,3 +145,22 @@ def test_video_writer_roundtrip(backend, tmp_path):
     info = video.probe(out)
     frames = list(video.iter_frames(info))
     assert len(frames) == 5 and abs(int(frames[4].mean()) - 160) < 4
+
+
+def test_clip_without_decodable_frames(backend, tmp_path):
+    """A header that promises a video stream, with the frame data cut off."""
+    whole = tmp_path / "one.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", str(whole))
+    data = whole.read_bytes()
+    empty = tmp_path / "no frames.mp4"
+    empty.write_bytes(data[: data.find(b"mdat") + 8])
+    from avatar_pipeline import cache
+    from avatar_pipeline.config import CropConfig
+    from avatar_pipeline.stages import crop
+
+    with pytest.raises(InputError) as err:
+        crop.run(cache.SubjectCache(tmp_path, "z"), empty, CropConfig(size=32))
+    assert str(empty) in str(err.value)
+    assert "zero frames" in str(err.value) or "not a readable video" in str(err.value)
+    assert not (tmp_path / "z" / "crop").exists()

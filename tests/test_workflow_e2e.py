@@ -105,3 +105,28 @@ def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
 def test_missing_video_is_a_clear_cli_error(tmp_path):
     proc = _run(["run", str(tmp_path / "nope.mp4")], tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "nope.mp4" in proc.stderr
+
+
+def test_a_killed_stage_leaves_nothing_that_looks_complete(videos_dir, tmp_path):
+    import signal
+    import time
+
+    cmd = CLI + ["crop", "--results", str(tmp_path), "--subject", "k", "--video", str(videos_dir / "lp_d18.mp4"),
+                 "--settings", '{"size": 512, "png_compression": 9}']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        partial = list((tmp_path / "k").glob("crop.partial-*/frames/*.png"))
+        if len(partial) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "k" / "crop").exists()
+    assert list((tmp_path / "k").glob("crop.partial-*"))
+    # the rerun starts the stage afresh and clears the killed run's leftovers
+    rerun = subprocess.run(cmd[:-1] + ['{"size": 64}'], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (tmp_path / "k" / "crop" / "meta.json").exists()
+    assert not list((tmp_path / "k").glob("crop.partial-*"))
