@@ -1,0 +1,167 @@
+"""ICT FaceKit light (MIT, USC ICT): full head with mouth interior, teeth and eyes; 100 identity PCA modes,
+53 ARKit-named expression shapes, 68 Multi-PIE landmark vertices.
+
+The release is a folder `FaceXModel/` of OBJs (neutral mesh, identity000-099, one OBJ per expression)
+plus `vertex_indices.json`. `convert()` reads it once - from the folder, or straight from a .tar.xz /
+.tar.gz / .zip of the repository - and the result is cached as one compressed .npz (MorphableModel.save).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from .base import MorphableModel
+
+log = logging.getLogger(__name__)
+
+RELEASE_COMMIT = "da5f95a"
+DOWNLOAD_URL = "https://github.com/ICT-VGL/ICT-FaceKit/archive/{commit}.tar.gz"
+NUM_VERTICES = 26719
+NUM_IDENTITY = 100
+CM = 0.01  # the OBJs are in centimetres
+
+# vertex ranges of the geometries (the release's documentation, 0-indexed, inclusive)
+FACE = (0, 9408)
+HEAD_AND_NECK = (9409, 11247)
+MOUTH = [(11248, 13293), (14062, 17038), (17039, 21450)]  # mouth socket, gums and tongue, teeth
+EYES = [(13294, 14061), (21451, 24590)]  # eye sockets, eyeballs
+
+
+def _range(a: int, b: int) -> np.ndarray:
+    return np.arange(a, b + 1)
+
+
+def parse_obj(data: bytes, with_faces: bool = False):
+    """Vertices (V, 3) float32 (and triangulated faces) of an OBJ; fast path for large files."""
+    lines = data.split(b"\n")
+    verts = np.array(b" ".join(line[2:] for line in lines if line.startswith(b"v ")).split(), np.float32)
+    verts = verts.reshape(-1, 3)
+    if not with_faces:
+        return verts
+    faces = []
+    for line in lines:
+        if line.startswith(b"f "):
+            ids = [int(tok.split(b"/")[0]) - 1 for tok in line.split()[1:]]
+            faces.extend((ids[0], ids[k], ids[k + 1]) for k in range(1, len(ids) - 1))  # fan-triangulate quads
+    return verts, np.array(faces, np.int64)
+
+
+def _iter_release(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(file name inside FaceXModel/, bytes) for every file of the release, from a folder or an archive."""
+    if source.is_dir():
+        folder = source if (source / "vertex_indices.json").exists() else source / "FaceXModel"
+        if not folder.is_dir():
+            folder = next(iter(source.glob("*/FaceXModel")), folder)
+        for path in sorted(folder.iterdir()):
+            yield path.name, path.read_bytes()
+        return
+    name = source.name.lower()
+    if name.endswith((".tar.xz", ".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(source, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and "/FaceXModel/" in f"/{member.name}":
+                    yield Path(member.name).name, tar.extractfile(member).read()
+        return
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(source) as zf:
+            for info in zf.infolist():
+                if "FaceXModel/" in info.filename and not info.is_dir():
+                    yield Path(info.filename).name, zf.read(info)
+        return
+    raise InputError(str(source), "not a folder or a .tar.xz/.tar.gz/.zip of ICT FaceKit",
+                     "point model.ict_path at the repository folder or its archive")
+
+
+def convert(source: str | Path) -> MorphableModel:
+    source = Path(source)
+    if not source.exists():
+        raise InputError(str(source), "ICT FaceKit release not found",
+                         "run the pipeline's `ict_model` rule to download it, or set model.ict_path")
+    objs: dict[str, np.ndarray] = {}
+    neutral = faces = None
+    meta = None
+    for fname, data in _iter_release(source):
+        if fname == "vertex_indices.json":
+            meta = json.loads(data)
+        elif fname == "generic_neutral_mesh.obj":
+            neutral, faces = parse_obj(data, with_faces=True)
+        elif fname.endswith(".obj"):
+            objs[fname[:-4]] = parse_obj(data)
+    missing = []
+    if meta is None:
+        missing.append("vertex_indices.json")
+    if neutral is None:
+        missing.append("generic_neutral_mesh.obj")
+    identities = [f"identity{k:03d}" for k in range(NUM_IDENTITY)]
+    expressions = meta["expressions"] if meta else []
+    missing += [f"{n}.obj" for n in identities + expressions if n not in objs]
+    if missing:
+        raise InputError(str(source), f"not a complete ICT FaceKit release: missing {', '.join(missing[:5])}"
+                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""),
+                         "re-download it (the `ict_model` rule) or fix model.ict_path")
+    for name in ["generic_neutral_mesh"] + identities + expressions:
+        shape = neutral.shape if name == "generic_neutral_mesh" else objs[name].shape
+        if shape != (NUM_VERTICES, 3):
+            raise InputError(str(source), f"{name}.obj has {shape[0]} vertices, expected {NUM_VERTICES}",
+                             "the release is damaged or a different version; re-download it")
+    identity = np.stack([objs[n] - neutral for n in identities], 2) * CM
+    expression = np.stack([objs[n] - neutral for n in expressions], 2) * CM
+    lmk_vertices = np.array(meta["idx_to_landmark_verts"], np.int64)
+    lmk_faces, lmk_bary = _vertex_landmarks(faces, lmk_vertices)
+    head = _range(*HEAD_AND_NECK)
+    chin_y = neutral[lmk_vertices[8], 1]
+    regions = {
+        "face": _range(*FACE),
+        "scalp": head[neutral[head, 1] > chin_y],
+        "neck": head[neutral[head, 1] <= chin_y],
+        "eyes": np.concatenate([_range(a, b) for a, b in EYES]),
+        "mouth_interior": np.concatenate([_range(a, b) for a, b in MOUTH]),
+    }
+    return MorphableModel(name="ict", template=neutral * CM, faces=faces, identity_basis=identity.astype(np.float32),
+                          expression_basis=expression.astype(np.float32), expression_names=list(expressions),
+                          landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=np.arange(68),
+                          regions=regions, expression_prior="unit")
+
+
+def _vertex_landmarks(faces: np.ndarray, vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Express vertex landmarks as (triangle, barycentric) with all weight on that vertex."""
+    tri_ids, bary = [], []
+    for v in vertices:
+        f, corner = np.argwhere(faces == v)[0]
+        w = np.zeros(3)
+        w[corner] = 1.0
+        tri_ids.append(f)
+        bary.append(w)
+    return np.array(tri_ids, np.int64), np.array(bary, np.float32)
+
+
+def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
+    """Fetch the repository archive at `commit` (needs internet; the pipeline's ict_model rule calls this)."""
+    dest = Path(dest)
+    url = DOWNLOAD_URL.format(commit=commit)
+    log.info("downloading ICT FaceKit from %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise InputError(url, f"download failed ({e})",
+                         "download the ICT-FaceKit repository archive by hand and set model.ict_path to it") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
+    with tarfile.open(dest, "r:*") as tar:  # a cheap check before the long conversion
+        if not any(m.name.endswith("FaceXModel/vertex_indices.json") for m in tar):
+            raise InputError(str(dest), "the downloaded archive has no FaceXModel/", "check the URL or commit")
+    return dest
+
+
+
