@@ -11,9 +11,11 @@ configfile: "config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/tracking.smk"
 
 
 rule all:
     input:
         expand(f"{RESULTS}/{{subject}}/qa", subject=SUBJECTS),
+        expand(f"{RESULTS}/{{subject}}/tracking", subject=SUBJECTS),
     default_target: True

@@ -28,7 +28,19 @@
         mask/000000.png          255 where the normal is valid
         meta.json                backend
       qa/                        stage `qa`
-        contact_sheet.png, overlay.mp4, summary.json
+        contact_sheet.png, overlay.mp4, summary.json, report.html
+      tracking/                  stage `tracking` (conventions in avatar_pipeline/tracking.py)
+        tracking.npz             model name; identity (Ki,); per frame: rotation (axis-angle) and
+                                 translation (metres), head_to_camera (N, 4, 4; model space -> OpenCV
+                                 camera), expression (N, Ke), joint_rotations (N, J, 3) for FLAME; focal (px),
+                                 image_size; landmarks2d / landmarks3d of the fitted model; error_px;
+                                 fitted / interpolated flags
+        meta.json                model, fallback warnings, reprojection error, jitter, time
+        nerface/transforms_{train,val,test}.json   NeRFace's format (camera-to-head, OpenGL camera)
+        transforms.json          nerfstudio-style (OPENCV intrinsics, camera-to-head transforms)
+        overlay.mp4              fitted mesh over the frames
+        meshes/000000.obj        with tracking.export_meshes
+    results/_models/ict.npz, ict.json    ICT FaceKit converted once (shared by all subjects)
       logs/{rule}.log            one log per Snakemake rule
 
 Every stage writes into `<stage>.partial-<pid>/` and renames it into place when complete, so an
@@ -51,7 +63,7 @@ import numpy as np
 
 from .errors import CacheError
 
-STAGES = ("crop", "landmarks", "parsing", "background", "normals", "qa")
+STAGES = ("crop", "landmarks", "parsing", "background", "normals", "qa", "tracking")
 CACHE_VERSION = 1
 
 

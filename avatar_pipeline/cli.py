@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plate", help="background plate image (same framing and size as the video)")
     _stage_parser(sub, "normals", "camera-space normal maps per frame")
     _stage_parser(sub, "qa", "contact sheet, overlay video and summary of all stages")
+    p = _stage_parser(sub, "tracking", "fit the morphable model to every frame; NeRFace / nerfstudio exports")
+    p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
+    p.add_argument("--ict-status", help="ict.json written by the ict-model step")
+
+    p = sub.add_parser("ict-model", help="get ICT FaceKit (configured path or download) and convert it once")
+    p.add_argument("--out", required=True, help="folder for ict.npz and ict.json")
+    p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
 
     p = sub.add_parser("run", help="run the whole pipeline on one video (calls Snakemake)")
     p.add_argument("video")
@@ -102,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if args.command == "ict-model":
+        from .models import prepare_ict
+
+        prepare_ict(stage_config_from_settings("model", json.loads(args.model_settings)), Path(args.out))
+        return 0
     if args.command in STAGE_CONFIGS:
         from . import stages
 
@@ -114,6 +126,9 @@ def _dispatch(args) -> int:
             module.run(store, args.video, cfg, subject)
         elif args.command == "background":
             module.run(store, cfg, plate=args.plate)
+        elif args.command == "tracking":
+            model_cfg = stage_config_from_settings("model", json.loads(args.model_settings))
+            module.run(store, cfg, model_cfg, Path(args.ict_status) if args.ict_status else None)
         else:
             module.run(store, cfg)
         return 0

@@ -73,6 +73,35 @@ class QAConfig:
     video_frames: int = 150
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "auto"
+    ict_path: str | None = None
+    flame_path: str | None = None
+    flame_landmarks: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    rigid_iterations: int = 150
+    iterations: int = 400
+    learning_rate: float = 0.02
+    num_identity: int = 40
+    num_expression: int = 53
+    identity_weight: float = 0.01
+    expression_weight: float = 0.0001
+    smooth_pose_weight: float = 10.0
+    smooth_expression_weight: float = 0.01
+    focal_prior_weight: float = 0.001
+    focal_init: float = 2.0  # image widths (a 28 degree field of view)
+    focal: float | None = None  # known focal length in image widths: fixed instead of estimated
+    robust_scale: float = 0.03  # residuals beyond this fraction of the face size count less
+    jaw_line_weight: float = 0.5
+    max_error: float = 0.1
+    overlay_frames: int = 100
+    export_meshes: bool = False
+
+
 # stage name -> its typed config; the name is also the config.yaml section
 STAGE_CONFIGS: dict[str, type] = {
     "crop": CropConfig,
@@ -81,6 +110,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "background": BackgroundConfig,
     "normals": NormalsConfig,
     "qa": QAConfig,
+    "model": ModelConfig,
+    "tracking": TrackingConfig,
 }
 
 

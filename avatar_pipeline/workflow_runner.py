@@ -85,7 +85,8 @@ def run_one(video: Path, subject: str | None, background: str | None, config_pat
         config["results_dir"] = results
     load_config(overrides=config)  # validate before Snakemake starts
     overlay = _write_overlay(config, config["results_dir"], name)
-    return snakemake(overlay, [f"{config['results_dir']}/{name}/qa"], cores, profile, extra)
+    targets = [f"{config['results_dir']}/{name}/{stage}" for stage in ("qa", "tracking")]
+    return snakemake(overlay, targets, cores, profile, extra)
 
 
 def run_demo(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str]) -> int:

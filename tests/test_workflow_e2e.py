@@ -10,7 +10,7 @@ import yaml
 
 from avatar_pipeline import cache
 
-from .conftest import REPO
+from .conftest import REPO, require_shared
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "avatar_pipeline"]
@@ -29,7 +29,9 @@ def workspace(videos_dir, tmp_path_factory):
     odd = ws / "clips ü" / "vidéo un.mp4"
     odd.parent.mkdir()
     os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
-    config = {**TINY, "subjects": {"m030": {"video": str(odd)},
+    ict = require_shared("models/ict-facekit-da5f95a.tar.xz")
+    config = {**TINY, "model": {"ict_path": str(ict)}, "tracking": {"overlay_frames": 5},
+              "subjects": {"m030": {"video": str(odd)},
                                    "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
     (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     proc = _run(["workflow", "--cores", "2"], ws)
@@ -44,6 +46,8 @@ def test_both_subjects_complete_with_logs(workspace):
             assert store.stage_dir(stage).is_dir(), (subject, stage)
             assert store.log_path(stage).exists()
         assert not list(store.root.glob("*.partial-*"))
+        tracking = cache.read_json(store.stage_dir("tracking") / "meta.json", "tracking")
+        assert tracking["model"] == "ict" and tracking["reprojection_error_px"]["mean"] < 6
         summary = cache.read_json(store.stage_dir("qa") / "summary.json", "qa")
         assert summary["frames"] == 40 and summary["size"] == 128
         lms = store.landmarks()
@@ -75,11 +79,15 @@ def _planned_jobs(workspace, config_overrides) -> set[str]:
 
 def test_changing_a_landmark_setting_reruns_landmarks_and_downstream_only(workspace):
     jobs = _planned_jobs(workspace, {"landmarks": {"smoothing_sigma": 1.0}})
-    assert jobs == {"landmarks", "parsing", "background", "normals", "qa"}
+    assert jobs == {"landmarks", "parsing", "background", "normals", "qa", "tracking"}
 
 
 def test_changing_the_qa_setting_reruns_only_qa(workspace):
     assert _planned_jobs(workspace, {"qa": {"sheet_frames": 2}}) == {"qa"}
+
+
+def test_changing_a_tracking_setting_reruns_only_tracking(workspace):
+    assert _planned_jobs(workspace, {"tracking": {"iterations": 300}}) == {"tracking"}
 
 
 def test_run_one_video_with_the_cli(videos_dir, tmp_path):

@@ -149,7 +149,7 @@ def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
     url = DOWNLOAD_URL.format(commit=commit)
     log.info("downloading ICT FaceKit from %s", url)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=20) as response:
             data = response.read()
     except OSError as e:
         raise InputError(url, f"download failed ({e})",

@@ -1,5 +1,5 @@
-"""The preprocessing stages, in DAG order; each module has `run(store, cfg, ...)`."""
-from . import background, crop, landmarks, normals, parsing, qa
+"""The stages, in DAG order; each module has `run(store, cfg, ...)`."""
+from . import background, crop, landmarks, normals, parsing, qa, tracking
 
 STAGES = {
     "crop": crop,
@@ -8,4 +8,5 @@ STAGES = {
     "background": background,
     "normals": normals,
     "qa": qa,
+    "tracking": tracking,
 }

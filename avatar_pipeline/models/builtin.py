@@ -1,0 +1,64 @@
+"""The built-in default model: needs no file at all.
+
+Face-only, on mediapipe's 478-point topology, learned per subject from its own tracked meshes: the
+template is the mean of the rigidly aligned meshes (scaled to metres from a typical face width), the
+expression basis the principal components of what remains after rigid alignment (scaled so the
+coefficients have a unit Gaussian prior). There is no identity basis: the template is the identity.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import facemesh
+from .base import MorphableModel
+
+FACE_WIDTH_M = 0.14  # typical distance between the cheek edges (mediapipe points 234 and 454)
+
+
+def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Similarity transform of `source` (N, 3) onto `target`, applied to `source`."""
+    mu_s, mu_t = source.mean(0), target.mean(0)
+    s, t = source - mu_s, target - mu_t
+    u, sig, vt = np.linalg.svd(s.T @ t)
+    d = np.sign(np.linalg.det(u @ vt))
+    fix = np.diag([1, 1, d])
+    rot = u @ fix @ vt
+    scale = (sig * np.diag(fix)).sum() / (s ** 2).sum()
+    return scale * s @ rot + mu_t
+
+
+def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> MorphableModel:
+    """Build the subject's model from its landmarks (N, 478, 3) in pixels (y down, z away from camera)."""
+    frames = mp478[valid].astype(np.float64)
+    if len(frames) < 3:
+        raise ValueError("the built-in model needs at least 3 frames with landmarks")
+    # to the model frame: y up, the face looking along +z
+    frames = frames * np.array([1.0, -1.0, -1.0])
+    reference = frames[0]
+    for _ in range(2):  # align to the reference, then to the mean of the aligned set
+        aligned = np.stack([_procrustes(f, reference) for f in frames])
+        reference = aligned.mean(0)
+    mean = aligned.mean(0)
+    scale = FACE_WIDTH_M / np.linalg.norm(mean[facemesh.LEFT_CHEEK_EDGE] - mean[facemesh.RIGHT_CHEEK_EDGE])
+    mean = (mean - mean.mean(0)) * scale
+    residual = (aligned - aligned.mean(0)).reshape(len(frames), -1) * scale
+    k = int(min(num_expression, len(frames) - 1))
+    _, sig, vt = np.linalg.svd(residual, full_matrices=False)
+    std = sig[:k] / np.sqrt(max(1, len(frames) - 1))
+    basis = (vt[:k] * std[:, None]).reshape(k, -1, 3).transpose(1, 2, 0)
+    tris = facemesh.triangles()
+    ids = facemesh.IBUG68_FROM_MP478
+    lmk_faces, lmk_bary = [], []
+    for v in ids:
+        f, corner = np.argwhere(tris == v)[0]
+        lmk_faces.append(f)
+        lmk_bary.append(np.eye(3)[corner])
+    eyes = np.array(facemesh.RIGHT_EYE + facemesh.LEFT_EYE + facemesh.RIGHT_IRIS + facemesh.LEFT_IRIS)
+    return MorphableModel(
+        name="builtin", template=mean.astype(np.float32), faces=tris,
+        identity_basis=np.zeros((facemesh.NUM_POINTS, 3, 0), np.float32),
+        expression_basis=basis.astype(np.float32), expression_names=[f"pca{k:02d}" for k in range(k)],
+        landmark_faces=np.array(lmk_faces), landmark_bary=np.array(lmk_bary, np.float32), landmark_ids=np.arange(68),
+        regions={"face": np.arange(facemesh.NUM_POINTS), "scalp": np.zeros(0, np.int64), "neck": np.zeros(0, np.int64),
+                 "eyes": eyes, "mouth_interior": np.zeros(0, np.int64)},
+        expression_prior="gaussian")

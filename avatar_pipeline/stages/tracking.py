@@ -1,0 +1,231 @@
+"""Stage `tracking`: fit the morphable model to every frame's landmarks (all frames at once), then
+export what the avatar methods read: tracking.npz, NeRFace's transforms_{train,val,test}.json, a
+nerfstudio-style transforms.json, an overlay video of the fitted mesh, and optionally one mesh per frame.
+
+ICT FaceKit and FLAME are fitted to the 68 iBUG points; the built-in model (mediapipe topology) to
+all 478 points. Frames without landmarks get no data term; their parameters are interpolated from
+their neighbours (marked `interpolated`) and they stay out of training.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .. import cache, raster, video
+from ..config import ModelConfig, TrackingConfig
+from ..models import load_model
+from ..models.base import MorphableModel
+from ..runtime import progress
+from ..tracking import TrackingError, fit, head_to_camera, interpolate_invalid
+
+log = logging.getLogger(__name__)
+
+GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0]).astype(np.float32)
+
+
+def camera_to_head_gl(head_to_camera: np.ndarray) -> np.ndarray:
+    """(N, 4, 4) camera-to-head transforms in the OpenGL/Blender camera convention (what NeRF loaders read)."""
+    return np.linalg.inv(GL_FROM_CV @ head_to_camera).astype(np.float32)
+
+
+def model_vertices(model: MorphableModel, data: dict, frames: np.ndarray, subset=None) -> np.ndarray:
+    """Camera-space vertices (len(frames), V, 3) of the fitted model."""
+    ident = torch.as_tensor(data["identity"])[None].expand(len(frames), -1) if data["identity"].size else None
+    expr = torch.as_tensor(data["expression"][frames]) if data["expression"].size else None
+    joints = None
+    if "joint_rotations" in data:
+        joints = torch.as_tensor(data["joint_rotations"][frames])
+        joints = torch.cat([torch.zeros_like(joints[:, :1]), joints[:, 1:]], 1)
+    with torch.no_grad():
+        verts = model.vertices(ident, expr, joints, subset=subset).numpy()
+    h2c = data["head_to_camera"][frames]
+    return np.einsum("nij,nvj->nvi", h2c[:, :3, :3], verts) + h2c[:, None, :3, 3]
+
+
+def project(points: np.ndarray, focal: float, size: int) -> np.ndarray:
+    return focal * points[..., :2] / np.maximum(points[..., 2:], 1e-6) + size / 2
+
+
+def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, ict_status: Path | None = None) -> dict:
+    crop_meta, split = store.crop_meta(), store.split()
+    size, n = crop_meta["size"], len(crop_meta["frames"])
+    lms = store.landmarks()
+    excluded = {int(k) for k in split["excluded"]}
+    usable = lms["valid"] & np.array([i not in excluded for i in range(n)])
+    if usable.mean() < 0.5:
+        raise TrackingError(f"{store.root}: only {usable.sum()} of {n} frames have usable landmarks; "
+                            "tracking needs most frames (check the QA report of the preprocessing)")
+    model, warnings = load_model(model_cfg, ict_status, lms)
+    for w in warnings:
+        log.warning("tracking: %s", w)
+    dense = model.name == "builtin"
+    targets = (lms["mp478"] if dense else lms["ibug68"])[..., :2]
+    weights = np.repeat(usable[:, None], targets.shape[1], 1).astype(np.float32)
+
+    bar = progress(range(cfg.rigid_iterations + cfg.iterations), cfg.rigid_iterations + cfg.iterations, "tracking: fit")
+    bar.unit = "it"
+
+    def report(done, total, loss):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    result = fit(model, targets, weights, size, cfg, dense=dense, progress=report)
+    bar.close()
+    face_px = np.linalg.norm(np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1)
+    face_px = float(np.median(face_px))
+    bad = usable & (result.error_px > cfg.max_error * face_px)
+    if bad.sum() > 0.5 * usable.sum():
+        raise TrackingError(f"{store.root}: the fit failed on {bad.sum()} of {usable.sum()} frames "
+                            f"(mean reprojection error {result.error_px[usable].mean():.1f} px); nothing was written")
+    fitted = usable & ~bad
+    data = {
+        "rotation": interpolate_invalid(result.rotation, fitted),
+        "translation": interpolate_invalid(result.translation, fitted),
+        "expression": interpolate_invalid(result.expression, fitted),
+        "identity": result.identity,
+        "focal": np.float32(result.focal),
+        "image_size": np.int32(size),
+        "fitted": fitted,
+        "interpolated": ~fitted,
+        "error_px": np.where(fitted, result.error_px, np.nan).astype(np.float32),
+        "model": np.array(model.name),
+        "expression_names": np.array(model.expression_names),
+    }
+    if result.joint_rotations is not None:
+        data["joint_rotations"] = interpolate_invalid(result.joint_rotations, fitted)
+    data["head_to_camera"] = head_to_camera(data["rotation"], data["translation"])
+    all_frames = np.arange(n)
+    tri, bary = model.landmark_vertices()
+    uniq, inverse = np.unique(tri, return_inverse=True)
+    lmk_cam = (model_vertices(model, data, all_frames, uniq)[:, inverse.reshape(tri.shape)] * bary[None, ..., None]).sum(2)
+    data["landmarks3d"] = lmk_cam.astype(np.float32)
+    data["landmarks2d"] = project(lmk_cam, result.focal, size).astype(np.float32)
+    data["landmark_ids"] = model.landmark_ids
+    jitter_fit, jitter_raw = _jitter(data["landmarks2d"], fitted), _jitter(lms["ibug68"][:, model.landmark_ids, :2], fitted)
+
+    with cache.staged_dir(store.stage_dir("tracking")) as stage:
+        cache.write_npz(stage / "tracking.npz", **data)
+        _export_nerface(stage, store, data, model, split, size)
+        _export_nerfstudio(stage, data, split, size)
+        if cfg.overlay_frames:
+            _overlay(stage / "overlay.mp4", store, model, data, lms, cfg.overlay_frames, crop_meta)
+        if cfg.export_meshes:
+            _export_meshes(stage / "meshes", model, data)
+        info = {
+            "version": cache.CACHE_VERSION, "model": model.name, "warnings": warnings, "fit_landmarks": "dense478" if dense else "ibug68",
+            "focal_px": round(result.focal, 2), "image_size": size, "frames": n, "fitted_frames": int(fitted.sum()),
+            "interpolated_frames": [int(i) for i in np.flatnonzero(~fitted)],
+            "reprojection_error_px": {"mean": _r(np.nanmean(data["error_px"])), "median": _r(np.nanmedian(data["error_px"])),
+                                      "p95": _r(np.nanpercentile(data["error_px"], 95))},
+            "reprojection_error_px_at_512": _r(np.nanmean(data["error_px"]) * 512 / size),
+            "landmark_jitter_px": {"fitted": _r(jitter_fit), "raw": _r(jitter_raw)},
+            "seconds": round(result.seconds, 2), "iterations": cfg.rigid_iterations + cfg.iterations,
+        }
+        cache.write_json(stage / "meta.json", info)
+    log.info("tracking: %s model, %d/%d frames fitted, reprojection error %.2f px (mean), focal %.0f px, %.1f s",
+             model.name, fitted.sum(), n, info["reprojection_error_px"]["mean"], result.focal, result.seconds)
+    return info
+
+
+def _r(x) -> float:
+    return round(float(x), 4)
+
+
+def _jitter(points: np.ndarray, valid: np.ndarray) -> float:
+    """Mean magnitude of the second temporal difference over runs of valid frames (pixels)."""
+    ok = valid[2:] & valid[1:-1] & valid[:-2]
+    if not ok.any():
+        return float("nan")
+    acc = points[2:] - 2 * points[1:-1] + points[:-2]
+    return float(np.linalg.norm(acc[ok], axis=-1).mean())
+
+
+def _head_bbox(model: MorphableModel, data: dict, frame: int, size: int) -> list[float]:
+    """NeRFace's bbox: [y0, y1, x0, x1] as fractions of the image, around the projected head."""
+    regions = np.concatenate([model.regions[k] for k in ("face", "scalp", "eyes") if len(model.regions[k])])
+    uv = project(model_vertices(model, data, np.array([frame]), regions)[0], float(data["focal"]), size)
+    x0, y0 = uv.min(0)
+    x1, y1 = uv.max(0)
+    pad_x, pad_y = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
+    clip = lambda v: float(np.clip(v / size, 0, 1))  # noqa: E731
+    return [clip(y0 - pad_y), clip(y1 + pad_y), clip(x0 - pad_x), clip(x1 + pad_x)]
+
+
+def _export_nerface(stage: Path, store: cache.SubjectCache, data: dict, model: MorphableModel, split: dict, size: int):
+    """transforms_{train,val,test}.json as NeRFace's loader reads them (file_path without extension,
+    relative to the json's folder; camera-to-head transform_matrix; expression; bbox [y0, y1, x0, x1])."""
+    folder = stage / "nerface"
+    folder.mkdir()
+    focal = float(data["focal"])
+    c2h = camera_to_head_gl(data["head_to_camera"])
+    for name in ("train", "val", "test"):
+        frames = [{
+            "file_path": f"../../crop/frames/{cache.frame_name(i)[:-4]}",
+            "transform_matrix": c2h[i].tolist(),
+            "expression": data["expression"][i].tolist(),
+            "bbox": _head_bbox(model, data, i, size),
+            "frame_index": i,
+        } for i in split[name]]
+        cache.write_json(folder / f"transforms_{name}.json", {
+            "camera_angle_x": 2 * math.atan(size / (2 * focal)),
+            "intrinsics": [focal, focal, 0.5, 0.5],  # fx, fy in pixels; cx, cy as fractions (NeRFace's convention)
+            "frames": frames,
+        })
+
+
+def _export_nerfstudio(stage: Path, data: dict, split: dict, size: int):
+    focal = float(data["focal"])
+    c2h = camera_to_head_gl(data["head_to_camera"])
+    which = {i: name for name in ("train", "val", "test") for i in split[name]}
+    frames = [{"file_path": f"../crop/frames/{cache.frame_name(i)}", "transform_matrix": c2h[i].tolist(),
+               "expression": data["expression"][i].tolist(), "split": which[i]} for i in sorted(which)]
+    cache.write_json(stage / "transforms.json", {
+        "camera_model": "OPENCV", "fl_x": focal, "fl_y": focal, "cx": size / 2, "cy": size / 2, "w": size, "h": size,
+        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames})
+
+
+def _overlay(path: Path, store: cache.SubjectCache, model: MorphableModel, data: dict, lms: dict, count: int, crop_meta: dict):
+    """Shaded fitted mesh (face region) over the frames, with detected (green) and fitted (red) landmarks."""
+    n = len(data["rotation"])
+    frames = np.linspace(0, n - 1, min(n, count)).round().astype(int)
+    face = model.regions["face"] if len(model.regions["face"]) else np.arange(model.num_vertices)
+    keep = np.isin(model.faces, face).all(1)
+    tris = model.faces[keep]
+    used, local = np.unique(tris, return_inverse=True)
+    tris_local = local.reshape(tris.shape)
+    size = int(data["image_size"])
+    fps = min(25.0, float(crop_meta["source"]["fps"] or 25.0))
+    with video.VideoWriter(path, size, size, fps=fps) as writer:
+        for i in progress(frames, len(frames), "tracking: overlay"):
+            cam = model_vertices(model, data, np.array([i]), used)[0]
+            uv = project(cam, float(data["focal"]), size)
+            tri_id = raster.rasterize(uv, -cam[:, 2], tris_local, size, size)
+            gl = cam * np.array([1, -1, -1])  # to y up, z toward the camera, for shading
+            normals = raster.vertex_normals(gl, tris_local[:, [0, 2, 1]])  # image-space winding flips with y
+            ys, xs, n_pix = raster.interpolate(normals, uv, tris_local, tri_id)
+            shade = np.clip(np.abs(n_pix[:, 2]) / np.maximum(np.linalg.norm(n_pix, axis=1), 1e-6), 0, 1)
+            img = store.read_frame(int(i)).astype(np.float32)
+            img[ys, xs] = 0.35 * img[ys, xs] + 0.65 * (60 + 180 * shade)[:, None]
+            img = img.astype(np.uint8)
+            for x, y in lms["ibug68"][i, :, :2]:
+                if np.isfinite(x):
+                    cv2.circle(img, (int(x), int(y)), 2, (0, 255, 0), -1)
+            for x, y in data["landmarks2d"][i]:
+                cv2.circle(img, (int(x), int(y)), 1, (255, 0, 0), -1)
+            if data["interpolated"][i]:
+                cv2.putText(img, "interpolated", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 0), 1)
+            writer.write(img)
+
+
+def _export_meshes(folder: Path, model: MorphableModel, data: dict):
+    import trimesh
+
+    folder.mkdir()
+    for i in progress(range(len(data["rotation"])), len(data["rotation"]), "tracking: meshes"):
+        verts = model_vertices(model, data, np.array([i]))[0]
+        trimesh.Trimesh(verts, model.faces, process=False).export(folder / f"{i:06d}.obj")

@@ -1,0 +1,120 @@
+"""Tracking: accuracy on synthetic ICT sequences with known ground truth, real clips, exports, fallbacks."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatar_pipeline import cache
+from avatar_pipeline.config import ModelConfig, TrackingConfig
+from avatar_pipeline.models import load_model, prepare_ict
+from avatar_pipeline.models.base import barycentric_points
+from avatar_pipeline.models.flame import axis_angle_to_matrix
+from avatar_pipeline.stages import tracking as tracking_stage
+from avatar_pipeline.tracking import FLIP, TrackingError, fit, interpolate_invalid
+
+from .conftest import require_shared
+
+
+@pytest.fixture(scope="session")
+def ict_status(tmp_path_factory) -> Path:
+    archive = require_shared("models/ict-facekit-da5f95a.tar.xz")
+    out = tmp_path_factory.mktemp("models")
+    prepare_ict(ModelConfig(kind="ict", ict_path=str(archive)), out)
+    return out / "ict.json"
+
+
+def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1):
+    """Random identity, yaw within +-30 degrees, varied expressions, known camera."""
+    rng = np.random.default_rng(seed)
+    ident = torch.as_tensor(rng.normal(0, 1, (1, 40)), dtype=torch.float32)
+    expr = np.clip(rng.uniform(-0.3, 0.9, (n, model.num_expression)), 0, 1) * (rng.random((n, model.num_expression)) < 0.15)
+    expr = torch.as_tensor(expr, dtype=torch.float32)
+    rot = np.stack([np.deg2rad(8 * np.sin(np.linspace(0, 3, n))), np.deg2rad(np.linspace(-30, 30, n)), np.zeros(n)], 1)
+    trans = np.stack([0.01 * np.sin(np.linspace(0, 5, n)), 0.005 * np.cos(np.linspace(0, 4, n)), np.full(n, 0.9)], 1)
+    rot_t, trans_t = torch.as_tensor(rot, dtype=torch.float32), torch.as_tensor(trans, dtype=torch.float32)
+    pts = barycentric_points(model.vertices(ident.expand(n, -1), expr), *model.landmark_vertices())
+    cam = pts @ (axis_angle_to_matrix(rot_t) @ FLIP).transpose(1, 2) + trans_t[:, None]
+    uv = focal * size * cam[..., :2] / cam[..., 2:] + size / 2
+    return uv.numpy(), rot, trans
+
+
+def test_synthetic_ict_sequence_is_recovered(ict_status):
+    model, warnings = load_model(ModelConfig(kind="ict"), ict_status)
+    assert not warnings
+    uv, rot, trans = synthetic_sequence(model)
+    result = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2))
+    r_gt, r_fit = axis_angle_to_matrix(torch.as_tensor(rot)).numpy(), axis_angle_to_matrix(torch.as_tensor(result.rotation)).numpy()
+    angle = np.degrees(np.arccos(np.clip((np.einsum("nij,nij->n", r_gt, r_fit) - 1) / 2, -1, 1)))
+    head_width = np.ptp(model.template[:, 0])
+    trans_err = np.linalg.norm(result.translation - trans, axis=1) / head_width
+    assert angle.max() < 1.5, angle.max()
+    assert trans_err.mean() < 0.02, trans_err.mean()
+    assert result.error_px.mean() < 1.0, result.error_px.mean()
+
+
+def test_tracking_stage_on_a_real_clip(lp_d18, ict_status, tmp_path):
+    store = cache.SubjectCache(tmp_path, "lp_d18")
+    store.root.mkdir(parents=True)
+    for stage in ("crop", "landmarks"):
+        (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
+    info = tracking_stage.run(store, TrackingConfig(overlay_frames=10), ModelConfig(kind="auto"), ict_status)
+    assert info["model"] == "ict" and not info["warnings"]
+    assert info["reprojection_error_px"]["mean"] < 0.04 * 128  # within 4% of the image on mediapipe's 68 points
+    assert info["landmark_jitter_px"]["fitted"] < info["landmark_jitter_px"]["raw"]
+    data = cache.read_npz(store.stage_dir("tracking") / "tracking.npz", "tracking", ("head_to_camera",))
+    assert data["head_to_camera"].shape == (60, 4, 4) and np.isfinite(data["expression"]).all()
+    # the fitted 68 points land near the detected ones on every frame
+    detected = lp_d18.landmarks()["ibug68"][:, :, :2]
+    assert np.nanmedian(np.linalg.norm(data["landmarks2d"] - detected, axis=-1)) < 5
+    # NeRFace's files: as its loader reads them
+    for split in ("train", "test"):
+        meta = json.loads((store.stage_dir("tracking") / "nerface" / f"transforms_{split}.json").read_text())
+        assert meta["intrinsics"][2:] == [0.5, 0.5] and 0 < meta["camera_angle_x"] < np.pi / 2
+        frame = meta["frames"][0]
+        assert (store.stage_dir("tracking") / "nerface" / (frame["file_path"] + ".png")).exists()
+        c2h = np.array(frame["transform_matrix"])
+        assert np.allclose(c2h[:3, :3] @ c2h[:3, :3].T, np.eye(3), atol=1e-4)
+        assert 0.3 < np.linalg.norm(c2h[:3, 3]) < 3.0  # the camera a plausible distance from the head
+        y0, y1, x0, x1 = frame["bbox"]
+        assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
+        assert len(frame["expression"]) == 53
+    ns = json.loads((store.stage_dir("tracking") / "transforms.json").read_text())
+    assert ns["w"] == 128 and len(ns["frames"]) == 60
+    assert (store.stage_dir("tracking") / "overlay.mp4").exists()
+
+
+def test_auto_falls_back_to_the_builtin_model_loudly(lp_d18, tmp_path):
+    status = tmp_path / "ict.json"
+    status.write_text(json.dumps({"available": False, "reason": "download failed (no network)"}))
+    store = cache.SubjectCache(tmp_path, "lp_d18")
+    store.root.mkdir(parents=True)
+    for stage in ("crop", "landmarks"):
+        (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
+    info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, iterations=200), ModelConfig(kind="auto"), status)
+    assert info["model"] == "builtin" and info["fit_landmarks"] == "dense478"
+    assert any("FALLBACK" in w for w in info["warnings"])
+    assert info["reprojection_error_px"]["mean"] < 2.0
+    with pytest.raises(Exception, match="download failed"):
+        load_model(ModelConfig(kind="ict"), status)
+
+
+def test_interpolation_and_bad_input():
+    values = np.array([[0.0], [np.nan], [2.0], [np.nan]])
+    out = interpolate_invalid(values, np.array([True, False, True, False]))
+    assert out[:, 0].tolist() == [0.0, 1.0, 2.0, 2.0]
+    from avatar_pipeline.models import builtin
+
+    pts = np.random.default_rng(0).normal(0, 50, (5, 478, 3)) + 200
+    model = builtin.learn(pts, np.ones(5, bool), num_expression=3)
+    with pytest.raises(TrackingError, match="no frame has landmarks"):
+        fit(model, np.zeros((3, 478, 2)), np.zeros((3, 478)), 128, TrackingConfig(), dense=True)
+    with pytest.raises(TrackingError, match="non-finite"):
+        fit(model, pts[:3, :, :2], np.ones((3, 478)), 128, TrackingConfig(learning_rate=float("inf"), iterations=3),
+            dense=True)
+
+
+def test_flame_needs_both_files():
+    with pytest.raises(Exception, match="flame_path and model.flame_landmarks"):
+        load_model(ModelConfig(kind="flame"), None)
