@@ -41,16 +41,21 @@ def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1):
 
 
 def test_synthetic_ict_sequence_is_recovered(ict_status):
+    """Seed 0 is the hardest of the benchmark's three sequences. Depth is only weakly observable from
+    landmarks (a larger head farther away looks alike), so it is held to a looser bound than x and y;
+    bench/results/tracking.json has the figures for all seeds."""
     model, warnings = load_model(ModelConfig(kind="ict"), ict_status)
     assert not warnings
-    uv, rot, trans = synthetic_sequence(model)
+    uv, rot, trans = synthetic_sequence(model, seed=0)
     result = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2))
     r_gt, r_fit = axis_angle_to_matrix(torch.as_tensor(rot)).numpy(), axis_angle_to_matrix(torch.as_tensor(result.rotation)).numpy()
     angle = np.degrees(np.arccos(np.clip((np.einsum("nij,nij->n", r_gt, r_fit) - 1) / 2, -1, 1)))
     head_width = np.ptp(model.template[:, 0])
-    trans_err = np.linalg.norm(result.translation - trans, axis=1) / head_width
-    assert angle.max() < 1.5, angle.max()
-    assert trans_err.mean() < 0.02, trans_err.mean()
+    lateral = np.linalg.norm(result.translation[:, :2] - trans[:, :2], axis=1) / head_width
+    depth = np.abs(result.translation[:, 2] - trans[:, 2]) / head_width
+    assert angle.mean() < 1.5 and angle.max() < 2.5, (angle.mean(), angle.max())
+    assert lateral.mean() < 0.02, lateral.mean()
+    assert depth.mean() < 0.10, depth.mean()
     assert result.error_px.mean() < 1.0, result.error_px.mean()
 
 
