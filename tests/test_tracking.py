@@ -123,3 +123,39 @@ def test_interpolation_and_bad_input():
 def test_flame_needs_both_files():
     with pytest.raises(Exception, match="flame_path and model.flame_landmarks"):
         load_model(ModelConfig(kind="flame"), None)
+
+
+def test_flame_joints_are_fitted(tmp_path):
+    """A FLAME-layout model (the generated test file) posed with a jaw rotation is tracked back."""
+    from avatar_pipeline.models import flame
+
+    from .flame_fixture import make_flame
+
+    model = flame.load(*make_flame(tmp_path)[:2], num_identity=5, num_expression=5)
+    n = 12
+    pose = torch.zeros(n, 5, 3)
+    pose[:, 2, 0] = torch.linspace(0, 0.2, n)  # the jaw opens over the sequence
+    rot = torch.zeros(n, 3)
+    rot[:, 1] = torch.linspace(-0.3, 0.3, n)
+    trans = torch.tensor([0.0, 0.0, 0.6]).expand(n, 3)
+    pts = barycentric_points(model.vertices(torch.zeros(n, 5), torch.zeros(n, 5), pose), *model.landmark_vertices())
+    cam = pts @ (axis_angle_to_matrix(rot) @ FLIP).transpose(1, 2) + trans[:, None]
+    uv = (2.0 * 256 * cam[..., :2] / cam[..., 2:] + 128).numpy()
+    result = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.0, iterations=600))
+    assert result.joint_rotations.shape == (n, 5, 3)
+    assert result.error_px.mean() < 1.0
+    assert np.degrees(np.abs(result.rotation[:, 1] - rot[:, 1].numpy())).max() < 3
+
+
+def test_subject_with_mostly_invalid_landmarks_is_refused(lp_d18, tmp_path):
+    store = cache.SubjectCache(tmp_path, "bad")
+    store.root.mkdir(parents=True)
+    (store.root / "crop").symlink_to(lp_d18.stage_dir("crop"))
+    lms = lp_d18.landmarks()
+    valid = lms["valid"].copy()
+    valid[: int(0.7 * len(valid))] = False
+    (store.root / "landmarks").mkdir()
+    cache.write_npz(store.root / "landmarks" / "landmarks.npz", mp478=lms["mp478"], ibug68=lms["ibug68"], valid=valid)
+    with pytest.raises(TrackingError, match="only 18 of 60 frames have usable landmarks"):
+        tracking_stage.run(store, TrackingConfig(), ModelConfig(kind="builtin"))
+    assert not store.stage_dir("tracking").exists()
