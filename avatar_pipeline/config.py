@@ -98,6 +98,12 @@ class TrackingConfig:
     robust_scale: float = 0.03  # residuals beyond this fraction of the face size count less
     jaw_line_weight: float = 0.5
     max_error: float = 0.1
+    refine: str = "none"
+    refine_iterations: int = 100
+    refine_size: int = 128
+    refine_batch: int = 4
+    refine_learning_rate: float = 0.003
+    photometric_weight: float = 1.0
     overlay_frames: int = 100
     export_meshes: bool = False
 

@@ -41,6 +41,7 @@ class FitResult:
     error_px: np.ndarray  # (N,) mean reprojection error over the landmarks with weight
     seconds: float = 0.0
     loss_history: list = dataclasses.field(default_factory=list)
+    photometric: dict | None = None  # before/after figures of the photometric refinement, when run
 
 
 
@@ -62,124 +63,239 @@ def landmark_points(model: MorphableModel, dense: bool):
     return tri, w, model.landmark_ids
 
 
-def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
-        settings: TrackingConfig, dense: bool = False, progress=None) -> FitResult:
-    """Fit the model to 2D landmarks `targets` (N, L, 2) in pixels with per-point `weights` (N, L)
-    (0 for missing). For sparse fitting L = 68 (iBUG order); for dense fitting L = model vertices."""
-    import time
+class LandmarkObjective:
+    """The landmark term, priors and temporal smoothness over all frames, and the parameters they act on."""
 
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    n = targets.shape[0]
-    tri, bary, ids = landmark_points(model, dense)
-    if ids is not None:  # the model may embed fewer than 68 points (FLAME's static embedding)
-        targets, weights = targets[:, ids], weights[:, ids] * np.where(np.isin(ids, JAW_LINE),
-                                                                       settings.jaw_line_weight, 1.0)
-    uniq, inverse = np.unique(tri, return_inverse=True)
-    tri_local = inverse.reshape(tri.shape)
-    target = torch.as_tensor(np.nan_to_num(targets), dtype=torch.float32)
-    weight = torch.as_tensor(weights, dtype=torch.float32)
-    frame_ok = weight.sum(1) > 0
-    if frame_ok.sum() == 0:
-        raise TrackingError("no frame has landmarks to fit")
+    def __init__(self, model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
+                 settings: TrackingConfig, dense: bool):
+        self.model, self.settings, self.image_size = model, settings, image_size
+        self.n = n = targets.shape[0]
+        tri, bary, ids = landmark_points(model, dense)
+        if ids is not None:  # the model may embed fewer than 68 points (FLAME's static embedding)
+            targets, weights = targets[:, ids], weights[:, ids] * np.where(np.isin(ids, JAW_LINE),
+                                                                           settings.jaw_line_weight, 1.0)
+        self.uniq, inverse = np.unique(tri, return_inverse=True)
+        self.tri_local = inverse.reshape(tri.shape)
+        self.bary = torch.as_tensor(bary)[..., None]
+        self.target = torch.as_tensor(np.nan_to_num(targets), dtype=torch.float32)
+        self.weight = torch.as_tensor(weights, dtype=torch.float32)
+        frame_ok = self.weight.sum(1) > 0
+        if frame_ok.sum() == 0:
+            raise TrackingError("no frame has landmarks to fit")
+        self.ki = min(settings.num_identity, model.num_identity)
+        self.ke = min(settings.num_expression, model.num_expression)
+        self.num_joints = len(model.skinning.parents) if model.skinning is not None else 0
+        self.centre = image_size / 2.0
+        self.face_px = float((self.target[frame_ok].amax(1) - self.target[frame_ok].amin(1)).norm(dim=-1).median())
+        self.robust = settings.robust_scale * self.face_px
+        # initial pose: frontal, at the depth that matches the landmarks' spread
+        rest = (model.vertices(subset=self.uniq)[0][self.tri_local] * self.bary).sum(1)
+        face_m = float((rest.amax(0)[:2] - rest.amin(0)[:2]).norm())
+        self.focal0 = (settings.focal or settings.focal_init) * image_size
+        self.depth0 = self.focal0 * face_m / self.face_px
+        mean_xy = (self.target * self.weight[..., None]).sum(1) / self.weight.sum(1).clamp_min(1)[:, None]
+        self.t0 = torch.cat([torch.where(frame_ok[:, None], mean_xy - self.centre, torch.zeros(n, 2))
+                             * self.depth0 / self.focal0, torch.full((n, 1), self.depth0)], 1)
 
-    ki = min(settings.num_identity, model.num_identity)
-    ke = min(settings.num_expression, model.num_expression)
-    num_joints = len(model.skinning.parents) if model.skinning is not None else 0
-    centre = image_size / 2.0
+    def initial_params(self) -> dict:
+        s = self.settings
+        params = {
+            "rotation": torch.zeros(self.n, 3, requires_grad=True),
+            "translation": self.t0.clone().requires_grad_(True),
+            "log_focal": torch.tensor(float(np.log(s.focal or s.focal_init)), requires_grad=s.focal is None),
+            "identity": torch.zeros(1, self.ki, requires_grad=True),
+            "expression": torch.zeros(self.n, self.ke, requires_grad=True),
+        }
+        if self.num_joints:
+            params["joints"] = torch.zeros(self.n, self.num_joints, 3, requires_grad=True)
+        return params
 
-    # initial pose: frontal, at the depth that matches the landmarks' spread
-    face_px = (target[frame_ok].amax(1) - target[frame_ok].amin(1)).norm(dim=-1).median()
-    rest = model.vertices(subset=uniq)[0]
-    rest_pts = (rest[tri_local] * torch.as_tensor(bary)[..., None]).sum(1)
-    face_m = (rest_pts.amax(0)[:2] - rest_pts.amin(0)[:2]).norm()
-    focal0 = (settings.focal or settings.focal_init) * image_size
-    depth0 = float(focal0 * face_m / face_px)
-    mean_xy = torch.where(frame_ok[:, None], (target * weight[..., None]).sum(1) / weight.sum(1).clamp_min(1)[:, None],
-                          torch.tensor([centre, centre]))
-    t0 = torch.cat([(mean_xy - centre) * depth0 / focal0, torch.full((n, 1), depth0)], 1)
+    def camera_vertices(self, p: dict, frames=slice(None), subset=None):
+        """Camera-space vertices (B, V, 3) of `frames` (optionally a vertex subset)."""
+        expression = p["expression"][frames]
+        batch = expression.shape[0]
+        joints = p["joints"][frames] if "joints" in p else None
+        verts = self.model.vertices(p["identity"].expand(batch, -1) if self.ki else None,
+                                    expression if self.ke else None, _joint_pose(joints), subset=subset)
+        rot = axis_angle_to_matrix(p["rotation"][frames]) @ FLIP
+        return verts @ rot.transpose(1, 2) + p["translation"][frames][:, None]
 
-    params = {
-        "rotation": torch.zeros(n, 3, requires_grad=True),
-        "translation": t0.clone().requires_grad_(True),
-        "log_focal": torch.tensor(float(np.log(settings.focal or settings.focal_init)),
-                                  requires_grad=settings.focal is None),
-        "identity": torch.zeros(1, ki, requires_grad=True),
-        "expression": torch.zeros(n, ke, requires_grad=True),
-    }
-    if num_joints:
-        params["joints"] = torch.zeros(n, num_joints, 3, requires_grad=True)
-    bary_t = torch.as_tensor(bary)[..., None]
-    robust = float(settings.robust_scale * face_px)
+    def to_pixels(self, p: dict, cam):
+        return self.image_size * p["log_focal"].exp() * cam[..., :2] / cam[..., 2:].clamp_min(1e-3) + self.centre
 
-    def project(p):
-        verts = model.vertices(p["identity"].expand(n, -1) if ki else None, p["expression"] if ke else None,
-                               _joint_pose(p.get("joints")), subset=uniq)
-        pts = (verts[:, tri_local] * bary_t).sum(2)  # (N, L, 3) model space
-        rot = axis_angle_to_matrix(p["rotation"]) @ FLIP
-        cam = pts @ rot.transpose(1, 2) + p["translation"][:, None]
-        focal = image_size * p["log_focal"].exp()
-        uv = focal * cam[..., :2] / cam[..., 2:].clamp_min(1e-3) + centre
-        return uv, cam
+    def landmarks(self, p: dict):
+        cam = (self.camera_vertices(p, subset=self.uniq)[:, self.tri_local] * self.bary).sum(2)
+        return self.to_pixels(p, cam), cam
 
-    def loss_fn(p, full: bool):
-        uv, _ = project(p)
-        sq = ((uv - target) ** 2).sum(-1)
-        data = (weight * robust ** 2 * sq / (sq + robust ** 2)).sum() / weight.sum() / robust ** 2
-        loss = data + settings.focal_prior_weight * (p["log_focal"] - np.log(settings.focal_init)) ** 2
+    def loss(self, p: dict, full: bool):
+        s, n = self.settings, self.n
+        uv, _ = self.landmarks(p)
+        sq = ((uv - self.target) ** 2).sum(-1)
+        r2 = self.robust ** 2
+        loss = (self.weight * sq / (sq + r2)).sum() / self.weight.sum()
+        loss = loss + s.focal_prior_weight * (p["log_focal"] - np.log(s.focal_init)) ** 2
         if n > 2:
-            loss = loss + settings.smooth_pose_weight * (
-                _second_difference(p["rotation"]) + _second_difference(p["translation"] / depth0))
+            loss = loss + s.smooth_pose_weight * (_second_difference(p["rotation"])
+                                                  + _second_difference(p["translation"] / self.depth0))
         if full:
-            loss = loss + settings.identity_weight * (p["identity"] ** 2).sum()
-            loss = loss + settings.expression_weight * (p["expression"] ** 2).sum(1).mean()
+            loss = loss + s.identity_weight * (p["identity"] ** 2).sum()
+            loss = loss + s.expression_weight * (p["expression"] ** 2).sum(1).mean()
             if n > 1:
-                loss = loss + settings.smooth_expression_weight * ((p["expression"][1:] - p["expression"][:-1]) ** 2).sum(1).mean()
+                loss = loss + s.smooth_expression_weight * ((p["expression"][1:] - p["expression"][:-1]) ** 2).sum(1).mean()
             if "joints" in p:
                 loss = loss + 1e-2 * (p["joints"] ** 2).sum((1, 2)).mean()
         return loss
 
-    history = []
-    trainable = [k for k, v in params.items() if v.requires_grad]
-    stages = [([k for k in ("rotation", "translation", "log_focal") if k in trainable], settings.rigid_iterations, False),
-              (trainable, settings.iterations, True)]
-    for names, iterations, full in stages:
-        optimizer = torch.optim.Adam([params[k] for k in names], lr=settings.learning_rate)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, iterations), eta_min=settings.learning_rate / 20)
-        for it in range(iterations):
-            optimizer.zero_grad()
-            loss = loss_fn(params, full)
-            if not torch.isfinite(loss):
-                bad = _nonfinite_frames(params)
-                raise TrackingError(f"optimisation diverged (non-finite loss) at iteration {it}; "
-                                    f"frames with non-finite parameters: {bad[:20]}")
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                if model.expression_prior == "unit":  # blendshape weights live in [0, 1]
-                    params["expression"].clamp_(0.0, 1.0)
-                params["translation"][:, 2].clamp_(min=0.05)  # in front of the camera
-            history.append(loss.item())
-            if progress is not None:
-                progress(len(history), settings.rigid_iterations + settings.iterations, history[-1])
+    def constrain(self, p: dict) -> None:
+        with torch.no_grad():
+            if self.model.expression_prior == "unit":  # blendshape weights live in [0, 1]
+                p["expression"].clamp_(0.0, 1.0)
+            p["translation"][:, 2].clamp_(min=0.05)  # in front of the camera
 
-    with torch.no_grad():
-        uv, cam = project(params)
-        err = ((uv - target).norm(dim=-1) * (weight > 0)).sum(1) / (weight > 0).sum(1).clamp_min(1)
-    result = FitResult(
-        rotation=params["rotation"].detach().numpy().copy(),
-        translation=params["translation"].detach().numpy().copy(),
-        expression=params["expression"].detach().numpy().copy(),
-        identity=params["identity"].detach().numpy()[0].copy(),
-        joint_rotations=params["joints"].detach().numpy().copy() if "joints" in params else None,
-        focal=float(image_size * params["log_focal"].detach().exp()),
-        landmarks_2d=uv.numpy(), landmarks_3d=cam.numpy(), error_px=err.numpy(),
-        seconds=time.perf_counter() - start, loss_history=history)
-    for name in ("rotation", "translation", "expression"):
-        if not np.isfinite(getattr(result, name)).all():
-            raise TrackingError(f"non-finite {name} for frames {np.flatnonzero(~np.isfinite(getattr(result, name)).all(1))[:20].tolist()}")
+    def result(self, p: dict, seconds: float, history: list) -> FitResult:
+        with torch.no_grad():
+            uv, cam = self.landmarks(p)
+            valid = self.weight > 0
+            err = ((uv - self.target).norm(dim=-1) * valid).sum(1) / valid.sum(1).clamp_min(1)
+        result = FitResult(
+            rotation=p["rotation"].detach().numpy().copy(), translation=p["translation"].detach().numpy().copy(),
+            expression=p["expression"].detach().numpy().copy(), identity=p["identity"].detach().numpy()[0].copy(),
+            joint_rotations=p["joints"].detach().numpy().copy() if "joints" in p else None,
+            focal=float(self.image_size * p["log_focal"].detach().exp()),
+            landmarks_2d=uv.numpy(), landmarks_3d=cam.numpy(), error_px=err.numpy(), seconds=seconds,
+            loss_history=history)
+        for name in ("rotation", "translation", "expression"):
+            value = getattr(result, name)
+            if not np.isfinite(value).all():
+                raise TrackingError(f"non-finite {name} for frames {np.flatnonzero(~np.isfinite(value).all(1))[:20].tolist()}")
+        return result
+
+
+def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn, after_step, history: list,
+             progress=None, total: int = 0) -> None:
+    """Adam with a cosine learning-rate decay; stops with the frames involved if the loss turns non-finite."""
+    optimizer = torch.optim.Adam([params[k] for k in names], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, iterations), eta_min=lr / 20)
+    for it in range(iterations):
+        optimizer.zero_grad()
+        loss = loss_fn(it)
+        if not torch.isfinite(loss):
+            raise TrackingError(f"optimisation diverged (non-finite loss) at iteration {it}; "
+                                f"frames with non-finite parameters: {_nonfinite_frames(params)[:20]}")
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        after_step()
+        history.append(loss.item())
+        if progress is not None:
+            progress(len(history), total, history[-1])
+
+
+def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
+        settings: TrackingConfig, dense: bool = False, progress=None, images: np.ndarray | None = None,
+        masks: np.ndarray | None = None) -> FitResult:
+    """Fit the model to 2D landmarks `targets` (N, L, 2) in pixels with per-point `weights` (N, L)
+    (0 for missing): first the rigid pose and focal length, then everything.
+    For sparse fitting L = 68 (iBUG order); for dense fitting L = the model's vertices.
+    With `images` (N, R, R, 3) in [0, 1] and face `masks` (N, R, R) and `settings.refine ==
+    "photometric"`, a photometric refinement through the differentiable renderer follows."""
+    import time
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    objective = LandmarkObjective(model, targets, weights, image_size, settings, dense)
+    params = objective.initial_params()
+    trainable = [k for k, v in params.items() if v.requires_grad]
+    rigid = [k for k in ("rotation", "translation", "log_focal") if k in trainable]
+    history: list[float] = []
+    total = settings.rigid_iterations + settings.iterations
+    refine = settings.refine == "photometric" and images is not None
+    total += settings.refine_iterations if refine else 0
+    for names, iterations, full in ((rigid, settings.rigid_iterations, False), (trainable, settings.iterations, True)):
+        optimise(params, names, iterations, settings.learning_rate, lambda it: objective.loss(params, full),
+                 lambda: objective.constrain(params), history, progress, total)
+    photometric = None
+    if refine:
+        photometric = refine_photometric(objective, params, images, masks, weights.sum(1) > 0, history, progress, total)
+    result = objective.result(params, time.perf_counter() - start, history)
+    result.photometric = photometric
     return result
+
+
+def refine_photometric(objective: LandmarkObjective, params: dict, images: np.ndarray, masks: np.ndarray,
+                       fitted: np.ndarray, history: list, progress=None, total: int = 0) -> dict:
+    """Refine pose, expression and identity so the shaded model matches the frames inside the parsed face.
+
+    Appearance: one albedo per vertex (initialised from the frames) times per-frame first-order
+    spherical-harmonics shading; the landmark term stays on so the fit cannot drift. Returns the
+    photometric L1 (0-1 scale, inside the face mask) on a fixed set of frames before and after."""
+    from .render import render_attributes, vertex_normals
+
+    s, model = objective.settings, objective.model
+    size = images.shape[1]
+    scale = size / objective.image_size
+    region = model.regions["face"] if len(model.regions["face"]) else np.arange(model.num_vertices)
+    keep = np.isin(model.faces, region).all(1)
+    used, local = np.unique(model.faces[keep], return_inverse=True)
+    faces_local = local.reshape(-1, 3)
+    faces_t = torch.as_tensor(faces_local)
+    frames = np.flatnonzero(fitted & (masks.reshape(len(masks), -1).mean(1) > 0.01))
+    if len(frames) == 0:
+        raise TrackingError("photometric refinement: no frame has both landmarks and a parsed face")
+    images_t = torch.as_tensor(images, dtype=torch.float32)
+    masks_t = torch.as_tensor(masks)
+    rng = np.random.default_rng(0)
+
+    def pixels(i):
+        cam = objective.camera_vertices(params, [int(i)], subset=used)[0]
+        return objective.to_pixels(params, cam) * scale - 0.5 * (1 - scale), cam
+
+    with torch.no_grad():  # albedo: the frames' colours under the fitted mesh, averaged
+        samples = []
+        for i in frames[:: max(1, len(frames) // 8)]:
+            uv, _ = pixels(i)
+            xy = uv.round().long().clamp(0, size - 1)
+            samples.append(images_t[i][xy[:, 1], xy[:, 0]])
+        albedo = torch.stack(samples).median(0).values.clone().requires_grad_(True)
+    shading = torch.zeros(objective.n, 4)
+    shading[:, 0] = 1.0
+    params["albedo"], params["shading"] = albedo, shading.requires_grad_(True)
+
+    def photometric_error(i):
+        uv, cam = pixels(i)
+        normals = vertex_normals(cam, faces_t)
+        basis = torch.cat([torch.ones_like(normals[:, :1]), normals], 1)
+        colour = params["albedo"] * (basis @ params["shading"][int(i)])[:, None]
+        rendered, covered, _ = render_attributes(uv, cam[:, 2], faces_local, colour, size)
+        inside = covered & masks_t[i]
+        if inside.sum() < 10:
+            return None
+        return (rendered[inside] - images_t[i][inside]).abs().mean()
+
+    evaluation = frames[np.linspace(0, len(frames) - 1, min(8, len(frames))).round().astype(int)]
+
+    def mean_error():
+        with torch.no_grad():
+            errs = [e for e in (photometric_error(i) for i in evaluation) if e is not None]
+            return float(torch.stack(errs).mean()) if errs else float("nan")
+
+    before = mean_error()
+
+    def loss_fn(it):
+        batch = rng.choice(frames, size=min(s.refine_batch, len(frames)), replace=False)
+        errs = [e for e in (photometric_error(i) for i in batch) if e is not None]
+        photo = torch.stack(errs).mean() if errs else torch.zeros(())
+        return s.photometric_weight * photo + objective.loss(params, full=True)
+
+    names = [k for k in ("rotation", "translation", "identity", "expression", "joints", "albedo", "shading")
+             if k in params and params[k].requires_grad]
+    optimise(params, names, s.refine_iterations, s.refine_learning_rate, loss_fn, lambda: objective.constrain(params),
+             history, progress, total)
+    after = mean_error()
+    log.info("photometric refinement: L1 inside the face %.4f -> %.4f over %d frames", before, after, len(evaluation))
+    del params["albedo"], params["shading"]
+    return {"l1_before": round(before, 5), "l1_after": round(after, 5), "frames_evaluated": len(evaluation),
+            "iterations": s.refine_iterations, "size": size}
 
 
 def _joint_pose(joints):

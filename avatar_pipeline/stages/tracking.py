@@ -74,7 +74,10 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    result = fit(model, targets, weights, size, cfg, dense=dense, progress=report)
+    images = masks = None
+    if cfg.refine == "photometric":
+        images, masks = _refinement_inputs(store, n, cfg.refine_size)
+    result = fit(model, targets, weights, size, cfg, dense=dense, progress=report, images=images, masks=masks)
     bar.close()
     face_px = np.linalg.norm(np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1)
     face_px = float(np.median(face_px))
@@ -125,11 +128,30 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
             "reprojection_error_px_at_512": _r(np.nanmean(data["error_px"]) * 512 / size),
             "landmark_jitter_px": {"fitted": _r(jitter_fit), "raw": _r(jitter_raw)},
             "seconds": round(result.seconds, 2), "iterations": cfg.rigid_iterations + cfg.iterations,
+            "refinement": result.photometric or "none",
         }
         cache.write_json(stage / "meta.json", info)
     log.info("tracking: %s model, %d/%d frames fitted, reprojection error %.2f px (mean), focal %.0f px, %.1f s",
              model.name, fitted.sum(), n, info["reprojection_error_px"]["mean"], result.focal, result.seconds)
     return info
+
+
+FACE_CLASSES = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "u_lip", "l_lip")
+
+
+def _refinement_inputs(store: cache.SubjectCache, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (N, size, size, 3) in [0, 1] and parsed face masks (skin and facial features, not hair,
+    mouth interior or background) for the photometric refinement."""
+    from .parsing import CLASS_ID
+
+    face_ids = [CLASS_ID[c] for c in FACE_CLASSES]
+    images = np.empty((n, size, size, 3), np.float32)
+    masks = np.empty((n, size, size), bool)
+    for i, frame in progress(store.iter_frames(), n, "tracking: load frames"):
+        images[i] = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA) / 255.0
+        labels = cv2.resize(store.read_labels(i), (size, size), interpolation=cv2.INTER_NEAREST)
+        masks[i] = np.isin(labels, face_ids)
+    return images, masks
 
 
 def _r(x) -> float:

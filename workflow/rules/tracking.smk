@@ -25,6 +25,8 @@ def tracking_inputs(wildcards):
     inputs = {"crop": f"{RESULTS}/{wildcards.subject}/crop", "landmarks": f"{RESULTS}/{wildcards.subject}/landmarks"}
     if config["model"]["kind"] in ("auto", "ict"):
         inputs["ict"] = rules.ict_model.output[0]
+    if config["tracking"]["refine"] == "photometric":  # frames and parsed face masks
+        inputs["parsing"] = f"{RESULTS}/{wildcards.subject}/parsing"
     return inputs
 
 
