@@ -51,6 +51,28 @@ def _base_config(config_path: str | None) -> tuple[dict, Path]:
     return load_config(path), path
 
 
+def failure_summary(config: dict) -> list[str]:
+    """One line per subject whose outputs are incomplete: the first stage that failed and its log."""
+    from .cache import STAGES, SubjectCache
+    from .config import load_subjects
+
+    lines = []
+    for name in load_subjects(config):
+        store = SubjectCache(config["results_dir"], name)
+        missing = [stage for stage in STAGES if not store.stage_dir(stage).is_dir()]
+        if not missing:
+            continue
+        ran = [stage for stage in missing if store.log_path(stage).exists()]
+        stage = ran[0] if ran else missing[0]
+        log_path = store.log_path(stage)
+        reason = ""
+        if log_path.exists():
+            errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
+            reason = f" - {errors[-1].strip()[:200]}" if errors else ""
+        lines.append(f"  {name}: stage '{stage}' {'failed' if ran else 'did not run'}; log: {log_path}{reason}")
+    return lines
+
+
 def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "Snakefile"),
            "--configfile", str(configfile), "--cores", str(cores), "--rerun-incomplete", "--keep-going",
@@ -59,7 +81,13 @@ def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | N
         cmd += ["--workflow-profile", profile]
     cmd += list(extra) + list(targets)
     log.info("running: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    returncode = subprocess.call(cmd)
+    if returncode != 0 and "--dry-run" not in extra and "-n" not in extra:
+        with open(configfile) as f:
+            failed = failure_summary(yaml.safe_load(f))
+        if failed:
+            log.error("%d subject(s) did not complete (the others are unaffected):\n%s", len(failed), "\n".join(failed))
+    return returncode
 
 
 def _write_overlay(config: dict, results: str, name: str) -> Path:

@@ -138,3 +138,18 @@ def test_a_killed_stage_leaves_nothing_that_looks_complete(videos_dir, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (tmp_path / "k" / "crop" / "meta.json").exists()
     assert not list((tmp_path / "k").glob("crop.partial-*"))
+
+
+def test_a_failing_subject_does_not_stop_the_others(videos_dir, tmp_path):
+    (tmp_path / "broken.mp4").write_text("this is not a video")
+    config = {"crop": {"size": 64, "max_frames": 12}, "qa": {"sheet_frames": 2, "video_frames": 4},
+              "model": {"kind": "builtin"}, "tracking": {"iterations": 50, "overlay_frames": 0},
+              "subjects": {"good": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
+                           "bad": {"video": str(tmp_path / "broken.mp4")}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = _run(["workflow", "--cores", "2"], tmp_path)
+    assert proc.returncode != 0
+    assert (tmp_path / "results" / "good" / "qa").is_dir() and (tmp_path / "results" / "good" / "tracking").is_dir()
+    assert "1 subject(s) did not complete" in proc.stderr
+    assert "bad: stage 'crop' failed; log: results/bad/logs/crop.log" in proc.stderr
+    assert "not a readable video" in proc.stderr
