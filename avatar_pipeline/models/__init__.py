@@ -62,7 +62,8 @@ def load_model(cfg: ModelConfig, ict_status: Path | None, landmarks=None) -> tup
         if kind == "ict":
             raise InputError("model.kind: ict", status["reason"], "set model.ict_path to the ICT-FaceKit folder or archive")
         warnings.append(f"FALLBACK: ICT FaceKit unavailable ({status['reason'].splitlines()[0]}); "
-                        "using the built-in face-only model learned from this subject's landmarks")
+                        "using the built-in face-only model learned from this subject's landmarks. To use ICT, set "
+                        "model.ict_path or rerun with `-- --forcerun ict_model` once online")
     from . import builtin
 
     if landmarks is None:
