@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import cache, workflow_runner
-from .config import STAGE_CONFIGS, Subject, load_config, stage_config, stage_config_from_settings
+from .config import STAGE_CONFIGS, Subject, load_config, parse_range, stage_config, stage_config_from_settings
 from .errors import PipelineError
 
 log = logging.getLogger("avatar_pipeline")
@@ -33,13 +33,6 @@ def _typed_settings(args, stage: str):
             raise PipelineError(f"--settings is not valid JSON: {e}") from None
         return stage_config_from_settings(stage, section)
     return stage_config(load_config(args.config), stage)
-
-
-def _parse_range(text: str | None):
-    if not text:
-        return None
-    a, b = text.split("-")
-    return int(a), int(b)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +114,8 @@ def _dispatch(args) -> int:
         cfg = _typed_settings(args, args.command)
         module = stages.STAGES[args.command]
         if args.command == "crop":
-            subject = Subject(args.subject, args.video, None, _parse_range(args.train), _parse_range(args.val),
-                              _parse_range(args.test))
+            subject = Subject(args.subject, args.video, None,
+                              *(parse_range(getattr(args, k), f"--{k}") for k in ("train", "val", "test")))
             module.run(store, args.video, cfg, subject)
         elif args.command == "background":
             module.run(store, cfg, plate=args.plate)

@@ -209,7 +209,8 @@ def stage_config_from_settings(stage: str, settings: dict):
     return STAGE_CONFIGS[stage](**section)
 
 
-def _parse_range(text: str, where: str) -> tuple[int, int] | None:
+def parse_range(text: str | None, where: str) -> tuple[int, int] | None:
+    """A frame range written FIRST-END (end exclusive); None for an empty field."""
     text = (text or "").strip()
     if not text:
         return None
@@ -243,5 +244,5 @@ def load_subjects(config: dict, base_dir: str | Path = ".") -> dict[str, Subject
                 raise InputError(where, f"subject {name!r} is listed twice", "give every subject a unique name")
             validate_config({"subjects": {name: {"video": video}}}, where)
             subjects[name] = Subject(name, video, (row.get("background") or "").strip() or None,
-                                     *(_parse_range(row.get(k, ""), where) for k in ("train", "val", "test")))
+                                     *(parse_range(row.get(k, ""), where) for k in ("train", "val", "test")))
     return subjects

@@ -131,10 +131,25 @@ def run_all(config_path: str | None, results: str | None, cores: str, profile: s
 
 
 def stage_code_version(stage: str) -> str:
-    """Hash of a stage's module source: a rule param, so editing the stage's code reruns it."""
+    """Hash of a stage's source and of the package modules it uses directly: a rule param, so editing
+    the stage's code reruns it (and what depends on it). Shared plumbing (config, cache layout, logging,
+    errors) is left out so that editing it does not rerun every stage of every subject; a change to a
+    cache format bumps cache.CACHE_VERSION instead."""
     import hashlib
+    import inspect
+    import sys
 
     from . import stages
 
-    source = Path(stages.STAGES[stage].__file__).read_bytes()
-    return hashlib.sha256(source).hexdigest()[:12]
+    module = stages.STAGES[stage]
+    plumbing = {f"{__package__}.{name}" for name in ("config", "cache", "runtime", "errors")}
+    used = {module.__name__}
+    for value in vars(module).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(__package__ + ".") and name in sys.modules \
+                and name not in plumbing:
+            used.add(name)
+    digest = hashlib.sha256()
+    for name in sorted(used):
+        digest.update(Path(sys.modules[name].__file__).read_bytes())
+    return digest.hexdigest()[:12]

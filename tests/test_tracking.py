@@ -97,8 +97,15 @@ def test_auto_falls_back_to_the_builtin_model_loudly(lp_d18, tmp_path):
     store.root.mkdir(parents=True)
     for stage in ("crop", "landmarks"):
         (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
-    info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, iterations=200), ModelConfig(kind="auto"), status)
+    info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, iterations=200, export_meshes=True),
+                              ModelConfig(kind="auto"), status)
     assert info["model"] == "builtin" and info["fit_landmarks"] == "dense478"
+    import trimesh
+
+    meshes = sorted((store.stage_dir("tracking") / "meshes").glob("*.obj"))
+    assert len(meshes) == 60
+    mesh = trimesh.load(meshes[0], process=False)
+    assert mesh.vertices.shape == (478, 3) and 0.3 < np.median(mesh.vertices[:, 2]) < 3  # in front of the camera
     assert any("FALLBACK" in w for w in info["warnings"])
     assert info["reprojection_error_px"]["mean"] < 2.0
     with pytest.raises(Exception, match="download failed"):
