@@ -105,7 +105,8 @@ def test_auto_falls_back_to_the_builtin_model_loudly(lp_d18, tmp_path):
     meshes = sorted((store.stage_dir("tracking") / "meshes").glob("*.obj"))
     assert len(meshes) == 60
     mesh = trimesh.load(meshes[0], process=False)
-    assert mesh.vertices.shape == (478, 3) and 0.3 < np.median(mesh.vertices[:, 2]) < 3  # in front of the camera
+    assert mesh.vertices.shape[0] >= 468 and len(mesh.faces) > 850  # the mesh (unreferenced iris points may be dropped)
+    assert 0.3 < np.median(mesh.vertices[:, 2]) < 3  # in front of the camera
     assert any("FALLBACK" in w for w in info["warnings"])
     assert info["reprojection_error_px"]["mean"] < 2.0
     with pytest.raises(Exception, match="download failed"):
