@@ -39,13 +39,20 @@ else
   echo "$want" > $stamp
 fi
 
-if [[ $WITH_TEST == 1 ]] && ! command -v ffmpeg >/dev/null 2>&1; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's ffmpeg (tests cover both the system and the bundled ffmpeg)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
-      || echo "setup: warning: apt-get could not install ffmpeg; system-ffmpeg tests will be skipped"
-  else
-    echo "setup: no system ffmpeg and not root: the bundled ffmpeg is used; system-ffmpeg tests will be skipped"
+# tests also cover Debian's ffmpeg (besides the bundled one) and a one-node SLURM cluster on localhost
+if [[ $WITH_TEST == 1 ]]; then
+  wanted=()
+  command -v ffmpeg >/dev/null 2>&1 || wanted+=(ffmpeg)
+  command -v slurmctld >/dev/null 2>&1 || [[ -x /usr/sbin/slurmctld ]] || wanted+=(slurm-wlm)
+  command -v munged >/dev/null 2>&1 || [[ -x /usr/sbin/munged ]] || wanted+=(munge)
+  if [[ ${#wanted[@]} -gt 0 ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing Debian packages for the tests: ${wanted[*]}"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${wanted[@]}" >/dev/null) \
+        || echo "setup: warning: apt-get could not install ${wanted[*]}; the tests that need them will be skipped"
+    else
+      echo "setup: not root: ${wanted[*]} not installed; the tests that need them will be skipped"
+    fi
   fi
 fi
 
