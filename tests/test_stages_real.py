@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from avatar_pipeline import cache, facemesh
-from avatar_pipeline.config import BackgroundConfig, CropConfig, ParsingConfig
+from avatar_pipeline.config import BackgroundConfig, CropConfig, NormalsConfig, ParsingConfig
 from avatar_pipeline.errors import InputError
 from avatar_pipeline.stages import background, crop, landmarks, parsing
 from avatar_pipeline.stages.parsing import CLASS_ID
@@ -173,3 +173,23 @@ def test_landmark_smoothing_reduces_jitter(lp_d18):
     jitter = lambda p: np.abs(np.diff(p[valid][:, :, :2], 2, axis=0)).mean()  # noqa: E731
     assert jitter(smooth) < 0.6 * jitter(pts)
     assert np.isnan(smooth[~valid]).all() or valid.all()
+
+
+def test_a_truncated_cache_file_names_itself_and_the_rule_that_rebuilds_it(w009, tmp_path):
+    import shutil
+
+    from avatar_pipeline.errors import CacheError
+    from avatar_pipeline.stages import normals
+
+    store = cache.SubjectCache(tmp_path, "w009")
+    for stage in ("crop", "landmarks"):
+        shutil.copytree(w009.stage_dir(stage), store.stage_dir(stage))
+    npz = store.stage_dir("landmarks") / "landmarks.npz"
+    npz.write_bytes(npz.read_bytes()[:200])
+    with pytest.raises(CacheError) as err:
+        normals.run(store, NormalsConfig())
+    assert str(npz) in str(err.value) and "'landmarks'" in str(err.value) and "--forcerun landmarks" in str(err.value)
+    frame = store.frame_path(3)
+    frame.write_bytes(frame.read_bytes()[:100])
+    with pytest.raises(CacheError, match=r"(?s)000003.png: cannot be decoded .* rule 'crop'"):
+        store.read_frame(3)

@@ -1,5 +1,6 @@
 """End to end through Snakemake on real clips at low resolution, as a user runs it."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -153,3 +154,40 @@ def test_a_failing_subject_does_not_stop_the_others(videos_dir, tmp_path):
     assert "1 subject(s) did not complete" in proc.stderr
     assert "bad: stage 'crop' failed; log: results/bad/logs/crop.log" in proc.stderr
     assert "not a readable video" in proc.stderr
+
+
+def _planned(workspace, config_file: str, extra_env: dict | None = None, snakefile: str | None = None) -> set[tuple[str, str]]:
+    """(rule, subject) pairs a dry run would execute."""
+    env = {**os.environ, **(extra_env or {})}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", snakefile or str(REPO / "Snakefile"), "--configfile",
+           config_file, "--cores", "1", "--dry-run"]
+    proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = re.findall(r"\nrule (\w+):\n(?:    .*\n)*?    wildcards: subject=(\S+)", proc.stdout)
+    return set(jobs)
+
+
+def test_adding_a_subject_runs_only_the_new_subject(workspace, videos_dir):
+    config = yaml.safe_load((workspace / "config.yaml").read_text())
+    config["subjects"]["w9"] = {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")}
+    (workspace / "more.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    jobs = _planned(workspace, "more.yaml")
+    assert {subject for _, subject in jobs} == {"w9"}
+    assert {rule for rule, _ in jobs} == set(cache.STAGES)
+
+
+def test_changing_a_stage_s_code_reruns_that_stage(workspace, tmp_path):
+    """A copy of the code with one edited stage, imported ahead of the installed package."""
+    import shutil
+
+    copy = tmp_path / "code"
+    shutil.copytree(REPO / "avatar_pipeline", copy / "avatar_pipeline")
+    for item in ("Snakefile", "workflow", "envs", "config.yaml"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
+    env = {"PYTHONPATH": str(copy)}
+    assert _planned(workspace, "config.yaml", env, str(copy / "Snakefile")) == set()  # identical code: nothing
+    with open(copy / "avatar_pipeline" / "stages" / "normals.py", "a") as f:
+        f.write("\n# an edit\n")
+    jobs = _planned(workspace, "config.yaml", env, str(copy / "Snakefile"))
+    assert {rule for rule, _ in jobs} == {"normals", "qa"} and {s for _, s in jobs} == {"m030", "d18"}
