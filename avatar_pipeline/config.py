@@ -104,6 +104,7 @@ class TrackingConfig:
     refine_batch: int = 4
     refine_learning_rate: float = 0.003
     photometric_weight: float = 1.0
+    silhouette_weight: float = 0.1
     overlay_frames: int = 100
     export_meshes: bool = False
 

@@ -245,6 +245,7 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
     images_t = torch.as_tensor(images, dtype=torch.float32)
     masks_t = torch.as_tensor(masks)
     rng = np.random.default_rng(0)
+    distance = _boundary_distance(masks) if s.silhouette_weight > 0 else None
 
     def pixels(i):
         cam = objective.camera_vertices(params, [int(i)], subset=used)[0]
@@ -261,16 +262,26 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
     shading[:, 0] = 1.0
     params["albedo"], params["shading"] = albedo, shading.requires_grad_(True)
 
-    def photometric_error(i):
+    def frame_errors(i):
+        """Photometric L1 inside the face and silhouette distance (pixels at the refinement size)."""
         uv, cam = pixels(i)
         normals = vertex_normals(cam, faces_t)
         basis = torch.cat([torch.ones_like(normals[:, :1]), normals], 1)
         colour = params["albedo"] * (basis @ params["shading"][int(i)])[:, None]
-        rendered, covered, _ = render_attributes(uv, cam[:, 2], faces_local, colour, size)
+        rendered, covered, tri_id = render_attributes(uv, cam[:, 2], faces_local, colour, size)
         inside = covered & masks_t[i]
         if inside.sum() < 10:
-            return None
-        return (rendered[inside] - images_t[i][inside]).abs().mean()
+            return None, None
+        photo = (rendered[inside] - images_t[i][inside]).abs().mean()
+        silhouette = None
+        if distance is not None:
+            outline = _outline_vertices(tri_id, faces_local)
+            if len(outline):
+                silhouette = _sample(distance[i], uv[outline]).mean()
+        return photo, silhouette
+
+    def photometric_error(i):
+        return frame_errors(i)[0]
 
     evaluation = frames[np.linspace(0, len(frames) - 1, min(8, len(frames))).round().astype(int)]
 
@@ -279,23 +290,64 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
             errs = [e for e in (photometric_error(i) for i in evaluation) if e is not None]
             return float(torch.stack(errs).mean()) if errs else float("nan")
 
-    before = mean_error()
+    def mean_silhouette():
+        if distance is None:
+            return None
+        with torch.no_grad():
+            errs = [e for e in (frame_errors(i)[1] for i in evaluation) if e is not None]
+            return round(float(torch.stack(errs).mean()) / scale, 4) if errs else None
+
+    before, silhouette_before = mean_error(), mean_silhouette()
 
     def loss_fn(it):
         batch = rng.choice(frames, size=min(s.refine_batch, len(frames)), replace=False)
-        errs = [e for e in (photometric_error(i) for i in batch) if e is not None]
-        photo = torch.stack(errs).mean() if errs else torch.zeros(())
-        return s.photometric_weight * photo + objective.loss(params, full=True)
+        photo, outline = zip(*(frame_errors(i) for i in batch))
+        photo = [e for e in photo if e is not None]
+        outline = [e for e in outline if e is not None]
+        loss = objective.loss(params, full=True)
+        if photo:
+            loss = loss + s.photometric_weight * torch.stack(photo).mean()
+        if outline:  # in units of the robust scale, like the landmark term
+            loss = loss + s.silhouette_weight * torch.stack(outline).mean() / (objective.robust * scale)
+        return loss
 
     names = [k for k in ("rotation", "translation", "identity", "expression", "joints", "albedo", "shading")
              if k in params and params[k].requires_grad]
     optimise(params, names, s.refine_iterations, s.refine_learning_rate, loss_fn, lambda: objective.constrain(params),
              history, progress, total)
-    after = mean_error()
-    log.info("photometric refinement: L1 inside the face %.4f -> %.4f over %d frames", before, after, len(evaluation))
+    after, silhouette_after = mean_error(), mean_silhouette()
+    log.info("photometric refinement: L1 inside the face %.4f -> %.4f, silhouette distance %s -> %s px, %d frames",
+             before, after, silhouette_before, silhouette_after, len(evaluation))
     del params["albedo"], params["shading"]
-    return {"l1_before": round(before, 5), "l1_after": round(after, 5), "frames_evaluated": len(evaluation),
-            "iterations": s.refine_iterations, "size": size}
+    return {"l1_before": round(before, 5), "l1_after": round(after, 5),
+            "silhouette_px_before": silhouette_before, "silhouette_px_after": silhouette_after,
+            "frames_evaluated": len(evaluation), "iterations": s.refine_iterations, "size": size}
+
+
+def _boundary_distance(masks: np.ndarray) -> torch.Tensor:
+    """Per frame, the distance (pixels) of every pixel to the boundary of the parsed face mask."""
+    import cv2
+
+    out = np.empty(masks.shape, np.float32)
+    for k, mask in enumerate(masks.astype(np.uint8)):
+        inside = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+        outside = cv2.distanceTransform(1 - mask, cv2.DIST_L2, 3)
+        out[k] = np.maximum(inside, outside)
+    return torch.as_tensor(out)
+
+
+def _outline_vertices(tri_id: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Vertices of the triangles seen at the edge of the rendered region (the silhouette of the face)."""
+    covered = tri_id >= 0
+    edge = covered & ~(np.roll(covered, 1, 0) & np.roll(covered, -1, 0) & np.roll(covered, 1, 1) & np.roll(covered, -1, 1))
+    return np.unique(faces[np.unique(tri_id[edge])].ravel())
+
+
+def _sample(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of a (H, W) map at pixel positions (N, 2), differentiable in the positions."""
+    h, w = image.shape
+    grid = torch.stack([(uv[:, 0] + 0.5) / w * 2 - 1, (uv[:, 1] + 0.5) / h * 2 - 1], 1)[None, None]
+    return torch.nn.functional.grid_sample(image[None, None], grid, align_corners=False, padding_mode="border")[0, 0, 0]
 
 
 def _joint_pose(joints):

@@ -180,6 +180,7 @@ def test_photometric_refinement_through_the_own_renderer(lp_d18, ict_status, tmp
                                  ModelConfig(kind="ict"), ict_status)
     photo = refined["refinement"]
     assert photo["l1_after"] < photo["l1_before"]
+    assert photo["silhouette_px_after"] < photo["silhouette_px_before"]
     assert refined["reprojection_error_px"]["mean"] < 1.25 * plain["reprojection_error_px"]["mean"]
 
 
