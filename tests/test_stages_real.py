@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from avatar_pipeline import cache, facemesh
-from avatar_pipeline.config import BackgroundConfig, CropConfig, NormalsConfig, ParsingConfig
+from avatar_pipeline.config import BackgroundConfig, NormalsConfig
 from avatar_pipeline.errors import InputError
-from avatar_pipeline.stages import background, crop, landmarks, parsing
+from avatar_pipeline.stages import background, landmarks
 from avatar_pipeline.stages.parsing import CLASS_ID
 
 from .conftest import image_to_video, run_preprocessing

@@ -11,7 +11,7 @@ import logging
 import cv2
 import numpy as np
 
-from .. import cache, facemesh, video
+from .. import cache, video
 from ..config import QAConfig
 from .parsing import PALETTE
 
