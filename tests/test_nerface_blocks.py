@@ -1,0 +1,52 @@
+"""NeRFace building blocks: encoding, field, sampling and compositing over the background."""
+import torch
+
+from avatar_pipeline.avatars.nerface import (ConditionedField, FieldConfig, composite, importance_depths,
+                                             positional_encoding, stratified_depths)
+
+
+def test_positional_encoding_matches_the_paper_sizes():
+    x = torch.randn(5, 3)
+    assert positional_encoding(x, 10).shape == (5, 63) and positional_encoding(x, 4).shape == (5, 27)
+    enc = positional_encoding(torch.tensor([[0.5, 0.0, 0.0]]), 2)
+    # layout: x, then sin of (2^0 x, 2^1 x, ...) per frequency, then the cosines
+    assert torch.allclose(enc[0, 3], torch.sin(torch.tensor(0.5))) and torch.allclose(enc[0, 6], torch.sin(torch.tensor(1.0)))
+
+
+def test_field_is_the_paper_architecture_and_uses_its_conditioning():
+    field = ConditionedField(FieldConfig())
+    linears = [m for m in field.backbone if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 8 and all(m.out_features == 256 for m in linears)
+    assert linears[0].in_features == 63 + 53 + 32
+    branch = [m for m in field.colour if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in branch] == [128, 128, 128, 128, 3] and branch[0].in_features == 256 + 27
+    pts, dirs = torch.randn(4, 16, 3), torch.nn.functional.normalize(torch.randn(4, 16, 3), dim=-1)
+    cond = torch.randn(4, 16, 85)
+    density, rgb = field(pts, dirs, cond)
+    assert density.shape == (4, 16) and rgb.shape == (4, 16, 3) and (density >= 0).all()
+    _, other = field(pts, dirs, cond + 1.0)
+    assert not torch.allclose(rgb, other)  # expression and latent code change the field
+
+
+def test_empty_space_shows_the_background_and_opaque_space_hides_it():
+    depths = stratified_depths(torch.zeros(2), torch.ones(2), 64, jitter=False)
+    background = torch.tensor([[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]])
+    rgb = torch.full((2, 64, 3), 0.5)
+    colour, weights, alpha = composite(torch.zeros(2, 64), rgb, depths, background)
+    assert torch.allclose(colour, background) and torch.allclose(alpha, torch.zeros(2), atol=1e-6)
+    dense = torch.zeros(2, 64)
+    dense[:, 10] = 1e4
+    colour, weights, alpha = composite(dense, rgb, depths, background)
+    assert torch.allclose(colour, torch.full((2, 3), 0.5), atol=1e-4) and torch.allclose(alpha, torch.ones(2), atol=1e-4)
+    assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-5)  # every ray ends somewhere
+
+
+def test_importance_samples_gather_where_the_weights_are():
+    depths = stratified_depths(torch.zeros(1), torch.full((1,), 4.0), 64, jitter=False)
+    weights = torch.zeros(1, 64)
+    weights[0, 40:44] = 1.0  # the surface is around depth 2.5-2.75
+    fine = importance_depths(depths, weights, 64, jitter=True)
+    assert ((fine > 2.4) & (fine < 2.85)).float().mean() > 0.9
+    torch.manual_seed(0)
+    strat = stratified_depths(torch.zeros(3), torch.ones(3), 8, jitter=True)
+    assert (strat[:, 1:] > strat[:, :-1]).all() and (strat >= 0).all() and (strat <= 1).all()
