@@ -50,3 +50,44 @@ def test_importance_samples_gather_where_the_weights_are():
     torch.manual_seed(0)
     strat = stratified_depths(torch.zeros(3), torch.ones(3), 8, jitter=True)
     assert (strat[:, 1:] > strat[:, :-1]).all() and (strat >= 0).all() and (strat <= 1).all()
+
+
+def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
+    from avatar_pipeline.avatars.nerface import camera_rays
+
+    c2h = torch.eye(4)
+    c2h[2, 3] = 1.0  # camera at z = 1 looking toward the head at the origin
+    origins, dirs = camera_rays(c2h, focal=100.0, size=64, pixels=torch.tensor([[31.5, 31.5], [63.5, 31.5]]))
+    assert torch.allclose(origins, torch.tensor([0.0, 0.0, 1.0]).expand(2, 3))
+    assert torch.allclose(dirs[0], torch.tensor([0.0, 0.0, -1.0]), atol=1e-6)  # image centre: straight ahead
+    assert dirs[1, 0] > 0 and abs(dirs[1, 1]) < 1e-6  # right of centre: +x
+
+
+def test_a_tiny_nerface_fits_a_frame_over_its_background():
+    """Rays of one small frame: the loss of coarse + fine colours falls as the field learns the head."""
+    from avatar_pipeline.avatars.nerface import NeRFaceRenderer, camera_rays
+
+    torch.manual_seed(0)
+    size = 16
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    c2h = torch.eye(4)
+    c2h[2, 3] = 1.0
+    origins, dirs = camera_rays(c2h, 20.0, size, pixels)
+    inside = ((pixels - size / 2 + 0.5).norm(dim=1) < 4)  # a disc "head" in front of a grey background
+    target = torch.where(inside[:, None], torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.4, 0.4, 0.4]))
+    background = torch.tensor([0.4, 0.4, 0.4]).expand(len(pixels), 3)
+    renderer = NeRFaceRenderer(FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1, expression_dim=4,
+                                           latent_dim=2), coarse_samples=16, fine_samples=16)
+    optimizer = torch.optim.Adam(renderer.parameters(), lr=2e-3)
+    condition = torch.zeros(6)
+    losses = []
+    for _ in range(300):
+        out = renderer(origins, dirs, torch.full((len(pixels),), 0.5), torch.full((len(pixels),), 1.5), condition, background)
+        loss = ((out["coarse"] - target) ** 2).mean() + ((out["fine"] - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    assert out["fine_alpha"][inside].mean() > out["fine_alpha"][~inside].mean() + 0.3  # it learned where the head is

@@ -56,6 +56,12 @@ class ConditionedField(nn.Module):
             branch += [nn.Linear(width_in, cfg.colour_width), nn.ReLU(inplace=True)]
             width_in = cfg.colour_width
         self.colour = nn.Sequential(*branch, nn.Linear(cfg.colour_width, 3))
+        # He initialisation keeps the signal alive through the deep ReLU stack; with PyTorch's default
+        # the 8-layer backbone starts nearly constant and the ReLU density can start dead everywhere
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, points: torch.Tensor, directions: torch.Tensor, condition: torch.Tensor):
         """points (..., 3), directions (..., 3) unit, condition (..., E + L) -> density (...,), rgb (..., 3)."""
@@ -106,3 +112,44 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, ba
     colours = torch.cat([rgb, background[:, None]], 1)
     colour = (weights[..., None] * colours).sum(1)
     return colour, weights, weights[:, :-1].sum(-1)
+
+
+def camera_rays(camera_to_head: torch.Tensor, focal: float, size: int, pixels: torch.Tensor):
+    """Rays in head space through pixel centres (N, 2) (x, y) of a size x size image.
+
+    camera_to_head (4, 4) in the OpenGL convention (the camera looks along -z, y up), as in the
+    NeRFace export of the tracking stage. Returns origins (N, 3) and unit directions (N, 3)."""
+    centre = size / 2.0
+    x = (pixels[:, 0] + 0.5 - centre) / focal
+    y = -(pixels[:, 1] + 0.5 - centre) / focal
+    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)
+    directions = torch.nn.functional.normalize(d_cam @ camera_to_head[:3, :3].T, dim=-1)
+    return camera_to_head[:3, 3].expand_as(directions), directions
+
+
+class NeRFaceRenderer(nn.Module):
+    """Coarse and fine fields rendering rays of one frame: stratified samples for the coarse field,
+    importance samples from its weights (plus the coarse ones) for the fine field."""
+
+    def __init__(self, cfg: FieldConfig = FieldConfig(), coarse_samples: int = 64, fine_samples: int = 64):
+        super().__init__()
+        self.coarse, self.fine = ConditionedField(cfg), ConditionedField(cfg)
+        self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
+
+    def forward(self, origins, directions, near, far, condition, background, jitter: bool = True):
+        """origins/directions (R, 3), near/far (R,), condition (E + L,), background (R, 3) ->
+        dict of coarse and fine colours (R, 3) and the fine foreground alpha (R,)."""
+        out = {}
+        depths = stratified_depths(near, far, self.coarse_samples, jitter)
+        weights = None
+        for name, field in (("coarse", self.coarse), ("fine", self.fine)):
+            if name == "fine":
+                extra = importance_depths(depths, weights[:, :-1], self.fine_samples, jitter)
+                depths = torch.sort(torch.cat([depths, extra], -1), -1).values
+            points = origins[:, None] + directions[:, None] * depths[..., None]
+            dirs = directions[:, None].expand_as(points)
+            cond = condition.expand(points.shape[:-1] + condition.shape[-1:])
+            density, rgb = field(points, dirs, cond)
+            colour, weights, alpha = composite(density, rgb, depths, background)
+            out[name], out[f"{name}_alpha"] = colour, alpha
+        return out
