@@ -77,3 +77,15 @@ def lp_d18(videos_dir, tmp_path_factory) -> cache.SubjectCache:
     """lp_d18 (head and shoulders, grey studio, strong expressions) preprocessed at 128 px."""
     return run_preprocessing(videos_dir / "lp_d18.mp4", tmp_path_factory.mktemp("lp_d18"), "lp_d18",
                              {"max_frames": 60})
+
+
+@pytest.fixture(scope="session")
+def ict_status(tmp_path_factory) -> Path:
+    """ICT FaceKit converted once from ../shared/models; the path of the ict.json the tracker reads."""
+    from avatar_pipeline.config import ModelConfig
+    from avatar_pipeline.models import prepare_ict
+
+    archive = require_shared("models/ict-facekit-da5f95a.tar.xz")
+    out = tmp_path_factory.mktemp("models")
+    prepare_ict(ModelConfig(kind="ict", ict_path=str(archive)), out)
+    return out / "ict.json"

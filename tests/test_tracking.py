@@ -1,6 +1,5 @@
 """Tracking: accuracy on synthetic ICT sequences with known ground truth, real clips, exports, fallbacks."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,21 +7,12 @@ import torch
 
 from avatar_pipeline import cache
 from avatar_pipeline.config import ModelConfig, TrackingConfig
-from avatar_pipeline.models import load_model, prepare_ict
+from avatar_pipeline.models import load_model
 from avatar_pipeline.models.base import barycentric_points
 from avatar_pipeline.models.flame import axis_angle_to_matrix
 from avatar_pipeline.stages import tracking as tracking_stage
 from avatar_pipeline.tracking import FLIP, TrackingError, fit, interpolate_invalid
 
-from .conftest import require_shared
-
-
-@pytest.fixture(scope="session")
-def ict_status(tmp_path_factory) -> Path:
-    archive = require_shared("models/ict-facekit-da5f95a.tar.xz")
-    out = tmp_path_factory.mktemp("models")
-    prepare_ict(ModelConfig(kind="ict", ict_path=str(archive)), out)
-    return out / "ict.json"
 
 
 def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1):
