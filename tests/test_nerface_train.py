@@ -45,3 +45,18 @@ def test_training_learns_and_resumes_from_its_checkpoint(tracked, tmp_path):
     assert last < 0.7 * first, (first, last)
     with pytest.raises(ValueError, match="other settings"):
         train(tracked, dataclasses.replace(TINY, steps=70, rays=128), out)
+
+
+def test_test_frames_are_rendered_and_measured(tracked, tmp_path):
+    import dataclasses
+    import json
+
+    from avatar_pipeline.avatars.train_nerface import evaluate_test_frames
+
+    cfg = dataclasses.replace(TINY, steps=150)
+    train(tracked, cfg, tmp_path)
+    summary = evaluate_test_frames(tracked, cfg, tmp_path)
+    assert summary["frames"] == 12 and json.loads((tmp_path / "test_metrics.json").read_text())["frames"] == 12
+    # the avatar explains the held-out frames better than the background alone does
+    assert summary["psnr"] > summary["psnr_background_only"] + 1.0, summary
+    assert len(list((tmp_path / "test_renders").glob("*.png"))) == 12
