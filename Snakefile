@@ -12,6 +12,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/tracking.smk"
+include: "workflow/rules/avatars.smk"
 
 
 rule all:

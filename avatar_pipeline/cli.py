@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
     p.add_argument("--ict-status", help="ict.json written by the ict-model step")
 
+    for name, text in (("nerface-train", "train (or resume) the subject's NeRFace avatar"),
+                       ("nerface-eval", "render and measure the held-out test frames")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--results", default="results")
+        p.add_argument("--subject", required=True)
+        p.add_argument("--settings", default="{}", help="JSON of the 'nerface' config section")
+
     p = sub.add_parser("ict-model", help="get ICT FaceKit (configured path or download) and convert it once")
     p.add_argument("--out", required=True, help="folder for ict.npz and ict.json")
     p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
@@ -106,6 +113,15 @@ def _dispatch(args) -> int:
         from .models import prepare_ict
 
         prepare_ict(stage_config_from_settings("model", json.loads(args.model_settings)), Path(args.out))
+        return 0
+    if args.command in ("nerface-train", "nerface-eval"):
+        from .avatars.train_nerface import TrainConfig, evaluate_test_frames, train
+        from .config import validate_config
+
+        section = validate_config({"nerface": json.loads(args.settings)}, "--settings")["nerface"]
+        store = cache.SubjectCache(args.results, args.subject)
+        run = train if args.command == "nerface-train" else evaluate_test_frames
+        run(store, TrainConfig.from_settings(section), store.root / "nerface")
         return 0
     if args.command in STAGE_CONFIGS:
         from . import stages

@@ -130,7 +130,7 @@ def run_all(config_path: str | None, results: str | None, cores: str, profile: s
     return snakemake(overlay, [], cores, profile, extra)
 
 
-def stage_code_version(stage: str) -> str:
+def stage_code_version(stage: str, module=None) -> str:
     """Hash of a stage's source and of the package modules it uses directly: a rule param, so editing
     the stage's code reruns it (and what depends on it). Shared plumbing (config, cache layout, logging,
     errors) is left out so that editing it does not rerun every stage of every subject; a change to a
@@ -141,7 +141,7 @@ def stage_code_version(stage: str) -> str:
 
     from . import stages
 
-    module = stages.STAGES[stage]
+    module = module or stages.STAGES[stage]
     plumbing = {f"{__package__}.{name}" for name in ("config", "cache", "runtime", "errors")}
     used = {module.__name__}
     for value in vars(module).values():

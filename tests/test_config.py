@@ -81,3 +81,9 @@ def test_sheet_errors_name_the_line(tmp_path):
 def test_bad_subject_name_rejected():
     with pytest.raises(InputError, match="subjects"):
         load_config(overrides={"subjects": {"bad name/..": {"video": "x.mp4"}}})
+
+
+def test_nerface_section_defaults_match_the_trainer():
+    from avatar_pipeline.avatars.train_nerface import TrainConfig
+
+    assert TrainConfig.from_settings(load_config()["nerface"]) == TrainConfig()

@@ -32,6 +32,8 @@ def workspace(videos_dir, tmp_path_factory):
     os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
     ict = require_shared("models/ict-facekit-da5f95a.tar.xz")
     config = {**TINY, "model": {"ict_path": str(ict)}, "tracking": {"overlay_frames": 5},
+              "nerface": {"size": 32, "steps": 40, "rays": 128, "coarse_samples": 8, "fine_samples": 8, "width": 32,
+                          "depth": 2, "colour_width": 16, "checkpoint_every": 20, "learning_rate": 0.005},
               "subjects": {"m030": {"video": str(odd)},
                                    "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
     (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -191,3 +193,11 @@ def test_changing_a_stage_s_code_reruns_that_stage(workspace, tmp_path):
         f.write("\n# an edit\n")
     jobs = _planned(workspace, "config.yaml", env, str(copy / "Snakefile"))
     assert {rule for rule, _ in jobs} == {"normals", "qa"} and {s for _, s in jobs} == {"m030", "d18"}
+
+
+def test_nerface_target_trains_and_evaluates(workspace):
+    proc = _run(["workflow", "--cores", "2", "--", "results/d18/nerface/test_metrics.json"], workspace)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((workspace / "results" / "d18" / "nerface" / "test_metrics.json").read_text())
+    assert metrics["frames"] == 10 and metrics["psnr"] > 0
+    assert (workspace / "results" / "d18" / "logs" / "nerface_train.log").exists()

@@ -41,6 +41,13 @@ class TrainConfig:
     seed: int = 0
     field: FieldConfig = FieldConfig(width=128, depth=4, colour_width=64, colour_depth=1)
 
+    @classmethod
+    def from_settings(cls, section: dict) -> "TrainConfig":
+        """From the flat `nerface:` config section."""
+        field_keys = {"latent_dim", "width", "depth", "colour_width", "colour_depth"}
+        field = FieldConfig(**{k: v for k, v in section.items() if k in field_keys})
+        return cls(field=field, **{k: v for k, v in section.items() if k not in field_keys})
+
     def digest(self) -> str:
         """What a checkpoint must match to be resumed (everything but the step budget)."""
         d = dataclasses.asdict(self)
