@@ -116,7 +116,7 @@ class LandmarkObjective:
         batch = expression.shape[0]
         joints = p["joints"][frames] if "joints" in p else None
         verts = self.model.vertices(p["identity"].expand(batch, -1) if self.ki else None,
-                                    expression if self.ke else None, _joint_pose(joints), subset=subset)
+                                    expression if self.ke else None, joint_pose(joints), subset=subset)
         rot = axis_angle_to_matrix(p["rotation"][frames]) @ FLIP
         return verts @ rot.transpose(1, 2) + p["translation"][frames][:, None]
 
@@ -350,7 +350,7 @@ def _sample(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.grid_sample(image[None, None], grid, align_corners=False, padding_mode="border")[0, 0, 0]
 
 
-def _joint_pose(joints):
+def joint_pose(joints):
     """The root joint stays fixed: the rigid head pose is separate."""
     if joints is None:
         return None

@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..cache import write_json
 from ..config import ModelConfig
 from ..errors import InputError
 from .base import MorphableModel
@@ -34,9 +35,7 @@ def prepare_ict(cfg: ModelConfig, out_dir: Path) -> dict:
             raise
         status = {"available": False, "reason": str(e)}
         log.warning("ICT FaceKit is not available (%s); tracking will use the built-in model", e)
-    tmp_json = out_dir / "ict.json.partial"
-    tmp_json.write_text(json.dumps(status, indent=1))
-    tmp_json.replace(out_dir / "ict.json")
+    write_json(out_dir / "ict.json", status)
     return status
 
 

@@ -133,3 +133,13 @@ def barycentric_points(vertices, faces_of_points: np.ndarray, bary: np.ndarray):
     tri = torch.as_tensor(faces_of_points, device=vertices.device)
     w = torch.as_tensor(bary, dtype=vertices.dtype, device=vertices.device)
     return (vertices[:, tri] * w[None, :, :, None]).sum(2)
+
+
+def vertex_landmarks(faces: np.ndarray, vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Express landmarks that are vertices as (triangle, barycentric weights) with all weight on the vertex."""
+    tri_ids, bary = [], []
+    for v in vertices:
+        f, corner = np.argwhere(faces == v)[0]
+        tri_ids.append(f)
+        bary.append(np.eye(3, dtype=np.float32)[corner])
+    return np.array(tri_ids, np.int64), np.array(bary, np.float32)

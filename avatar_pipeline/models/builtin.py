@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import facemesh
-from .base import MorphableModel
+from .base import MorphableModel, vertex_landmarks
 
 FACE_WIDTH_M = 0.14  # typical distance between the cheek edges (mediapipe points 234 and 454)
 
@@ -47,18 +47,13 @@ def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> Mor
     std = sig[:k] / np.sqrt(max(1, len(frames) - 1))
     basis = (vt[:k] * std[:, None]).reshape(k, -1, 3).transpose(1, 2, 0)
     tris = facemesh.triangles()
-    ids = facemesh.IBUG68_FROM_MP478
-    lmk_faces, lmk_bary = [], []
-    for v in ids:
-        f, corner = np.argwhere(tris == v)[0]
-        lmk_faces.append(f)
-        lmk_bary.append(np.eye(3)[corner])
+    lmk_faces, lmk_bary = vertex_landmarks(tris, facemesh.IBUG68_FROM_MP478)
     eyes = np.array(facemesh.RIGHT_EYE + facemesh.LEFT_EYE + facemesh.RIGHT_IRIS + facemesh.LEFT_IRIS)
     return MorphableModel(
         name="builtin", template=mean.astype(np.float32), faces=tris,
         identity_basis=np.zeros((facemesh.NUM_POINTS, 3, 0), np.float32),
         expression_basis=basis.astype(np.float32), expression_names=[f"pca{k:02d}" for k in range(k)],
-        landmark_faces=np.array(lmk_faces), landmark_bary=np.array(lmk_bary, np.float32), landmark_ids=np.arange(68),
+        landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=np.arange(68),
         regions={"face": np.arange(facemesh.NUM_POINTS), "scalp": np.zeros(0, np.int64), "neck": np.zeros(0, np.int64),
                  "eyes": eyes, "mouth_interior": np.zeros(0, np.int64)},
         expression_prior="gaussian")

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import InputError
-from .base import MorphableModel
+from .base import MorphableModel, vertex_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def convert(source: str | Path) -> MorphableModel:
     identity = np.stack([objs[n] - neutral for n in identities], 2) * CM
     expression = np.stack([objs[n] - neutral for n in expressions], 2) * CM
     lmk_vertices = np.array(meta["idx_to_landmark_verts"], np.int64)
-    lmk_faces, lmk_bary = _vertex_landmarks(faces, lmk_vertices)
+    lmk_faces, lmk_bary = vertex_landmarks(faces, lmk_vertices)
     head = _range(*HEAD_AND_NECK)
     chin_y = neutral[lmk_vertices[8], 1]
     regions = {
@@ -129,18 +129,6 @@ def convert(source: str | Path) -> MorphableModel:
                           expression_basis=expression.astype(np.float32), expression_names=list(expressions),
                           landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=np.arange(68),
                           regions=regions, expression_prior="unit")
-
-
-def _vertex_landmarks(faces: np.ndarray, vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Express vertex landmarks as (triangle, barycentric) with all weight on that vertex."""
-    tri_ids, bary = [], []
-    for v in vertices:
-        f, corner = np.argwhere(faces == v)[0]
-        w = np.zeros(3)
-        w[corner] = 1.0
-        tri_ids.append(f)
-        bary.append(w)
-    return np.array(tri_ids, np.int64), np.array(bary, np.float32)
 
 
 def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:

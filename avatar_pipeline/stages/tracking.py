@@ -21,7 +21,7 @@ from ..config import ModelConfig, TrackingConfig
 from ..models import load_model
 from ..models.base import MorphableModel
 from ..runtime import progress
-from ..tracking import TrackingError, fit, head_to_camera, interpolate_invalid
+from ..tracking import TrackingError, fit, head_to_camera, interpolate_invalid, joint_pose
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,7 @@ def model_vertices(model: MorphableModel, data: dict, frames: np.ndarray, subset
     """Camera-space vertices (len(frames), V, 3) of the fitted model."""
     ident = torch.as_tensor(data["identity"])[None].expand(len(frames), -1) if data["identity"].size else None
     expr = torch.as_tensor(data["expression"][frames]) if data["expression"].size else None
-    joints = None
-    if "joint_rotations" in data:
-        joints = torch.as_tensor(data["joint_rotations"][frames])
-        joints = torch.cat([torch.zeros_like(joints[:, :1]), joints[:, 1:]], 1)
+    joints = joint_pose(torch.as_tensor(data["joint_rotations"][frames])) if "joint_rotations" in data else None
     with torch.no_grad():
         verts = model.vertices(ident, expr, joints, subset=subset).numpy()
     h2c = data["head_to_camera"][frames]
