@@ -14,12 +14,18 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
+def tool(name: str) -> str | None:
+    """Full path of a program: on PATH, or in /usr/sbin (daemons; not on every root PATH)."""
+    found = shutil.which(name)
+    return found or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+
+
 def missing_requirements() -> str | None:
     if os.geteuid() != 0:
         return "starting SLURM daemons needs root"
-    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "runuser"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            return f"{tool} is not installed (scripts/setup.sh --test installs slurm-wlm and munge as root)"
+    for name in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "runuser"):
+        if tool(name) is None:
+            return f"{name} is not installed (scripts/setup.sh --test installs slurm-wlm and munge as root)"
     return None
 
 
@@ -106,17 +112,17 @@ def local_cluster(timeout: float = 60.0):
         system_conf.rename(saved)
     system_conf.symlink_to(conf)
     try:
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--pid-file", str(munge_pidfile),
+        subprocess.run([tool("runuser"), "-u", "munge", "--", tool("munged"), "--pid-file", str(munge_pidfile),
                         "--socket", str(munge_socket), "--force"], check=True, timeout=30)
         pids["munged"] = _pid(munge_pidfile)
-        subprocess.run(["/usr/sbin/slurmctld", "-f", str(conf)], check=True, timeout=30, env=env)
-        subprocess.run(["/usr/sbin/slurmd", "-f", str(conf)], check=True, timeout=30, env=env)
+        subprocess.run([tool("slurmctld"), "-f", str(conf)], check=True, timeout=30, env=env)
+        subprocess.run([tool("slurmd"), "-f", str(conf)], check=True, timeout=30, env=env)
         deadline = time.time() + timeout
         state = ""
         while time.time() < deadline:
             pids["slurmctld"] = _pid(folder / "slurmctld.pid")
             pids["slurmd"] = _pid(folder / "slurmd.pid")
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+            state = subprocess.run([tool("sinfo"), "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
             if state in ("idle", "mixed", "allocated"):
                 break
             time.sleep(0.5)
