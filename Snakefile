@@ -1,4 +1,4 @@
-# avatar-pipeline: raw monocular portrait video -> per-subject preprocessing caches -> (later) avatar.
+# avatar-pipeline: raw monocular portrait video -> preprocessing caches -> tracking -> avatars -> report.
 # Run through `avatar-pipeline run VIDEO`, `avatar-pipeline workflow`, or directly:
 #   snakemake --cores all --configfile config.yaml
 from snakemake.utils import min_version
@@ -13,10 +13,10 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/tracking.smk"
 include: "workflow/rules/avatars.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        expand(f"{RESULTS}/{{subject}}/qa", subject=SUBJECTS),
-        expand(f"{RESULTS}/{{subject}}/tracking", subject=SUBJECTS),
+        f"{RESULTS}/index.html",
     default_target: True

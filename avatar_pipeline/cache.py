@@ -40,6 +40,16 @@
         transforms.json          nerfstudio-style (OPENCV intrinsics, camera-to-head transforms)
         overlay.mp4              fitted mesh over the frames
         meshes/000000.obj        with tracking.export_meshes
+      avatars/{name}/            one folder per configured avatar (config `avatars`), all reading the caches above
+        train/checkpoint.pt      renderer, latent codes, optimiser and RNG state, step (written atomically;
+                                 not a Snakemake output, so a killed job resumes from it)
+        train/log.csv            step, loss, psnr_fine, learning_rate, seconds, val_psnr
+        train/validation/        ground truth | render of a held-out frame at intervals
+        train/done.json          written when training finished: steps, seconds, device, precision, settings
+        eval/                    rule `avatar_eval` (see avatars/evaluate_nerface.py): metrics_<protocol>.csv,
+                                 metrics.json, test/*.png, test.mp4, orbit.mp4, sweep.mp4, reenact.mp4
+      report/index.html          rule `report`: everything above a person wants to look at
+    results/index.html, metrics.csv      rule `index`: all subjects and avatars
     results/_models/ict.npz, ict.json    ICT FaceKit converted once (shared by all subjects)
       logs/{rule}.log            one log per Snakemake rule
 
@@ -82,6 +92,9 @@ class SubjectCache:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         return self.root / stage
+
+    def avatar_dir(self, avatar: str) -> Path:
+        return self.root / "avatars" / avatar
 
     def log_path(self, rule: str) -> Path:
         return self.root / "logs" / f"{rule}.log"

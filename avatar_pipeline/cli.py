@@ -54,12 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
     p.add_argument("--ict-status", help="ict.json written by the ict-model step")
 
-    for name, text in (("nerface-train", "train (or resume) the subject's NeRFace avatar"),
-                       ("nerface-eval", "render and measure the held-out test frames")):
+    for name, text in (("avatar-train", "train (or resume) one avatar of a subject"),
+                       ("avatar-eval", "test-frame latents, metrics and renders of a trained avatar")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--results", default="results")
         p.add_argument("--subject", required=True)
-        p.add_argument("--settings", default="{}", help="JSON of the 'nerface' config section")
+        p.add_argument("--avatar", required=True, help="the avatar's name in the config's `avatars`")
+        p.add_argument("--settings", default="{}", help="JSON of the avatar's config section")
+        if name == "avatar-eval":
+            p.add_argument("--driver", help="subject whose tracking drives a reenactment")
+    p = sub.add_parser("report", help="HTML report of one subject (preprocessing, tracking, avatars)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--subject", required=True)
+    p.add_argument("--avatars", default="", help="comma-separated avatar names to include")
+    p = sub.add_parser("index", help="index page and metrics table across subjects")
+    p.add_argument("--results", default="results")
+    p.add_argument("--subjects", required=True, help="comma-separated subject names")
+    p.add_argument("--avatars", default="", help="comma-separated avatar names")
 
     p = sub.add_parser("ict-model", help="get ICT FaceKit (configured path or download) and convert it once")
     p.add_argument("--out", required=True, help="folder for ict.npz and ict.json")
@@ -114,14 +125,28 @@ def _dispatch(args) -> int:
 
         prepare_ict(stage_config_from_settings("model", json.loads(args.model_settings)), Path(args.out))
         return 0
-    if args.command in ("nerface-train", "nerface-eval"):
-        from .avatars.train_nerface import TrainConfig, evaluate_test_frames, train
+    if args.command in ("avatar-train", "avatar-eval"):
+        from .avatars import avatar_method
         from .config import validate_config
 
-        section = validate_config({"nerface": json.loads(args.settings)}, "--settings")["nerface"]
+        section = validate_config({"avatars": {args.avatar: json.loads(args.settings)}}, "--settings")["avatars"][args.avatar]
+        method, cfg = avatar_method(section)
         store = cache.SubjectCache(args.results, args.subject)
-        run = train if args.command == "nerface-train" else evaluate_test_frames
-        run(store, TrainConfig.from_settings(section), store.root / "nerface")
+        if args.command == "avatar-train":
+            method.train(store, cfg, store.avatar_dir(args.avatar) / "train")
+        else:
+            driver = cache.SubjectCache(args.results, args.driver) if args.driver else None
+            with cache.staged_dir(store.avatar_dir(args.avatar) / "eval") as out:
+                method.evaluate(store, cfg, store.avatar_dir(args.avatar) / "train", out, driver)
+        return 0
+    if args.command in ("report", "index"):
+        from . import report
+
+        names = [a for a in args.avatars.split(",") if a]
+        if args.command == "report":
+            report.subject_report(cache.SubjectCache(args.results, args.subject), names)
+        else:
+            report.index(Path(args.results), [s for s in args.subjects.split(",") if s], names)
         return 0
     if args.command in STAGE_CONFIGS:
         from . import stages

@@ -15,7 +15,11 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = {"crop": {"size": 256}, "qa": {"sheet_frames": 6}}
+# the demo: a short nerface-fast (128 px, ~5 min of training on 2 CPU cores) on a 5 s clip
+DEMO_CONFIG = {"crop": {"size": 256}, "qa": {"sheet_frames": 6},
+               "avatars": {"nerface_fast": {"method": "nerface", "preset": "fast", "size": 128, "steps": 1500,
+                                            "validate_every": 500, "latent_steps": 30, "orbit_frames": 24,
+                                            "sweep_frames": 16}}}
 
 
 def repo_root() -> Path:
@@ -59,23 +63,30 @@ def failure_summary(config: dict) -> list[str]:
     lines = []
     for name in load_subjects(config):
         store = SubjectCache(config["results_dir"], name)
-        missing = [stage for stage in STAGES if not store.stage_dir(stage).is_dir()]
+        # (rule whose log to show, its output) in DAG order
+        outputs = [(stage, store.stage_dir(stage)) for stage in STAGES]
+        for avatar in config.get("avatars", {}):
+            outputs += [(f"avatar_train_{avatar}", store.avatar_dir(avatar) / "train" / "done.json"),
+                        (f"avatar_eval_{avatar}", store.avatar_dir(avatar) / "eval")]
+        outputs.append(("report", store.root / "report"))
+        missing = [rule for rule, output in outputs if not output.exists()]
         if not missing:
             continue
-        ran = [stage for stage in missing if store.log_path(stage).exists()]
-        stage = ran[0] if ran else missing[0]
-        log_path = store.log_path(stage)
+        ran = [rule for rule in missing if store.log_path(rule).exists()]
+        rule = ran[0] if ran else missing[0]
+        log_path = store.log_path(rule)
         reason = ""
         if log_path.exists():
             errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
             reason = f" - {errors[-1].strip()[:200]}" if errors else ""
-        lines.append(f"  {name}: stage '{stage}' {'failed' if ran else 'did not run'}; log: {log_path}{reason}")
+        lines.append(f"  {name}: '{rule}' {'failed' if ran else 'did not run'}; log: {log_path}{reason}")
     return lines
 
 
 def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "Snakefile"),
-           "--configfile", str(configfile), "--cores", str(cores), "--rerun-incomplete", "--keep-going",
+           "--configfile", str(configfile), "--replace-workflow-config", "--cores", str(cores),
+           "--rerun-incomplete", "--keep-going",
            "--printshellcmds"]
     if profile:
         cmd += ["--workflow-profile", profile]
@@ -113,7 +124,7 @@ def run_one(video: Path, subject: str | None, background: str | None, config_pat
         config["results_dir"] = results
     load_config(overrides=config)  # validate before Snakemake starts
     overlay = _write_overlay(config, config["results_dir"], name)
-    targets = [f"{config['results_dir']}/{name}/{stage}" for stage in ("qa", "tracking")]
+    targets = [f"{config['results_dir']}/{name}/report"]
     return snakemake(overlay, targets, cores, profile, extra)
 
 

@@ -15,17 +15,53 @@ def test_positional_encoding_matches_the_paper_sizes():
 
 def test_field_is_the_paper_architecture_and_uses_its_conditioning():
     field = ConditionedField(FieldConfig())
-    linears = [m for m in field.backbone if isinstance(m, torch.nn.Linear)]
+    linears = [field.position_in] + [m for m in field.backbone if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 8 and all(m.out_features == 256 for m in linears)
-    assert linears[0].in_features == 63 + 53 + 32
+    # the first layer sees the encoded position and the conditioning (expression + latent code)
+    assert field.position_in.in_features == 63 and field.condition_in.in_features == 53 + 32
     branch = [m for m in field.colour if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in branch] == [128, 128, 128, 128, 3] and branch[0].in_features == 256 + 27
-    pts, dirs = torch.randn(4, 16, 3), torch.nn.functional.normalize(torch.randn(4, 16, 3), dim=-1)
-    cond = torch.randn(4, 16, 85)
+    pts, dirs = torch.randn(4, 16, 3), torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    cond = torch.randn(85)
     density, rgb = field(pts, dirs, cond)
     assert density.shape == (4, 16) and rgb.shape == (4, 16, 3) and (density >= 0).all()
     _, other = field(pts, dirs, cond + 1.0)
     assert not torch.allclose(rgb, other)  # expression and latent code change the field
+    # one condition for all rays equals the same condition given per ray
+    density_per_ray, rgb_per_ray = field(pts, dirs, cond.expand(4, -1))
+    assert torch.allclose(rgb, rgb_per_ray) and torch.allclose(density, density_per_ray)
+
+
+def test_split_first_layer_is_one_layer_on_the_concatenated_input():
+    field = ConditionedField(FieldConfig(width=32, depth=2, colour_width=16, colour_depth=1))
+    pts, cond = torch.randn(3, 5, 3), torch.randn(85)
+    joint = torch.nn.Linear(63 + 85, 32)
+    with torch.no_grad():
+        joint.weight.copy_(torch.cat([field.position_in.weight, field.condition_in.weight], 1))
+        joint.bias.copy_(field.position_in.bias)
+    enc = positional_encoding(pts, 10)
+    expected = joint(torch.cat([enc, cond.expand(3, 5, -1)], -1))
+    got = field.position_in(enc) + field.condition_in(cond)
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_bf16_and_chunked_rendering_match_fp32():
+    from avatar_pipeline.avatars.nerface import NeRFaceRenderer
+
+    torch.manual_seed(0)
+    cfg = FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1)
+    reference = NeRFaceRenderer(cfg, 16, 16, "fp32", chunk_samples=1 << 20)
+    origins = torch.zeros(50, 3)
+    origins[:, 2] = 1.0
+    dirs = torch.nn.functional.normalize(torch.randn(50, 3) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
+    args = (origins, dirs, torch.full((50,), 0.6), torch.full((50,), 1.4), torch.randn(85), torch.rand(50, 3))
+    expected = reference(*args, jitter=False)["fine"]
+    for precision, chunk in (("fp32", 256), ("bf16", 256)):
+        other = NeRFaceRenderer(cfg, 16, 16, precision, chunk_samples=chunk)
+        other.load_state_dict(reference.state_dict())
+        got = other(*args, jitter=False)["fine"]
+        tolerance = 1e-5 if precision == "fp32" else 0.03
+        assert (got - expected).abs().max() < tolerance, (precision, (got - expected).abs().max())
 
 
 def test_empty_space_shows_the_background_and_opaque_space_hides_it():

@@ -7,7 +7,9 @@ MLP of 8 fully connected layers of 256 units; one layer predicts density; a 4-la
 conditioned on the viewing direction predicts colour. Coarse and fine networks share this design;
 64 stratified samples feed the coarse one, 64 more drawn from its weights feed the fine one.
 
-Not yet wired into the pipeline (training, test-time latent optimisation and metrics are to come).
+The first backbone layer is split into a position part and a conditioning part: the same affine map as
+one layer on their concatenation, but the conditioning (constant over a frame's samples) is multiplied
+once per ray instead of once per sample.
 """
 from __future__ import annotations
 
@@ -45,15 +47,16 @@ class ConditionedField(nn.Module):
         pos_dim = 3 * (1 + 2 * cfg.position_frequencies)
         dir_dim = 3 * (1 + 2 * cfg.direction_frequencies)
         self.condition_dim = cfg.expression_dim + cfg.latent_dim
-        layers, width_in = [], pos_dim + self.condition_dim
-        for _ in range(cfg.depth):
-            layers += [nn.Linear(width_in, cfg.width), nn.ReLU(inplace=True)]
-            width_in = cfg.width
+        self.position_in = nn.Linear(pos_dim, cfg.width)
+        self.condition_in = nn.Linear(self.condition_dim, cfg.width, bias=False)
+        layers = [nn.ReLU()]
+        for _ in range(cfg.depth - 1):
+            layers += [nn.Linear(cfg.width, cfg.width), nn.ReLU()]
         self.backbone = nn.Sequential(*layers)
         self.density = nn.Linear(cfg.width, 1)
         branch, width_in = [], cfg.width + dir_dim
         for _ in range(cfg.colour_depth):
-            branch += [nn.Linear(width_in, cfg.colour_width), nn.ReLU(inplace=True)]
+            branch += [nn.Linear(width_in, cfg.colour_width), nn.ReLU()]
             width_in = cfg.colour_width
         self.colour = nn.Sequential(*branch, nn.Linear(cfg.colour_width, 3))
         # He initialisation keeps the signal alive through the deep ReLU stack; with PyTorch's default
@@ -61,14 +64,27 @@ class ConditionedField(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # the two input parts together form one He-initialised layer over the concatenated input
+        fan_in = pos_dim + self.condition_dim
+        for part in (self.position_in, self.condition_in):
+            nn.init.normal_(part.weight, std=(2.0 / fan_in) ** 0.5)
 
     def forward(self, points: torch.Tensor, directions: torch.Tensor, condition: torch.Tensor):
-        """points (..., 3), directions (..., 3) unit, condition (..., E + L) -> density (...,), rgb (..., 3)."""
-        enc = positional_encoding(points, self.cfg.position_frequencies)
-        features = self.backbone(torch.cat([enc, condition], -1))
-        density = torch.relu(self.density(features)[..., 0])
-        rgb = torch.sigmoid(self.colour(torch.cat([features, positional_encoding(directions, self.cfg.direction_frequencies)], -1)))
+        """points (R, S, 3), directions (R, 3) unit, condition (C,) for all rays or (R, C) per ray
+        -> density (R, S), rgb (R, S, 3)."""
+        rays, samples = points.shape[:2]
+        # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice as much
+        enc = positional_encoding(points.reshape(-1, 3), self.cfg.position_frequencies)
+        per_ray = self.condition_in(condition)
+        per_ray = per_ray.expand(rays, -1) if per_ray.dim() == 1 else per_ray
+        hidden = (self.position_in(enc).view(rays, samples, -1) + per_ray[:, None]).view(rays * samples, -1)
+        features = self.backbone(hidden)
+        density = torch.relu(self.density(features)[:, 0]).view(rays, samples)
+        view = positional_encoding(directions, self.cfg.direction_frequencies)
+        view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
+        rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
         return density, rgb
 
 
@@ -131,14 +147,31 @@ class NeRFaceRenderer(nn.Module):
     """Coarse and fine fields rendering rays of one frame: stratified samples for the coarse field,
     importance samples from its weights (plus the coarse ones) for the fine field."""
 
-    def __init__(self, cfg: FieldConfig = FieldConfig(), coarse_samples: int = 64, fine_samples: int = 64):
+    def __init__(self, cfg: FieldConfig = FieldConfig(), coarse_samples: int = 64, fine_samples: int = 64,
+                 precision: str = "fp32", chunk_samples: int = 8192):
         super().__init__()
         self.coarse, self.fine = ConditionedField(cfg), ConditionedField(cfg)
         self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
+        self.precision, self.chunk_samples = precision, chunk_samples
+
+    def _field(self, field: ConditionedField, points, directions, condition):
+        """The field over chunks of about `chunk_samples` samples, in bf16 when asked (weights and compositing
+        stay fp32). Chunks keep every activation small enough for the C allocator to reuse memory instead of
+        mapping fresh pages for each layer, which cost as much as the matrix products themselves here."""
+        rays_per_chunk = max(1, self.chunk_samples // points.shape[1])
+        densities, colours = [], []
+        for a in range(0, points.shape[0], rays_per_chunk):
+            sl = slice(a, a + rays_per_chunk)
+            cond = condition if condition.dim() == 1 else condition[sl]
+            with torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                density, rgb = field(points[sl], directions[sl], cond)
+            densities.append(density.float())
+            colours.append(rgb.float())
+        return torch.cat(densities), torch.cat(colours)
 
     def forward(self, origins, directions, near, far, condition, background, jitter: bool = True):
-        """origins/directions (R, 3), near/far (R,), condition (E + L,), background (R, 3) ->
-        dict of coarse and fine colours (R, 3) and the fine foreground alpha (R,)."""
+        """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
+        dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,)."""
         out = {}
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
         weights = None
@@ -147,9 +180,8 @@ class NeRFaceRenderer(nn.Module):
                 extra = importance_depths(depths, weights[:, :-1], self.fine_samples, jitter)
                 depths = torch.sort(torch.cat([depths, extra], -1), -1).values
             points = origins[:, None] + directions[:, None] * depths[..., None]
-            dirs = directions[:, None].expand_as(points)
-            cond = condition.expand(points.shape[:-1] + condition.shape[-1:])
-            density, rgb = field(points, dirs, cond)
+            density, rgb = self._field(field, points, directions, condition)
             colour, weights, alpha = composite(density, rgb, depths, background)
             out[name], out[f"{name}_alpha"] = colour, alpha
+        out["fine_depth"] = (weights[:, :-1] * depths).sum(-1) + weights[:, -1] * far
         return out

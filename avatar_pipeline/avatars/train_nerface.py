@@ -1,18 +1,16 @@
-"""Training a NeRFace avatar from a subject's cache (frames, background, tracking), with checkpoints that
-survive a kill, fixed seeds, a progress bar and a CSV log. Not yet wired into the Snakemake DAG.
+"""Training a NeRFace avatar from a subject's cache (frames, background, tracking): checkpoints that
+survive a kill, fixed seeds, a progress bar with loss and PSNR, a CSV log, validation renders.
 
 Per the paper: per-frame learnable latent codes (32-d) regularised with an l2 penalty (weight 0.05),
-Adam at 5e-4, rays sampled 95% inside the head's bounding box, the loss on both coarse and fine colours.
+Adam, rays sampled 95% inside the head's bounding box, the loss on both coarse and fine colours.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -20,206 +18,275 @@ import numpy as np
 import torch
 
 from .. import cache
+from ..errors import CacheError, InputError
 from ..runtime import progress, torch_device
 from ..stages.tracking import camera_to_head_gl
-from .nerface import FieldConfig, NeRFaceRenderer, camera_rays
+from .nerface import NeRFaceRenderer, camera_rays
+from .nerface_config import NeRFaceConfig
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    size: int = 64  # training resolution (paper: 512)
-    steps: int = 2000
-    rays: int = 512  # per step (paper: 2048)
-    head_fraction: float = 0.95
-    coarse_samples: int = 32  # paper: 64 + 64
-    fine_samples: int = 32
-    learning_rate: float = 5e-4
-    latent_weight: float = 0.05
-    checkpoint_every: int = 200
-    seed: int = 0
-    field: FieldConfig = FieldConfig(width=128, depth=4, colour_width=64, colour_depth=1)
-
-    @classmethod
-    def from_settings(cls, section: dict) -> "TrainConfig":
-        """From the flat `nerface:` config section."""
-        field_keys = {"latent_dim", "width", "depth", "colour_width", "colour_depth"}
-        field = FieldConfig(**{k: v for k, v in section.items() if k in field_keys})
-        return cls(field=field, **{k: v for k, v in section.items() if k not in field_keys})
-
-    def digest(self) -> str:
-        """What a checkpoint must match to be resumed (everything but the step budget)."""
-        d = dataclasses.asdict(self)
-        d.pop("steps")
-        d.pop("checkpoint_every")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+HEAD_RADIUS = 0.35  # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders)
 
 
-class SubjectRays:
-    """The training frames of a subject at the training resolution, and ray sampling from them."""
+def frame_conditions(data: dict, frames: np.ndarray) -> torch.Tensor:
+    """What the field is conditioned on besides the latent code: the expression coefficients, plus the jaw
+    rotation for models whose jaw is a joint (FLAME)."""
+    parts = [data["expression"][frames]]
+    if "joint_rotations" in data:
+        parts.append(data["joint_rotations"][frames].reshape(len(frames), -1))
+    return torch.as_tensor(np.concatenate(parts, 1), dtype=torch.float32)
 
-    def __init__(self, store: cache.SubjectCache, size: int, split: str = "train"):
-        data = cache.read_npz(store.stage_dir("tracking") / "tracking.npz", "tracking",
-                              ("head_to_camera", "expression", "focal", "fitted", "image_size"))
+
+def read_tracking(store: cache.SubjectCache) -> dict:
+    return cache.read_npz(store.stage_dir("tracking") / "tracking.npz", "tracking",
+                          ("head_to_camera", "expression", "focal", "fitted", "image_size", "expression_names", "model"))
+
+
+class SubjectFrames:
+    """One split of a subject at a given resolution: images, background, cameras, conditions, head boxes."""
+
+    def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False):
+        data = read_tracking(store)
+        self.tracking = data
         crop_size = int(data["image_size"])
         frames = [i for i in store.split()[split] if data["fitted"][i]]
         if not frames:
-            raise ValueError(f"{store.root}: no tracked frames in the {split} split")
+            raise CacheError(store.stage_dir("tracking") / "tracking.npz",
+                             f"no successfully tracked frame in the {split} split", "tracking")
         self.frames = np.array(frames)
         self.size, self.focal = size, float(data["focal"]) * size / crop_size
-        self.images = torch.stack([torch.as_tensor(cv2.resize(store.read_frame(i), (size, size), interpolation=cv2.INTER_AREA),
-                                                   dtype=torch.float32) / 255 for i in frames])
-        self.background = torch.as_tensor(cv2.resize(store.read_background(), (size, size), interpolation=cv2.INTER_AREA),
-                                          dtype=torch.float32) / 255
-        self.camera_to_head = torch.as_tensor(camera_to_head_gl(data["head_to_camera"][self.frames]))
-        self.expression = torch.as_tensor(data["expression"][self.frames], dtype=torch.float32)
-        boxes = [json_frame["bbox"] for json_frame in self._nerface_frames(store, split)]
-        self.boxes = np.array(boxes) * size  # y0, y1, x0, x1 in pixels
-        distance = self.camera_to_head[:, :3, 3].norm(dim=1)
-        self.near, self.far = (distance - 0.35).clamp_min(0.05), distance + 0.35  # a head fits in 0.35 m of its centre
-
-    @staticmethod
-    def _nerface_frames(store: cache.SubjectCache, split: str) -> list[dict]:
+        self.images = torch.stack([_load_rgb(store.read_frame(i), size) for i in frames])
+        background = store.read_background()
+        if background.shape[:2] != (crop_size, crop_size):
+            raise InputError(str(store.stage_dir("background") / "background.png"),
+                             f"is {background.shape[1]}x{background.shape[0]} but the frames are {crop_size}x{crop_size}",
+                             "rerun the background rule (or give a background plate of the video's size)")
+        self.background = _load_rgb(background, size)
+        self.camera_to_head = torch.as_tensor(camera_to_head_gl(data["head_to_camera"][self.frames]), dtype=torch.float32)
+        self.conditions = frame_conditions(data, self.frames)
         meta = cache.read_json(store.stage_dir("tracking") / "nerface" / f"transforms_{split}.json", "tracking")
-        return meta["frames"]
+        boxes = {f["frame_index"]: f["bbox"] for f in meta["frames"]}
+        self.boxes = np.array([boxes[i] for i in frames]) * size  # y0, y1, x0, x1 in pixels
+        distance = self.camera_to_head[:, :3, 3].norm(dim=1)
+        self.near, self.far = (distance - HEAD_RADIUS).clamp_min(0.05), distance + HEAD_RADIUS
+        self.head_masks = None
+        if with_masks:
+            from ..stages.parsing import CLASS_ID
 
-    def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator):
-        """`count` pixels of training frame k, `head_fraction` of them inside the head box."""
+            not_head = [CLASS_ID["background"], CLASS_ID["cloth"]]
+            masks = [~np.isin(store.read_labels(i), not_head) for i in frames]
+            self.head_masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+                                        for m in masks])
+
+    def sample_pixels(self, k: int, count: int, head_fraction: float, rng: np.random.Generator) -> torch.Tensor:
+        """`count` pixels (x, y) of frame k, `head_fraction` of them inside the head box."""
         n_head = int(round(count * head_fraction))
         y0, y1, x0, x1 = self.boxes[k]
         head = np.stack([rng.uniform(x0, max(x0 + 1, x1), n_head), rng.uniform(y0, max(y0 + 1, y1), n_head)], 1)
         anywhere = rng.uniform(0, self.size, (count - n_head, 2))
-        pixels = torch.as_tensor(np.floor(np.concatenate([head, anywhere])).clip(0, self.size - 1), dtype=torch.float32)
-        origins, dirs = camera_rays(self.camera_to_head[k], self.focal, self.size, pixels)
+        return torch.as_tensor(np.floor(np.concatenate([head, anywhere])).clip(0, self.size - 1), dtype=torch.float32)
+
+    def colours(self, k: int, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame k's and the background's colours at the pixels."""
         ix, iy = pixels[:, 0].long(), pixels[:, 1].long()
-        return origins, dirs, self.images[k][iy, ix], self.background[iy, ix]
+        return self.images[k][iy, ix], self.background[iy, ix]
+
+    def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator):
+        """Rays through sampled pixels of frame k, their colours and the background behind them."""
+        pixels = self.sample_pixels(k, count, head_fraction, rng)
+        origins, dirs = camera_rays(self.camera_to_head[k], self.focal, self.size, pixels)
+        return (origins, dirs) + self.colours(k, pixels)
+
+
+def _load_rgb(image: np.ndarray, size: int) -> torch.Tensor:
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.as_tensor(image, dtype=torch.float32) / 255
 
 
 def psnr(mse: float) -> float:
     return -10.0 * math.log10(max(mse, 1e-10))
 
 
-def train(store: cache.SubjectCache, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Train (or resume) into out_dir: checkpoint.pt (atomic), log.csv, done.json when finished."""
+def build_renderer(cfg: NeRFaceConfig, condition_dim: int, device: torch.device) -> NeRFaceRenderer:
+    renderer = NeRFaceRenderer(cfg.field(condition_dim), cfg.coarse_samples, cfg.fine_samples,
+                               cfg.resolved_precision(device), cfg.chunk_samples)
+    return renderer.to(device)
+
+
+def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
+    """Train (or resume) into out_dir: checkpoint.pt (atomic), log.csv, validation/, done.json when finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch_device()
-    data = SubjectRays(store, cfg.size)
-    renderer = NeRFaceRenderer(dataclasses.replace(cfg.field, expression_dim=data.expression.shape[1]),
-                               cfg.coarse_samples, cfg.fine_samples).to(device)
-    latents = torch.nn.Embedding(len(data.frames), cfg.field.latent_dim).to(device)
+    data = SubjectFrames(store, cfg.size)
+    try:
+        val = SubjectFrames(store, cfg.size, "val")
+    except CacheError:  # no validation split: show the first held-out test frame, as NeRFace does at test time
+        val = SubjectFrames(store, cfg.size, "test")
+    renderer = build_renderer(cfg, data.conditions.shape[1], device)
+    latents = torch.nn.Embedding(len(data.frames), cfg.latent_dim).to(device)
     torch.nn.init.zeros_(latents.weight)
     optimizer = torch.optim.Adam(list(renderer.parameters()) + list(latents.parameters()), lr=cfg.learning_rate)
-    checkpoint, step = out_dir / "checkpoint.pt", 0
+    checkpoint, step, seconds = out_dir / "checkpoint.pt", 0, 0.0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != cfg.digest():
-            raise ValueError(f"{checkpoint} was written with other settings; delete it or restore them")
-        renderer.load_state_dict(state["renderer"])
-        latents.load_state_dict(state["latents"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
-        log.info("resuming %s from step %d", checkpoint, step)
+        if state.get("config") != cfg.digest():
+            # the settings changed (that is why Snakemake reran this job): keep the old run aside, start afresh
+            aside = out_dir / f"checkpoint-{state.get('config', 'unknown')}.pt"
+            os.replace(checkpoint, aside)
+            log.warning("%s was trained with other settings; moved it to %s and training starts from step 0",
+                        checkpoint, aside.name)
+        else:
+            renderer.load_state_dict(state["renderer"])
+            latents.load_state_dict(state["latents"])
+            optimizer.load_state_dict(state["optimizer"])
+            rng = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+            step, seconds = state["step"], state.get("seconds", 0.0)
+            log.info("resuming %s from step %d", checkpoint, step)
+    log.info("nerface: %d training frames at %d px on %s (%s), %d rays x (%d + %d) samples, %d steps",
+             len(data.frames), cfg.size, device, renderer.precision, cfg.rays, cfg.coarse_samples, cfg.fine_samples, cfg.steps)
+    def checkpoint_state(done_steps: int) -> dict:
+        return {"config": cfg.digest(), "step": done_steps, "renderer": renderer.state_dict(),
+                "latents": latents.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
+                "torch_rng": torch.get_rng_state(), "seconds": time.perf_counter() - started,
+                "condition_dim": data.conditions.shape[1], "frames": data.frames.tolist()}
+
     log_path = out_dir / "log.csv"
-    new_log = not log_path.exists() or step == 0
-    with open(log_path, "w" if new_log else "a", newline="") as f:
+    _truncate_log(log_path, step)
+    decay = math.log(cfg.final_learning_rate / cfg.learning_rate)
+    with open(log_path, "a", newline="") as f:
         writer = csv.writer(f)
-        if new_log:
-            writer.writerow(["step", "loss", "psnr_fine"])
+        if step == 0:
+            writer.writerow(["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"])
         bar = progress(range(step, cfg.steps), cfg.steps - step, "nerface: train")
         bar.unit = "step"
+        started = time.perf_counter() - seconds
+        stopped_early = False
         for step in bar:
+            if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
+                log.info("nerface: time budget of %.1f min reached at step %d of %d", cfg.max_minutes, step, cfg.steps)
+                stopped_early = True
+                save_checkpoint(checkpoint, checkpoint_state(step))
+                break
+            lr = cfg.learning_rate * math.exp(decay * step / max(1, cfg.steps - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             k = int(rng.integers(len(data.frames)))
             origins, dirs, target, background = (t.to(device) for t in data.sample(k, cfg.rays, cfg.head_fraction, rng))
-            condition = torch.cat([data.expression[k].to(device), latents.weight[k]])
+            condition = torch.cat([data.conditions[k].to(device), latents.weight[k]])
             near = data.near[k].expand(len(origins)).to(device)
             far = data.far[k].expand(len(origins)).to(device)
-            out = renderer(origins, dirs, near, far, condition, background)
-            mse_fine = ((out["fine"] - target) ** 2).mean()
-            loss = ((out["coarse"] - target) ** 2).mean() + mse_fine + cfg.latent_weight * (latents.weight[k] ** 2).sum()
-            optimizer.zero_grad()
-            loss.backward()
+            try:
+                out = renderer(origins, dirs, near, far, condition, background)
+                mse_fine = ((out["fine"] - target) ** 2).mean()
+                loss = ((out["coarse"] - target) ** 2).mean() + mse_fine + cfg.latent_weight * (latents.weight[k] ** 2).sum()
+                optimizer.zero_grad()
+                loss.backward()
+            except RuntimeError as e:
+                if is_out_of_memory(e):
+                    raise InputError("avatar settings", f"training ran out of memory with {cfg.rays} rays x "
+                                     f"{cfg.coarse_samples + cfg.fine_samples} samples per step on {device}",
+                                     "lower `rays` (or the network width) of this avatar in config.yaml") from e
+                raise
             optimizer.step()
-            writer.writerow([step + 1, f"{loss.item():.6f}", f"{psnr(mse_fine.item()):.3f}"])
+            val_psnr = ""
+            if (step + 1) % cfg.validate_every == 0 or step + 1 == cfg.steps or _budget_ends(cfg, started):
+                val_psnr = f"{validate(renderer, val, data, latents, out_dir / 'validation', step + 1, device):.3f}"
+            writer.writerow([step + 1, f"{loss.item():.6f}", f"{psnr(mse_fine.item()):.3f}", f"{lr:.3g}",
+                             f"{time.perf_counter() - started:.2f}", val_psnr])
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(mse_fine.item()):.1f}", refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 f.flush()
-                _save(checkpoint, {"config": cfg.digest(), "step": step + 1, "renderer": renderer.state_dict(),
-                                   "latents": latents.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "rng": rng, "torch_rng": torch.get_rng_state()})
-    summary = {"steps": cfg.steps, "frames": len(data.frames), "size": cfg.size}
+                save_checkpoint(checkpoint, checkpoint_state(step + 1))
+        bar.close()
+    rows = _read_log(log_path)
+    summary = {"steps": int(rows[-1]["step"]) if rows else 0, "planned_steps": cfg.steps,
+               "stopped_by_time_budget": stopped_early, "frames": len(data.frames), "size": cfg.size, "device": str(device),
+               "precision": renderer.precision, "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
+               "final_train_psnr": float(np.mean([float(r["psnr_fine"]) for r in rows[-100:]])) if rows else None,
+               "settings": cfg.training_settings()}
     cache.write_json(out_dir / "done.json", summary)
     return summary
 
 
-def _save(path: Path, state: dict) -> None:
+def _budget_ends(cfg: NeRFaceConfig, started: float) -> bool:
+    """Whether the time budget runs out before another step (so the last model gets a validation render)."""
+    return cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes - 1.0
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log rows up to the checkpoint's step (a killed run may have logged steps past it)."""
+    if step == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    rows = [r for r in _read_log(path) if int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_trained(store: cache.SubjectCache, cfg: TrainConfig, out_dir: Path):
-    """The renderer and latent codes of a finished training run."""
-    data = SubjectRays(store, cfg.size)
-    renderer = NeRFaceRenderer(dataclasses.replace(cfg.field, expression_dim=data.expression.shape[1]),
-                               cfg.coarse_samples, cfg.fine_samples)
-    state = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    if state["config"] != cfg.digest():
-        raise ValueError(f"{out_dir / 'checkpoint.pt'} was written with other settings")
-    renderer.load_state_dict(state["renderer"])
-    latents = torch.nn.Embedding(len(data.frames), cfg.field.latent_dim)
-    latents.load_state_dict(state["latents"])
-    return renderer.eval(), latents, data
+@torch.no_grad()
+def validate(renderer, val: SubjectFrames, data: SubjectFrames, latents, folder: Path, step: int, device) -> float:
+    """Render the first validation frame with the first training frame's latent code: ground truth | render."""
+    renderer.eval()
+    condition = torch.cat([val.conditions[0], latents.weight[0].cpu()]).to(device)
+    image, _ = render_image(renderer, val.camera_to_head[0], val.focal, val.size, condition, val.background,
+                            float(val.near[0]), float(val.far[0]))
+    renderer.train()
+    folder.mkdir(exist_ok=True)
+    side = torch.cat([val.images[0], image.clamp(0, 1)], 1)
+    cache.write_png(folder / f"step_{step:07d}.png", (side.numpy() * 255).round().astype(np.uint8))
+    return psnr(float(((image - val.images[0]) ** 2).mean()))
 
 
 @torch.no_grad()
 def render_image(renderer: NeRFaceRenderer, camera_to_head: torch.Tensor, focal: float, size: int,
-                 condition: torch.Tensor, background: torch.Tensor, near: float, far: float, chunk: int = 4096):
-    """Full image (size, size, 3) and foreground alpha (size, size), rendered in chunks of rays."""
+                 condition: torch.Tensor, background: torch.Tensor, near: float, far: float, rays_per_call: int = 8192):
+    """Full image (size, size, 3) and foreground alpha (size, size), on the CPU. Running out of memory
+    halves the rays per call (and the renderer's sample chunk) and tries again."""
+    device = next(renderer.parameters()).device
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
     origins, dirs = camera_rays(camera_to_head, focal, size, pixels)
     bg = background.reshape(-1, 3)
     colour, alpha = [], []
-    for a in range(0, len(pixels), chunk):
-        sl = slice(a, a + chunk)
+    a = 0
+    while a < len(pixels):
+        sl = slice(a, a + rays_per_call)
         n = len(pixels[sl])
-        out = renderer(origins[sl], dirs[sl], torch.full((n,), near), torch.full((n,), far), condition, bg[sl], jitter=False)
-        colour.append(out["fine"])
-        alpha.append(out["fine_alpha"])
+        try:
+            out = renderer(origins[sl].to(device), dirs[sl].to(device), torch.full((n,), near, device=device),
+                           torch.full((n,), far, device=device), condition.to(device), bg[sl].to(device), jitter=False)
+        except RuntimeError as e:
+            if not is_out_of_memory(e) or rays_per_call <= 64:
+                raise
+            rays_per_call //= 2
+            renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
+            log.warning("rendering ran out of memory: retrying with %d rays per call and %d samples per chunk",
+                        rays_per_call, renderer.chunk_samples)
+            continue
+        colour.append(out["fine"].cpu())
+        alpha.append(out["fine_alpha"].cpu())
+        a += n
     return torch.cat(colour).reshape(size, size, 3), torch.cat(alpha).reshape(size, size)
-
-
-def evaluate_test_frames(store: cache.SubjectCache, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Render the held-out test frames with the NeRFace protocol (the latent code of the first training
-    frame) and measure L1 and PSNR against them; per-frame CSV, summary JSON, side-by-side images."""
-    renderer, latents, train_data = load_trained(store, cfg, out_dir)
-    test = SubjectRays(store, cfg.size, split="test")
-    latent = latents.weight[0]
-    rows = []
-    renders = out_dir / "test_renders"
-    renders.mkdir(exist_ok=True)
-    for k, frame in enumerate(test.frames):
-        condition = torch.cat([test.expression[k], latent])
-        image, _ = render_image(renderer, test.camera_to_head[k], test.focal, test.size, condition, test.background,
-                                float(test.near[k]), float(test.far[k]))
-        truth = test.images[k]
-        mse = float(((image - truth) ** 2).mean())
-        rows.append({"frame": int(frame), "l1": float((image - truth).abs().mean()), "psnr": psnr(mse),
-                     "psnr_background_only": psnr(float(((test.background - truth) ** 2).mean()))})
-        error = (image - truth).abs().mean(-1, keepdim=True).expand(-1, -1, 3).clamp(0, 1)
-        side = torch.cat([truth, image.clamp(0, 1), error], 1)
-        cache.write_png(renders / cache.frame_name(int(frame)), (side.numpy() * 255).round().astype(np.uint8))
-    with open(out_dir / "test_metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"protocol": "latent code of the first training frame (NeRFace)", "frames": len(rows),
-               "l1": float(np.mean([r["l1"] for r in rows])), "psnr": float(np.mean([r["psnr"] for r in rows])),
-               "psnr_background_only": float(np.mean([r["psnr_background_only"] for r in rows])), "size": cfg.size}
-    cache.write_json(out_dir / "test_metrics.json", summary)
-    return summary

@@ -10,12 +10,14 @@ from avatar_pipeline.workflow_runner import stage_code_version
 validate_config(config, "config (config.yaml and --configfile/--config)")
 SUBJECTS = load_subjects(config)
 RESULTS = config["results_dir"]
+AVATARS = list(config["avatars"])
 # the interpreter Snakemake runs in has avatar_pipeline installed; under --sdm conda use the env's python
 AP = "python -m avatar_pipeline" if "conda" in str(workflow.deployment_settings.deployment_method) else f'"{sys.executable}" -m avatar_pipeline'
 
 
 wildcard_constraints:
     subject="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    avatar="[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
 def stage_settings(stage):

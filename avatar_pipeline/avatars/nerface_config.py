@@ -1,0 +1,125 @@
+"""The typed config of a NeRFace avatar and its presets.
+
+An avatar section of config.yaml names a preset and may override any key of it:
+
+    avatars:
+      nerface_fast: {method: nerface, preset: fast}
+      nerface_big:  {method: nerface, preset: fast, size: 256, steps: 20000}
+
+`paper` is Gafni et al. 2021 as written (512 px, 8x256 backbone, 4x128 colour branch, 64 + 64 samples,
+2048 rays, Adam 5e-4, 400k steps); `fast` is what fits in about 30 minutes on two CPU cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from .nerface import FieldConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class NeRFaceConfig:
+    # training (changing one of these retrains)
+    size: int = 512
+    steps: int = 400_000
+    rays: int = 2048
+    head_fraction: float = 0.95
+    coarse_samples: int = 64
+    fine_samples: int = 64
+    learning_rate: float = 5e-4
+    final_learning_rate: float = 5e-4  # exponential decay to this at the last step (the paper: none)
+    latent_weight: float = 0.05
+    latent_dim: int = 32
+    width: int = 256
+    depth: int = 8
+    colour_width: int = 128
+    colour_depth: int = 4
+    precision: str = "auto"
+    chunk_samples: int = 8192
+    checkpoint_every: int = 1000
+    validate_every: int = 5000
+    seed: int = 0
+    max_minutes: float | None = None  # stop training early at this wall time (a budget, e.g. for benchmarks)
+    # evaluation (changing one of these re-evaluates only)
+    protocols: tuple[str, ...] = ("optimised", "first_train_frame")
+    latent_steps: int = 100
+    latent_rays: int = 256
+    latent_learning_rate: float = 0.01
+    pose_correction: bool = False
+    eval_size: int | None = None
+    orbit_frames: int = 36
+    orbit_degrees: float = 25.0
+    sweep_frames: int = 24
+    sweep_expression: str = "jawOpen"
+    reenact_from: str | None = None
+    video_frames: int = 200
+    lpips: bool = True
+
+    def field(self, expression_dim: int) -> FieldConfig:
+        return FieldConfig(expression_dim=expression_dim, latent_dim=self.latent_dim, width=self.width,
+                           depth=self.depth, colour_width=self.colour_width, colour_depth=self.colour_depth)
+
+    def training_settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in TRAINING_KEYS}
+
+    def digest(self) -> str:
+        """What a checkpoint must match to be resumed: the training settings but the step budget and the
+        bookkeeping intervals (so raising `steps` continues a finished run)."""
+        d = self.training_settings()
+        for key in ("steps", "final_learning_rate", "checkpoint_every", "validate_every", "precision", "chunk_samples",
+                    "max_minutes"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """`auto`: bf16 matrix products on a CPU with native bf16 (AVX512-BF16 or AMX; 2-3x faster at the
+        same loss), fp32 elsewhere (the GPU path stays as the paper trained it)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+    @property
+    def render_size(self) -> int:
+        return self.eval_size or self.size
+
+
+TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
+                 "final_learning_rate", "latent_weight", "latent_dim", "width", "depth", "colour_width",
+                 "colour_depth", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed", "max_minutes")
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    # smaller networks, fewer samples and rays, a decaying learning rate: a recognizable avatar of a
+    # 5-20 s clip at 256 px in about 30 minutes on 2 CPU cores (bench/nerface_bench.py measures it)
+    "fast": {"size": 256, "steps": 5000, "rays": 1024, "coarse_samples": 32, "fine_samples": 32,
+             "learning_rate": 2e-3, "final_learning_rate": 2e-4, "width": 128, "depth": 4, "colour_width": 64,
+             "colour_depth": 1, "checkpoint_every": 250, "validate_every": 500, "latent_steps": 60,
+             "orbit_frames": 24},
+}
+
+
+def nerface_config(section: dict) -> NeRFaceConfig:
+    """Typed config from a validated avatar section: its preset, then its explicit keys."""
+    values = dict(PRESETS[section.get("preset", "fast")])
+    values.update({k: v for k, v in section.items() if k not in ("method", "preset")})
+    if "protocols" in values:
+        values["protocols"] = tuple(values["protocols"])
+    return NeRFaceConfig(**values)
+
+
+_BF16: bool | None = None
+
+
+def cpu_has_bf16() -> bool:
+    global _BF16
+    if _BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+            _BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        except OSError:
+            _BF16 = False
+    return _BF16

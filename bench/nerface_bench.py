@@ -1,0 +1,132 @@
+"""NeRFace speed and quality on this machine.
+
+    .venv/bin/python bench/nerface_bench.py steps                 # -> bench/results/nerface_steps.json
+    .venv/bin/python bench/nerface_bench.py quality [CLIP ...]    # -> bench/results/nerface_quality.json
+
+`steps`: seconds per training step of the `paper` preset (2048 rays, 64 + 64 samples, 8x256 + 4x128
+networks: the reference takes 6.5 s here) in fp32 and bf16, and of the `fast` preset; plus this CPU's
+measured fp32/bf16 matrix-product throughput, since step times scale with it.
+
+`quality`: the whole pipeline (`avatar-pipeline workflow`) on real clips from ../shared/data/videos at
+256 px (last 20% of frames held out), tracked with ICT FaceKit from ../shared/models, one `nerface-fast`
+avatar per clip trained for at most 30 minutes (max_minutes), then PSNR / SSIM / L1 on the held-out
+frames for both test-latent protocols, and the wall time at which the held-out validation frame first
+reached given PSNRs. The first clip's avatar is reenacted by the second clip.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared"
+RESULTS = REPO / "bench" / "results"
+
+from avatar_pipeline.avatars.nerface import NeRFaceRenderer  # noqa: E402
+from avatar_pipeline.avatars.nerface_config import nerface_config  # noqa: E402
+
+THRESHOLDS = (20.0, 22.0, 24.0, 26.0)
+
+
+def matmul_gflops(dtype) -> float:
+    a, b = torch.randn(8192, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, repeats = time.perf_counter(), 30
+    for _ in range(repeats):
+        a @ b
+    return 2 * 8192 * 256 * 256 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def step_seconds(preset: str, precision: str, repeats: int) -> float:
+    cfg = nerface_config({"preset": preset, "precision": precision})
+    torch.manual_seed(0)
+    renderer = NeRFaceRenderer(cfg.field(53), cfg.coarse_samples, cfg.fine_samples, precision, cfg.chunk_samples)
+    optimizer = torch.optim.Adam(renderer.parameters(), lr=cfg.learning_rate)
+    rays = cfg.rays
+    origins = torch.zeros(rays, 3)
+    origins[:, 2] = 1.0
+    directions = torch.nn.functional.normalize(torch.randn(rays, 3) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
+    near, far = torch.full((rays,), 0.65), torch.full((rays,), 1.35)
+    condition, background, target = torch.randn(53 + cfg.latent_dim), torch.rand(rays, 3), torch.rand(rays, 3)
+    times = []
+    for _ in range(repeats + 1):  # the first step warms up
+        start = time.perf_counter()
+        out = renderer(origins, directions, near, far, condition, background)
+        loss = ((out["coarse"] - target) ** 2).mean() + ((out["fine"] - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def steps_bench() -> None:
+    figures = {"threads": torch.get_num_threads(), "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1),
+                                                                     "bf16": round(matmul_gflops(torch.bfloat16), 1)},
+               "reference_paper_step_seconds": 6.5, "step_seconds": {}}
+    for preset, precision, repeats in (("paper", "fp32", 2), ("paper", "bf16", 3), ("fast", "fp32", 10), ("fast", "bf16", 10)):
+        figures["step_seconds"][f"{preset}/{precision}"] = round(step_seconds(preset, precision, repeats), 3)
+        print(preset, precision, figures["step_seconds"][f"{preset}/{precision}"], flush=True)
+    _write("nerface_steps.json", figures)
+
+
+def quality_bench(clips: list[str]) -> None:
+    work = REPO / "bench" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    subjects = {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips}
+    names = list(subjects)
+    avatar = {"method": "nerface", "preset": "fast", "max_minutes": 30.0}
+    if len(names) > 1:
+        avatar["reenact_from"] = names[1]
+    config = {"results_dir": str(work / "results"), "subjects": subjects, "crop": {"size": 256},
+              "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
+              "avatars": {"nerface_fast": avatar}}
+    config_path = work / "config.yaml"
+    config_path.write_text(json.dumps(config, indent=1))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
+                           "--cores", "2"], cwd=REPO)
+    figures = {"command": "bench/nerface_bench.py quality " + " ".join(clips), "config": config,
+               "wall_seconds": round(time.perf_counter() - start, 1), "exit_code": proc.returncode, "clips": {}}
+    for name in names:
+        folder = work / "results" / name / "avatars" / "nerface_fast"
+        try:
+            done = json.loads((folder / "train" / "done.json").read_text())
+            metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+        except OSError as e:
+            figures["clips"][name] = {"error": str(e)}
+            continue
+        with open(folder / "train" / "log.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"]]
+        reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
+        keys = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "head_psnr", "head_ssim", "head_l1", "psnr_background_only")
+        figures["clips"][name] = {
+            "train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
+            "test_frames": len(metrics["test_frames"]), "size": metrics["size"], "precision": done["precision"],
+            "test": {p: {k: round(v[k], 4) for k in keys if k in v} for p, v in metrics["protocols"].items()},
+            "validation_frame_minutes_to_psnr": reached,
+            "lpips": metrics["lpips"] if not metrics["lpips_available"] else "computed"}
+    _write("nerface_quality.json", figures)
+
+
+def _write(name: str, figures: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(figures, indent=1) + "\n")
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "steps"
+    if what == "steps":
+        steps_bench()
+    else:
+        quality_bench(sys.argv[2:] or ["lp_d18.mp4", "dt_W009_front_happy_level3_001.mp4"])
