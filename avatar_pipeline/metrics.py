@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-LPIPS_HINT = ('python -c "import torchvision; torchvision.models.alexnet(weights=\'IMAGENET1K_V1\')"'
+ALEXNET_URL = "https://download.pytorch.org/models/" + ALEXNET_FILE
+LPIPS_HINT = (f'.venv/bin/python -c "import torch; torch.hub.load_state_dict_from_url(\'{ALEXNET_URL}\')"'
               " (once, with internet; it stores the weights in the torch hub cache)")
 
 
@@ -152,9 +153,20 @@ def _edge_width(row: np.ndarray, x: int, rising: bool) -> int:
 
 
 class Lpips:
-    """LPIPS with AlexNet; `available` False (with `reason`) when the backbone weights are not cached."""
+    """LPIPS v0.1 with the AlexNet backbone (Zhang et al. 2018): the five ReLU outputs of AlexNet's
+    convolutional stack, unit-normalised over channels, squared differences weighted per channel by the
+    learned linear layers (shipped in the `lpips` package), averaged over space and summed over layers.
+
+    The AlexNet weights are torchvision's ImageNet checkpoint, read from the torch hub cache; without
+    them `available` is False and `reason` says how to get them. torchvision itself is not imported."""
+
+    SHIFT = (-0.030, -0.088, -0.188)  # the LPIPS input scaling layer
+    SCALE = (0.458, 0.448, 0.450)
+    TAPS = (1, 4, 7, 9, 11)  # indices of the ReLUs after each convolution in AlexNet's `features`
 
     def __init__(self, device: str = "cpu"):
+        import importlib.util
+
         import torch
 
         self.model, self.device = None, device
@@ -162,17 +174,33 @@ class Lpips:
         if not weights.exists():
             self.reason = f"AlexNet weights not found at {weights}; to enable LPIPS run {LPIPS_HINT}"
             return
-        try:
-            import lpips
-        except ImportError as e:  # a broken install; the package is a pinned dependency
-            self.reason = f"the lpips package cannot be imported ({e})"
+        spec = importlib.util.find_spec("lpips")
+        linear = Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / "alex.pth" if spec else None
+        if linear is None or not linear.exists():
+            self.reason = "the lpips package (its linear-layer weights) is missing; reinstall with scripts/setup.sh"
             return
-        self.model = lpips.LPIPS(net="alex", pretrained=True, verbose=False).to(device).eval()
-        self.reason = f"AlexNet from {weights}, lpips {getattr(lpips, '__version__', '')} linear layers"
+        self.features = _alexnet_features()
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        self.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        lin = torch.load(linear, map_location="cpu", weights_only=True)
+        self.linear = [lin[f"lin{k}.model.1.weight"].to(device) for k in range(5)]
+        self.model = self.features.to(device).eval()
+        self.shift = torch.tensor(self.SHIFT, device=device).view(1, 3, 1, 1)
+        self.scale = torch.tensor(self.SCALE, device=device).view(1, 3, 1, 1)
+        self.reason = f"AlexNet from {weights}, LPIPS v0.1 linear layers from {linear}"
 
     @property
     def available(self) -> bool:
         return self.model is not None
+
+    def _taps(self, x):
+        out = []
+        x = (x - self.shift) / self.scale
+        for i, layer in enumerate(self.model):
+            x = layer(x)
+            if i in self.TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
 
     def __call__(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
         import torch
@@ -181,7 +209,21 @@ class Lpips:
             a, b = a * mask[..., None], b * mask[..., None]
         ta, tb = (torch.as_tensor(x, dtype=torch.float32).permute(2, 0, 1)[None].to(self.device) * 2 - 1 for x in (a, b))
         with torch.no_grad():
-            return float(self.model(ta, tb).mean())
+            total = sum((torch.nn.functional.conv2d((fa - fb) ** 2, w)).mean() for fa, fb, w in
+                        zip(self._taps(ta), self._taps(tb), self.linear))
+        return float(total)
+
+
+def _alexnet_features():
+    """AlexNet's convolutional stack, laid out as torchvision's `features` so its checkpoint loads."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
 
 
 class Csim:

@@ -94,8 +94,13 @@ def quality_bench(clips: list[str]) -> None:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
                            "--cores", "2"], cwd=REPO)
-    figures = {"command": "bench/nerface_bench.py quality " + " ".join(clips), "config": config,
-               "wall_seconds": round(time.perf_counter() - start, 1), "exit_code": proc.returncode, "clips": {}}
+    # results of earlier invocations (other clips) are kept: clips can be benchmarked one run at a time
+    previous = RESULTS / "nerface_quality.json"
+    figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
+    figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
+                    "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
+    figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
+                                           "exit_code": proc.returncode})
     for name in names:
         folder = work / "results" / name / "avatars" / "nerface_fast"
         try:

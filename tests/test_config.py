@@ -83,7 +83,43 @@ def test_bad_subject_name_rejected():
         load_config(overrides={"subjects": {"bad name/..": {"video": "x.mp4"}}})
 
 
-def test_nerface_section_defaults_match_the_trainer():
-    from avatar_pipeline.avatars.train_nerface import TrainConfig
+def test_avatar_schema_lists_exactly_the_typed_config_keys():
+    import dataclasses
 
-    assert TrainConfig.from_settings(load_config()["nerface"]) == TrainConfig()
+    from avatar_pipeline.avatars.nerface_config import NeRFaceConfig
+    from avatar_pipeline.config import load_schema
+
+    schema_keys = set(load_schema()["definitions"]["nerface_avatar"]["properties"]) - {"method", "preset"}
+    assert schema_keys == {f.name for f in dataclasses.fields(NeRFaceConfig)}
+
+
+def test_presets_fill_every_key_and_explicit_keys_win():
+    from avatar_pipeline.avatars import avatar_method
+
+    config = load_config(overrides={"avatars": {"a": {"preset": "fast", "steps": 7}, "b": {"preset": "paper"}}})
+    method, fast = avatar_method(config["avatars"]["a"])
+    _, paper = avatar_method(config["avatars"]["b"])
+    assert method.name == "nerface" and fast.steps == 7 and fast.size == 256 and fast.width == 128
+    # the paper preset is Gafni et al. 2021 as written
+    assert (paper.size, paper.steps, paper.rays, paper.coarse_samples, paper.fine_samples) == (512, 400000, 2048, 64, 64)
+    assert (paper.width, paper.depth, paper.colour_width, paper.colour_depth) == (256, 8, 128, 4)
+    assert (paper.learning_rate, paper.final_learning_rate, paper.latent_dim, paper.latent_weight) == (5e-4, 5e-4, 32, 0.05)
+    assert paper.head_fraction == 0.95 and paper.protocols[1] == "first_train_frame"
+
+
+def test_default_config_has_one_fast_avatar():
+    assert load_config()["avatars"] == {"nerface_fast": {"method": "nerface", "preset": "fast"}}
+
+
+def test_training_digest_ignores_the_step_budget_but_not_the_network():
+    from avatar_pipeline.avatars.nerface_config import nerface_config
+
+    base = nerface_config({"preset": "fast"})
+    assert nerface_config({"preset": "fast", "steps": 99}).digest() == base.digest()
+    assert nerface_config({"preset": "fast", "width": 64}).digest() != base.digest()
+    assert nerface_config({"preset": "fast", "orbit_frames": 3}).training_settings() == base.training_settings()
+
+
+def test_unknown_avatar_key_is_named():
+    with pytest.raises(InputError, match="widht"):
+        load_config(overrides={"avatars": {"a": {"preset": "fast", "widht": 3}}})

@@ -25,6 +25,9 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
     config = {"crop": {"size": 64, "max_frames": 10}, "qa": {"sheet_frames": 2, "video_frames": 4},
               "background": {"max_frames": 10}, "model": {"kind": "builtin"},
               "tracking": {"iterations": 50, "rigid_iterations": 20, "overlay_frames": 0},
+              "avatars": {"tiny": {"preset": "fast", "size": 16, "steps": 10, "rays": 64, "coarse_samples": 4,
+                                   "fine_samples": 4, "width": 16, "depth": 2, "colour_width": 8, "validate_every": 10,
+                                   "latent_steps": 2, "latent_rays": 16, "orbit_frames": 2, "sweep_frames": 2}},
               "subjects": {"w9": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
                            "m30": {"video": str(videos_dir / "dt_M030_front_neutral_level1_001.mp4")}}}
     (ws / "config.yaml").write_text(yaml.safe_dump(config))
@@ -41,7 +44,8 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
     assert proc.returncode == 0, output[-4000:]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", output)
     stages = ("crop", "landmarks", "parsing", "background", "normals", "qa", "tracking")
-    assert len({job for job, _ in submitted}) == 2 * len(stages)  # every job went through sbatch
+    per_subject = len(stages) + 3  # + avatar_train, avatar_eval, report
+    assert len({job for job, _ in submitted}) == 2 * per_subject + 1  # + index: every job went through sbatch
     for job, log in submitted:
         log = log.rstrip(").")
         assert os.path.exists(log) and log.endswith(f"/{job}.log")
@@ -51,3 +55,5 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
             assert store.stage_dir(stage).is_dir(), (subject, stage)
         assert store.landmarks()["valid"].mean() > 0.9
         assert cache.read_json(store.stage_dir("tracking") / "meta.json", "tracking")["reprojection_error_px"]["mean"] < 3
+        assert (store.avatar_dir("tiny") / "eval" / "metrics.json").exists()  # training ran as a SLURM job too
+    assert (ws / "results" / "index.html").exists()
