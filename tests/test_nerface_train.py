@@ -164,3 +164,16 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
     image, _ = render_image(renderer, *args, rays_per_call=1024)
     assert torch.allclose(image, expected, atol=0.02)  # bf16 products may round differently per batch size
     assert renderer.chunk_samples < cfg.chunk_samples  # and the lowered chunk is kept
+
+
+def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
+    from avatar_pipeline.avatars.train_nerface import LOG_FIELDS, _truncate_log
+
+    path = tmp_path / "log.csv"
+    rows = [f"{i},0.1,20.0,0.001,{i * 0.3:.2f}," for i in range(1, 31)]
+    path.write_text(",".join(LOG_FIELDS) + "\n" + "\n".join(rows) + "\n3")  # killed while writing step 31
+    _truncate_log(path, 20)
+    assert [int(r["step"]) for r in _log(path)] == list(range(1, 21))
+    path.write_text(",".join(LOG_FIELDS) + "\n" + "\n".join(rows[:12]) + "\n1")
+    _truncate_log(path, 20)  # the checkpoint is ahead of the flushed rows: keep the complete ones
+    assert [int(r["step"]) for r in _log(path)] == list(range(1, 13))

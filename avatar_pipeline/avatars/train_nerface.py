@@ -26,6 +26,7 @@ from .nerface_config import NeRFaceConfig
 
 log = logging.getLogger(__name__)
 
+LOG_FIELDS = ["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"]
 HEAD_RADIUS = 0.35  # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders)
 
 
@@ -159,9 +160,9 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
     _truncate_log(log_path, step)
     decay = math.log(cfg.final_learning_rate / cfg.learning_rate)
     with open(log_path, "a", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         if step == 0:
-            writer.writerow(["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"])
+            writer.writerow(LOG_FIELDS)
         bar = progress(range(step, cfg.steps), cfg.steps - step, "nerface: train")
         bar.unit = "step"
         started = time.perf_counter() - seconds
@@ -170,6 +171,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
                 log.info("nerface: time budget of %.1f min reached at step %d of %d", cfg.max_minutes, step, cfg.steps)
                 stopped_early = True
+                f.flush()  # the log never lags behind a checkpoint
                 save_checkpoint(checkpoint, checkpoint_state(step))
                 break
             lr = cfg.learning_rate * math.exp(decay * step / max(1, cfg.steps - 1))
@@ -229,15 +231,24 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log rows up to the checkpoint's step (a killed run may have logged steps past it)."""
+    """Keep the log rows up to the checkpoint's step: a killed run may have logged steps past it, or
+    half a row (rows reach the disk in buffer-sized pieces)."""
     if step == 0 or not path.exists():
         path.unlink(missing_ok=True)
         return
-    rows = [r for r in _read_log(path) if int(r["step"]) <= step]
+    kept = []
+    for row in _read_log(path):
+        try:
+            complete = int(row["step"]) == len(kept) + 1 and row.get("val_psnr") is not None
+        except (TypeError, ValueError):
+            complete = False
+        if not complete or int(row["step"]) > step:
+            break
+        kept.append(row)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"])
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(kept)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
