@@ -169,19 +169,36 @@ class NeRFaceRenderer(nn.Module):
             colours.append(rgb.float())
         return torch.cat(densities), torch.cat(colours)
 
-    def forward(self, origins, directions, near, far, condition, background, jitter: bool = True):
+    def forward(self, origins, directions, near, far, condition, background, jitter: bool = True,
+                skip_empty: float = 0.0):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
-        dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,)."""
-        out = {}
+        dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,).
+
+        skip_empty > 0 (rendering only): rays whose coarse foreground alpha is below it keep the coarse
+        result instead of the fine one (they show the background), which saves most of the fine pass on
+        the background pixels of a frame."""
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
-        weights = None
-        for name, field in (("coarse", self.coarse), ("fine", self.fine)):
-            if name == "fine":
-                extra = importance_depths(depths, weights[:, :-1], self.fine_samples, jitter)
-                depths = torch.sort(torch.cat([depths, extra], -1), -1).values
-            points = origins[:, None] + directions[:, None] * depths[..., None]
-            density, rgb = self._field(field, points, directions, condition)
-            colour, weights, alpha = composite(density, rgb, depths, background)
-            out[name], out[f"{name}_alpha"] = colour, alpha
-        out["fine_depth"] = (weights[:, :-1] * depths).sum(-1) + weights[:, -1] * far
+        points = origins[:, None] + directions[:, None] * depths[..., None]
+        density, rgb = self._field(self.coarse, points, directions, condition)
+        coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
+        out = {"coarse": coarse, "coarse_alpha": coarse_alpha}
+        busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
+        fine, fine_alpha = coarse.clone(), coarse_alpha.clone()
+        fine_depth = torch.full_like(coarse_alpha, 0.0) + far
+        if busy.any():
+            sel = busy.nonzero()[:, 0] if not bool(busy.all()) else slice(None)
+            extra = importance_depths(depths[sel], weights[sel, :-1], self.fine_samples, jitter)
+            fine_depths = torch.sort(torch.cat([depths[sel], extra], -1), -1).values
+            points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
+            cond = condition if condition.dim() == 1 else condition[sel]
+            density, rgb = self._field(self.fine, points, directions[sel], cond)
+            colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
+            if isinstance(sel, slice):
+                fine, fine_alpha = colour, alpha
+                fine_depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far
+            else:
+                fine, fine_alpha = fine.index_put((sel,), colour), fine_alpha.index_put((sel,), alpha)
+                fine_depth = fine_depth.index_put((sel,), (fine_weights[:, :-1] * fine_depths).sum(-1)
+                                                  + fine_weights[:, -1] * far[sel])
+        out.update(fine=fine, fine_alpha=fine_alpha, fine_depth=fine_depth)
         return out

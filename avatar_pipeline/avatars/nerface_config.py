@@ -96,7 +96,7 @@ PRESETS: dict[str, dict] = {
     # 5-20 s clip at 256 px in about 30 minutes on 2 CPU cores (bench/nerface_bench.py measures it)
     "fast": {"size": 256, "steps": 5000, "rays": 1024, "coarse_samples": 32, "fine_samples": 32,
              "learning_rate": 2e-3, "final_learning_rate": 2e-4, "width": 128, "depth": 4, "colour_width": 64,
-             "colour_depth": 1, "checkpoint_every": 250, "validate_every": 500, "latent_steps": 60,
+             "colour_depth": 1, "checkpoint_every": 250, "validate_every": 500, "latent_steps": 60, "video_frames": 60,
              "orbit_frames": 24},
 }
 

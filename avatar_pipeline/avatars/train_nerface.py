@@ -27,7 +27,9 @@ from .nerface_config import NeRFaceConfig
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"]
-HEAD_RADIUS = 0.35  # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders)
+HEAD_RADIUS = 0.35
+# rendering: rays whose coarse foreground alpha is below this show the background; the fine pass skips them
+SKIP_EMPTY = 1e-4  # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders)
 
 
 def frame_conditions(data: dict, frames: np.ndarray) -> torch.Tensor:
@@ -288,7 +290,8 @@ def render_image(renderer: NeRFaceRenderer, camera_to_head: torch.Tensor, focal:
         n = len(pixels[sl])
         try:
             out = renderer(origins[sl].to(device), dirs[sl].to(device), torch.full((n,), near, device=device),
-                           torch.full((n,), far, device=device), condition.to(device), bg[sl].to(device), jitter=False)
+                           torch.full((n,), far, device=device), condition.to(device), bg[sl].to(device), jitter=False,
+                           skip_empty=SKIP_EMPTY)
         except RuntimeError as e:
             if not is_out_of_memory(e) or rays_per_call <= 64:
                 raise
