@@ -92,8 +92,10 @@ def quality_bench(clips: list[str]) -> None:
     config_path = work / "config.yaml"
     config_path.write_text(json.dumps(config, indent=1))
     start = time.perf_counter()
+    # reruns are decided by inputs only: an avatar already trained with these settings is not retrained
+    # because unrelated code changed (its evaluation reruns if it did not finish)
     proc = subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
-                           "--cores", "2"], cwd=REPO)
+                           "--cores", "2", "--", "--rerun-triggers", "mtime", "input"], cwd=REPO)
     # results of earlier invocations (other clips) are kept: clips can be benchmarked one run at a time
     previous = RESULTS / "nerface_quality.json"
     figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}

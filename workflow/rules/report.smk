@@ -23,7 +23,7 @@ rule report:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} report --results {params.results:q} --subject {wildcards.subject} --avatars {params.avatars:q} > {log:q} 2>&1"
+        "{AP} report --results {params.results:q} --subject {wildcards.subject} --avatars={params.avatars:q} > {log:q} 2>&1"
 
 
 rule index:
@@ -46,4 +46,4 @@ rule index:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} index --results {params.results:q} --subjects {params.subjects:q} --avatars {params.avatars:q} > {log:q} 2>&1"
+        "{AP} index --results {params.results:q} --subjects {params.subjects:q} --avatars={params.avatars:q} > {log:q} 2>&1"
