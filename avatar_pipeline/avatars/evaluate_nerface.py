@@ -26,6 +26,7 @@ from .. import cache, metrics
 from ..errors import InputError
 from ..models.flame import axis_angle_to_matrix
 from ..runtime import progress, torch_device
+from ..stages.tracking import camera_to_head_gl
 from ..video import VideoWriter
 from .nerface_config import NeRFaceConfig
 from .nerface import camera_rays
@@ -224,8 +225,6 @@ def render_reenactment(path: Path, renderer, data: SubjectFrames, latent, driver
                          f"the two subjects were tracked with different expression spaces ({own['model']} vs "
                          f"{theirs['model']}; the built-in model is fitted per subject)",
                          "track both subjects with the same shared model (model.kind: ict or flame)")
-    from ..stages.tracking import camera_to_head_gl
-
     frames = np.flatnonzero(theirs["fitted"])[: cfg.video_frames]
     conditions = frame_conditions(theirs, frames)
     cameras = torch.as_tensor(camera_to_head_gl(theirs["head_to_camera"][frames]), dtype=torch.float32)

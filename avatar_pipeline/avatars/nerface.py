@@ -77,8 +77,8 @@ class ConditionedField(nn.Module):
         rays, samples = points.shape[:2]
         # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice as much
         enc = positional_encoding(points.reshape(-1, 3), self.cfg.position_frequencies)
-        per_ray = self.condition_in(condition)
-        per_ray = per_ray.expand(rays, -1) if per_ray.dim() == 1 else per_ray
+        # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
+        per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
         hidden = (self.position_in(enc).view(rays, samples, -1) + per_ray[:, None]).view(rays * samples, -1)
         features = self.backbone(hidden)
         density = torch.relu(self.density(features)[:, 0]).view(rays, samples)
@@ -183,22 +183,18 @@ class NeRFaceRenderer(nn.Module):
         coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
         out = {"coarse": coarse, "coarse_alpha": coarse_alpha}
         busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
-        fine, fine_alpha = coarse.clone(), coarse_alpha.clone()
-        fine_depth = torch.full_like(coarse_alpha, 0.0) + far
+        fine, fine_alpha, fine_depth = coarse.clone(), coarse_alpha.clone(), far.clone()
         if busy.any():
-            sel = busy.nonzero()[:, 0] if not bool(busy.all()) else slice(None)
+            # a slice when every ray is busy (always so in training) avoids copying the ray tensors
+            sel = slice(None) if bool(busy.all()) else busy.nonzero()[:, 0]
             extra = importance_depths(depths[sel], weights[sel, :-1], self.fine_samples, jitter)
             fine_depths = torch.sort(torch.cat([depths[sel], extra], -1), -1).values
             points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
             cond = condition if condition.dim() == 1 else condition[sel]
             density, rgb = self._field(self.fine, points, directions[sel], cond)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
-            if isinstance(sel, slice):
-                fine, fine_alpha = colour, alpha
-                fine_depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far
-            else:
-                fine, fine_alpha = fine.index_put((sel,), colour), fine_alpha.index_put((sel,), alpha)
-                fine_depth = fine_depth.index_put((sel,), (fine_weights[:, :-1] * fine_depths).sum(-1)
-                                                  + fine_weights[:, -1] * far[sel])
+            depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
+            fine, fine_alpha, fine_depth = (whole.index_put((sel,), part) if not isinstance(sel, slice) else part
+                                            for whole, part in ((fine, colour), (fine_alpha, alpha), (fine_depth, depth)))
         out.update(fine=fine, fine_alpha=fine_alpha, fine_depth=fine_depth)
         return out
