@@ -33,9 +33,11 @@
         tracking.npz             model name; identity (Ki,); per frame: rotation (axis-angle) and
                                  translation (metres), head_to_camera (N, 4, 4; model space -> OpenCV
                                  camera), expression (N, Ke), joint_rotations (N, J, 3) for FLAME; focal (px),
-                                 image_size; landmarks2d / landmarks3d of the fitted model; error_px;
-                                 fitted / interpolated flags
-        meta.json                model, fallback warnings, reprojection error, jitter, time
+                                 image_size; landmarks2d / landmarks3d (the model's 68 points); error_px
+                                 (over the fitted points); fit_point_ids (mediapipe or iBUG indices fitted);
+                                 mediapipe_faces / mediapipe_bary (their place on ICT / FLAME); fitted /
+                                 interpolated flags
+        meta.json                model, fallback warnings, fitted points, reprojection error, jitter, time
         nerface/transforms_{train,val,test}.json   NeRFace's format (camera-to-head, OpenGL camera)
         transforms.json          nerfstudio-style (OPENCV intrinsics, camera-to-head transforms)
         overlay.mp4              fitted mesh over the frames

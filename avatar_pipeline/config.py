@@ -88,7 +88,7 @@ class TrackingConfig:
     learning_rate: float = 0.02
     num_identity: int = 40
     num_expression: int = 53
-    identity_weight: float = 0.01
+    identity_weight: float = 0.001
     expression_weight: float = 0.0001
     smooth_pose_weight: float = 10.0
     smooth_expression_weight: float = 0.01
@@ -96,6 +96,7 @@ class TrackingConfig:
     focal_init: float = 2.0  # image widths (a 28 degree field of view)
     focal: float | None = None  # known focal length in image widths: fixed instead of estimated
     robust_scale: float = 0.03  # residuals beyond this fraction of the face size count less
+    fit_points: str = "mediapipe"  # or "ibug68"
     jaw_line_weight: float = 0.5
     max_error: float = 0.1
     refine: str = "none"

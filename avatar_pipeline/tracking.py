@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import torch
 
+from . import facemesh
 from .config import TrackingConfig
 from .errors import PipelineError
 from .models.base import MorphableModel
@@ -54,26 +55,47 @@ def head_to_camera(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
     return out
 
 
-def landmark_points(model: MorphableModel, dense: bool):
-    """What is fitted: (vertex triangle ids (L, 3), weights (L, 3), iBUG ids or None for dense points)."""
-    if dense:
-        ids = np.arange(model.num_vertices)
-        return np.stack([ids] * 3, 1), np.tile([1.0, 0.0, 0.0], (len(ids), 1)).astype(np.float32), None
-    tri, w = model.landmark_vertices()
-    return tri, w, model.landmark_ids
+@dataclasses.dataclass
+class LandmarkSet:
+    """The model surface points that are fitted, and which column of the detected landmarks each one meets."""
+
+    name: str  # "ibug68" or "mediapipe"
+    triangles: np.ndarray  # (L, 3) vertex ids of each point's triangle
+    bary: np.ndarray  # (L, 3) barycentric weights
+    columns: np.ndarray  # (L,) column in the targets: iBUG index (0-67) or mediapipe index (0-477)
+    weight: np.ndarray  # (L,) contour points, which slide along the silhouette, count less
+
+
+def ibug68_points(model: MorphableModel, settings: TrackingConfig) -> LandmarkSet:
+    """The model's iBUG-68 embedding (FLAME's static embedding has only 51 of them)."""
+    tri, bary = model.landmark_vertices()
+    ids = model.landmark_ids
+    weight = np.where(np.isin(ids, JAW_LINE), settings.jaw_line_weight, 1.0).astype(np.float32)
+    return LandmarkSet("ibug68", tri, bary, ids, weight)
+
+
+def mediapipe_points(model: MorphableModel, settings: TrackingConfig, faces: np.ndarray | None = None,
+                     bary: np.ndarray | None = None, point_ids: np.ndarray | None = None) -> LandmarkSet:
+    """mediapipe's points on the model: every vertex of the built-in model (which has mediapipe's
+    topology), or an embedding (triangle ids `faces`, `bary`, `point_ids`) found for ICT / FLAME."""
+    if faces is None:
+        point_ids = np.arange(model.num_vertices)
+        tri, bary = np.stack([point_ids] * 3, 1), np.tile([1.0, 0.0, 0.0], (len(point_ids), 1)).astype(np.float32)
+    else:
+        tri = model.faces[faces]
+    weight = np.where(np.isin(point_ids, facemesh.FACE_OVAL), settings.jaw_line_weight, 1.0).astype(np.float32)
+    return LandmarkSet("mediapipe", tri, bary, point_ids, weight)
 
 
 class LandmarkObjective:
     """The landmark term, priors and temporal smoothness over all frames, and the parameters they act on."""
 
     def __init__(self, model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
-                 settings: TrackingConfig, dense: bool):
+                 settings: TrackingConfig, points: LandmarkSet):
         self.model, self.settings, self.image_size = model, settings, image_size
         self.n = n = targets.shape[0]
-        tri, bary, ids = landmark_points(model, dense)
-        if ids is not None:  # the model may embed fewer than 68 points (FLAME's static embedding)
-            targets, weights = targets[:, ids], weights[:, ids] * np.where(np.isin(ids, JAW_LINE),
-                                                                           settings.jaw_line_weight, 1.0)
+        tri, bary = points.triangles, points.bary
+        targets, weights = targets[:, points.columns], weights[:, points.columns] * points.weight
         self.uniq, inverse = np.unique(tri, return_inverse=True)
         self.tri_local = inverse.reshape(tri.shape)
         self.bary = torch.as_tensor(bary)[..., None]
@@ -192,18 +214,20 @@ def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn
 
 
 def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
-        settings: TrackingConfig, dense: bool = False, progress=None, images: np.ndarray | None = None,
+        settings: TrackingConfig, points: LandmarkSet | None = None, progress=None, images: np.ndarray | None = None,
         masks: np.ndarray | None = None) -> FitResult:
     """Fit the model to 2D landmarks `targets` (N, L, 2) in pixels with per-point `weights` (N, L)
     (0 for missing): first the rigid pose and focal length, then everything.
-    For sparse fitting L = 68 (iBUG order); for dense fitting L = the model's vertices.
+    `points` says which model points meet which columns of `targets`: by default the model's iBUG-68
+    embedding (L = 68, iBUG order); with `mediapipe_points`, L = 478 (mediapipe order).
     With `images` (N, R, R, 3) in [0, 1] and face `masks` (N, R, R) and `settings.refine ==
     "photometric"`, a photometric refinement through the differentiable renderer follows."""
     import time
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    objective = LandmarkObjective(model, targets, weights, image_size, settings, dense)
+    points = points if points is not None else ibug68_points(model, settings)
+    objective = LandmarkObjective(model, targets, weights, image_size, settings, points)
     params = objective.initial_params()
     trainable = [k for k, v in params.items() if v.requires_grad]
     rigid = [k for k in ("rotation", "translation", "log_focal") if k in trainable]

@@ -11,12 +11,13 @@ from avatar_pipeline.models import load_model
 from avatar_pipeline.models.base import barycentric_points
 from avatar_pipeline.models.flame import axis_angle_to_matrix
 from avatar_pipeline.stages import tracking as tracking_stage
-from avatar_pipeline.tracking import FLIP, TrackingError, fit, interpolate_invalid
+from avatar_pipeline.tracking import FLIP, TrackingError, fit, interpolate_invalid, mediapipe_points
 
 
 
-def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1):
-    """Random identity, yaw within +-30 degrees, varied expressions, known camera."""
+def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1, points=None):
+    """Random identity, yaw within +-30 degrees, varied expressions, known camera. The 2D points are
+    `points` (a LandmarkSet; default the model's 68 landmarks) as (N, L, 2), in the set's order."""
     rng = np.random.default_rng(seed)
     ident = torch.as_tensor(rng.normal(0, 1, (1, 40)), dtype=torch.float32)
     expr = np.clip(rng.uniform(-0.3, 0.9, (n, model.num_expression)), 0, 1) * (rng.random((n, model.num_expression)) < 0.15)
@@ -24,7 +25,8 @@ def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1):
     rot = np.stack([np.deg2rad(8 * np.sin(np.linspace(0, 3, n))), np.deg2rad(np.linspace(-30, 30, n)), np.zeros(n)], 1)
     trans = np.stack([0.01 * np.sin(np.linspace(0, 5, n)), 0.005 * np.cos(np.linspace(0, 4, n)), np.full(n, 0.9)], 1)
     rot_t, trans_t = torch.as_tensor(rot, dtype=torch.float32), torch.as_tensor(trans, dtype=torch.float32)
-    pts = barycentric_points(model.vertices(ident.expand(n, -1), expr), *model.landmark_vertices())
+    tri, bary = (points.triangles, points.bary) if points is not None else model.landmark_vertices()
+    pts = barycentric_points(model.vertices(ident.expand(n, -1), expr), tri, bary)
     cam = pts @ (axis_angle_to_matrix(rot_t) @ FLIP).transpose(1, 2) + trans_t[:, None]
     uv = focal * size * cam[..., :2] / cam[..., 2:] + size / 2
     return uv.numpy(), rot, trans
@@ -47,6 +49,44 @@ def test_synthetic_ict_sequence_is_recovered(ict_status):
     assert lateral.mean() < 0.02, lateral.mean()
     assert depth.mean() < 0.10, depth.mean()
     assert result.error_px.mean() < 1.0, result.error_px.mean()
+
+
+def synthetic_mediapipe_faces(model, embedding, n=8, seed=0):
+    """mediapipe-like meshes (N, 478, 3) (pixels, y down, depth away from the camera) made of the points
+    `embedding` places on a random identity of `model`, under small head rotations; iris points
+    (which have no place on the model) at their eye's centre."""
+    from avatar_pipeline import facemesh
+
+    rng = np.random.default_rng(seed)
+    ident = torch.as_tensor(rng.normal(0, 0.7, (1, 40)), dtype=torch.float32)
+    surface = barycentric_points(model.vertices(ident), model.faces[embedding.faces], embedding.bary)[0].numpy()
+    face = np.zeros((478, 3))
+    face[embedding.point_ids] = surface
+    for eye, iris in ((facemesh.RIGHT_EYE, facemesh.RIGHT_IRIS), (facemesh.LEFT_EYE, facemesh.LEFT_IRIS)):
+        face[iris] = face[eye].mean(0)
+    rot = axis_angle_to_matrix(torch.as_tensor(rng.normal(0, 0.15, (n, 3)), dtype=torch.float32)).numpy()
+    return (face @ rot.transpose(0, 2, 1)) * np.array([1.0, -1.0, -1.0]) * 1500 + 200, ident.numpy()[0]
+
+
+def test_mediapipe_points_are_placed_where_they_were_taken_from(lp_d18, ict_status):
+    """The correspondence found from a real clip is taken as the truth: meshes made of those points on
+    another identity must give the same places back (compared on the mean head, in millimetres)."""
+    from avatar_pipeline.models.correspondence import mediapipe_embedding
+
+    model, _ = load_model(ModelConfig(kind="ict"), ict_status)
+    lms = lp_d18.landmarks()
+    truth = mediapipe_embedding(model, lms["mp478"], lms["valid"])
+    assert len(truth.point_ids) >= 440 and np.median(truth.distance_m) < 0.002
+    faces, _ = synthetic_mediapipe_faces(model, truth)
+    found = mediapipe_embedding(model, faces, np.ones(len(faces), bool))
+    common, i_truth, i_found = np.intersect1d(truth.point_ids, found.point_ids, return_indices=True)
+    assert len(common) >= 0.95 * len(truth.point_ids)
+    mean_head = torch.as_tensor(model.template[None])
+    at_truth = barycentric_points(mean_head, model.faces[truth.faces[i_truth]], truth.bary[i_truth])[0].numpy()
+    at_found = barycentric_points(mean_head, model.faces[found.faces[i_found]], found.bary[i_found])[0].numpy()
+    error_mm = np.linalg.norm(at_truth - at_found, axis=1) * 1e3
+    assert np.median(error_mm) < 1.0 and np.percentile(error_mm, 95) < 3.0, (np.median(error_mm), np.percentile(error_mm, 95))
+    assert np.median(found.distance_m) < 0.5e-3  # the points lie on the model: the fit finds a surface through them
 
 
 def test_tracking_stage_on_a_real_clip(lp_d18, ict_status, tmp_path):
@@ -89,7 +129,7 @@ def test_auto_falls_back_to_the_builtin_model_loudly(lp_d18, tmp_path):
         (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
     info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, iterations=200, export_meshes=True),
                               ModelConfig(kind="auto"), status)
-    assert info["model"] == "builtin" and info["fit_landmarks"] == "dense478"
+    assert info["model"] == "builtin" and info["fit_landmarks"] == "mediapipe" and info["fit_points"] == 478
     import trimesh
 
     meshes = sorted((store.stage_dir("tracking") / "meshes").glob("*.obj"))
@@ -112,10 +152,11 @@ def test_interpolation_and_bad_input():
     pts = np.random.default_rng(0).normal(0, 50, (5, 478, 3)) + 200
     model = builtin.learn(pts, np.ones(5, bool), num_expression=3)
     with pytest.raises(TrackingError, match="no frame has landmarks"):
-        fit(model, np.zeros((3, 478, 2)), np.zeros((3, 478)), 128, TrackingConfig(), dense=True)
+        fit(model, np.zeros((3, 478, 2)), np.zeros((3, 478)), 128, TrackingConfig(),
+            points=mediapipe_points(model, TrackingConfig()))
     with pytest.raises(TrackingError, match="non-finite"):
         fit(model, pts[:3, :, :2], np.ones((3, 478)), 128, TrackingConfig(learning_rate=float("inf"), iterations=3),
-            dense=True)
+            points=mediapipe_points(model, TrackingConfig()))
 
 
 def test_flame_needs_both_files():

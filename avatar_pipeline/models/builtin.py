@@ -15,24 +15,31 @@ from .base import MorphableModel, vertex_landmarks
 FACE_WIDTH_M = 0.14  # typical distance between the cheek edges (mediapipe points 234 and 454)
 
 
-def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Similarity transform of `source` (N, 3) onto `target`, applied to `source`."""
+def similarity(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares similarity (scale, rotation (3, 3), translation) taking `source` (N, 3) onto `target`:
+    target ~ scale * source @ rotation + translation."""
     mu_s, mu_t = source.mean(0), target.mean(0)
     s, t = source - mu_s, target - mu_t
     u, sig, vt = np.linalg.svd(s.T @ t)
-    d = np.sign(np.linalg.det(u @ vt))
-    fix = np.diag([1, 1, d])
-    rot = u @ fix @ vt
+    fix = np.diag([1, 1, np.sign(np.linalg.det(u @ vt))])
+    rotation = u @ fix @ vt
     scale = (sig * np.diag(fix)).sum() / (s ** 2).sum()
-    return scale * s @ rot + mu_t
+    return scale, rotation, mu_t - scale * mu_s @ rotation
 
 
-def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> MorphableModel:
-    """Build the subject's model from its landmarks (N, 478, 3) in pixels (y down, z away from camera)."""
+def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`source` (N, 3) moved onto `target` by the best similarity transform."""
+    scale, rotation, translation = similarity(source, target)
+    return scale * source @ rotation + translation
+
+
+def aligned_meshes(mp478: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The subject's meshes (N, 478, 3) in pixels (y down, z away from the camera) rigidly aligned in the
+    model frame (y up, the face looking along +z) and scaled to metres from a typical face width,
+    and their mean (478, 3), centred."""
     frames = mp478[valid].astype(np.float64)
     if len(frames) < 3:
         raise ValueError("the built-in model needs at least 3 frames with landmarks")
-    # to the model frame: y up, the face looking along +z
     frames = frames * np.array([1.0, -1.0, -1.0])
     reference = frames[0]
     for _ in range(2):  # align to the reference, then to the mean of the aligned set
@@ -40,11 +47,16 @@ def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> Mor
         reference = aligned.mean(0)
     mean = aligned.mean(0)
     scale = FACE_WIDTH_M / np.linalg.norm(mean[facemesh.LEFT_CHEEK_EDGE] - mean[facemesh.RIGHT_CHEEK_EDGE])
-    mean = (mean - mean.mean(0)) * scale
-    residual = (aligned - aligned.mean(0)).reshape(len(frames), -1) * scale
-    k = int(min(num_expression, len(frames) - 1))
+    return (aligned - mean.mean(0)) * scale, (mean - mean.mean(0)) * scale
+
+
+def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> MorphableModel:
+    """Build the subject's model from its landmarks (N, 478, 3) in pixels (y down, z away from camera)."""
+    aligned, mean = aligned_meshes(mp478, valid)
+    residual = (aligned - mean).reshape(len(aligned), -1)
+    k = int(min(num_expression, len(aligned) - 1))
     _, sig, vt = np.linalg.svd(residual, full_matrices=False)
-    std = sig[:k] / np.sqrt(max(1, len(frames) - 1))
+    std = sig[:k] / np.sqrt(max(1, len(aligned) - 1))
     basis = (vt[:k] * std[:, None]).reshape(k, -1, 3).transpose(1, 2, 0)
     tris = facemesh.triangles()
     lmk_faces, lmk_bary = vertex_landmarks(tris, facemesh.IBUG68_FROM_MP478)

@@ -2,8 +2,9 @@
 export what the avatar methods read: tracking.npz, NeRFace's transforms_{train,val,test}.json, a
 nerfstudio-style transforms.json, an overlay video of the fitted mesh, and optionally one mesh per frame.
 
-ICT FaceKit and FLAME are fitted to the 68 iBUG points; the built-in model (mediapipe topology) to
-all 478 points. Frames without landmarks get no data term; their parameters are interpolated from
+By default every model is fitted to mediapipe's face-mesh points: the built-in model has mediapipe's
+topology; for ICT FaceKit and FLAME the points are placed on the model's surface per subject
+(models/correspondence.py). `tracking.fit_points: ibug68` fits the models' 68 landmarks instead. Frames without landmarks get no data term; their parameters are interpolated from
 their neighbours (marked `interpolated`) and they stay out of training.
 """
 from __future__ import annotations
@@ -21,7 +22,9 @@ from ..config import ModelConfig, TrackingConfig
 from ..models import load_model
 from ..models.base import MorphableModel
 from ..runtime import progress
-from ..tracking import TrackingError, fit, head_to_camera, interpolate_invalid, joint_pose
+from ..models.correspondence import mediapipe_embedding
+from ..tracking import (TrackingError, fit, head_to_camera, ibug68_points, interpolate_invalid, joint_pose,
+                        mediapipe_points)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,8 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     model, warnings = load_model(model_cfg, ict_status, lms)
     for w in warnings:
         log.warning("tracking: %s", w)
-    dense = model.name == "builtin"
-    targets = (lms["mp478"] if dense else lms["ibug68"])[..., :2]
+    points, embedding = _fit_points(model, cfg, lms, usable)
+    targets = (lms["mp478"] if points.name == "mediapipe" else lms["ibug68"])[..., :2]
     weights = np.repeat(usable[:, None], targets.shape[1], 1).astype(np.float32)
 
     bar = progress(range(cfg.rigid_iterations + cfg.iterations), cfg.rigid_iterations + cfg.iterations, "tracking: fit")
@@ -74,7 +77,7 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     images = masks = None
     if cfg.refine == "photometric":
         images, masks = _refinement_inputs(store, n, cfg.refine_size)
-    result = fit(model, targets, weights, size, cfg, dense=dense, progress=report, images=images, masks=masks)
+    result = fit(model, targets, weights, size, cfg, points=points, progress=report, images=images, masks=masks)
     bar.close()
     face_px = np.linalg.norm(np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1)
     face_px = float(np.median(face_px))
@@ -106,6 +109,10 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     data["landmarks3d"] = lmk_cam.astype(np.float32)
     data["landmarks2d"] = project(lmk_cam, result.focal, size).astype(np.float32)
     data["landmark_ids"] = model.landmark_ids
+    data["fit_point_ids"] = points.columns
+    if embedding is not None:
+        data["mediapipe_faces"], data["mediapipe_bary"] = embedding.faces, embedding.bary
+    ibug68_error = np.linalg.norm(data["landmarks2d"] - lms["ibug68"][:, model.landmark_ids, :2], axis=-1)[fitted]
     jitter_fit, jitter_raw = _jitter(data["landmarks2d"], fitted), _jitter(lms["ibug68"][:, model.landmark_ids, :2], fitted)
 
     with cache.staged_dir(store.stage_dir("tracking")) as stage:
@@ -117,12 +124,14 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
         if cfg.export_meshes:
             _export_meshes(stage / "meshes", model, data)
         info = {
-            "version": cache.CACHE_VERSION, "model": model.name, "warnings": warnings, "fit_landmarks": "dense478" if dense else "ibug68",
+            "version": cache.CACHE_VERSION, "model": model.name, "warnings": warnings, "fit_landmarks": points.name,
+            "fit_points": len(points.columns), "correspondence": _embedding_summary(embedding),
             "focal_px": round(result.focal, 2), "image_size": size, "frames": n, "fitted_frames": int(fitted.sum()),
             "interpolated_frames": [int(i) for i in np.flatnonzero(~fitted)],
             "reprojection_error_px": {"mean": _r(np.nanmean(data["error_px"])), "median": _r(np.nanmedian(data["error_px"])),
                                       "p95": _r(np.nanpercentile(data["error_px"], 95))},
             "reprojection_error_px_at_512": _r(np.nanmean(data["error_px"]) * 512 / size),
+            "ibug68_error_px": _r(np.nanmean(ibug68_error)) if ibug68_error.size else None,
             "landmark_jitter_px": {"fitted": _r(jitter_fit), "raw": _r(jitter_raw)},
             "seconds": round(result.seconds, 2), "iterations": cfg.rigid_iterations + cfg.iterations,
             "refinement": result.photometric or "none",
@@ -131,6 +140,26 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     log.info("tracking: %s model, %d/%d frames fitted, reprojection error %.2f px (mean), focal %.0f px, %.1f s",
              model.name, fitted.sum(), n, info["reprojection_error_px"]["mean"], result.focal, result.seconds)
     return info
+
+
+def _fit_points(model: MorphableModel, cfg: TrackingConfig, lms: dict, usable: np.ndarray):
+    """The model points to fit, and the per-subject mediapipe embedding when one was made (ICT / FLAME)."""
+    if cfg.fit_points == "ibug68":
+        return ibug68_points(model, cfg), None
+    if model.name == "builtin":
+        return mediapipe_points(model, cfg), None
+    embedding = mediapipe_embedding(model, lms["mp478"], usable)
+    log.info("tracking: %d of mediapipe's points placed on %s (median distance to the surface %.2f mm; %d left out)",
+             len(embedding.point_ids), model.name, np.median(embedding.distance_m) * 1e3, embedding.left_out)
+    return mediapipe_points(model, cfg, embedding.faces, embedding.bary, embedding.point_ids), embedding
+
+
+def _embedding_summary(embedding) -> dict | None:
+    if embedding is None:
+        return None
+    mm = embedding.distance_m * 1e3
+    return {"points": len(embedding.point_ids), "left_out": embedding.left_out,
+            "distance_mm": {"median": _r(np.median(mm)), "p95": _r(np.percentile(mm, 95)), "max": _r(mm.max())}}
 
 
 FACE_CLASSES = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "u_lip", "l_lip")
