@@ -395,6 +395,13 @@ def _nonfinite_frames(params) -> list[int]:
     return sorted(bad)
 
 
+def rotation_difference_deg(rotation_a: np.ndarray, rotation_b: np.ndarray) -> np.ndarray:
+    """Angle (degrees) of the rotation between two sets of axis-angle rotations (N, 3)."""
+    a = axis_angle_to_matrix(torch.as_tensor(rotation_a, dtype=torch.float32)).numpy()
+    b = axis_angle_to_matrix(torch.as_tensor(rotation_b, dtype=torch.float32)).numpy()
+    return np.degrees(np.arccos(np.clip((np.einsum("nij,nij->n", a, b) - 1) / 2, -1, 1)))
+
+
 def interpolate_invalid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Linear interpolation over frames without landmarks (edges hold the nearest valid value)."""
     out = values.copy()

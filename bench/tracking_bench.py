@@ -15,7 +15,6 @@ Figures go to bench/results/tracking.json.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import sys
@@ -33,17 +32,10 @@ SHARED = REPO.parent / "shared"
 from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.config import CropConfig, LandmarksConfig, ModelConfig, TrackingConfig  # noqa: E402
 from avatar_pipeline.models import load_model, prepare_ict  # noqa: E402
-from avatar_pipeline.models.flame import axis_angle_to_matrix  # noqa: E402
 from avatar_pipeline.stages import crop, landmarks, tracking as tracking_stage  # noqa: E402
 from avatar_pipeline.models.correspondence import mediapipe_embedding  # noqa: E402
-from avatar_pipeline.tracking import fit, ibug68_points, mediapipe_points  # noqa: E402
-from tests.test_tracking import synthetic_sequence  # noqa: E402
-
-
-def rotation_error_deg(rot_true: np.ndarray, rot_fit: np.ndarray) -> np.ndarray:
-    r_gt = axis_angle_to_matrix(torch.as_tensor(rot_true)).numpy()
-    r_fit = axis_angle_to_matrix(torch.as_tensor(rot_fit)).numpy()
-    return np.degrees(np.arccos(np.clip((np.einsum("nij,nij->n", r_gt, r_fit) - 1) / 2, -1, 1)))
+from avatar_pipeline.tracking import fit, ibug68_points, mediapipe_points, rotation_difference_deg  # noqa: E402
+from tests.test_tracking import in_sequence_order, synthetic_sequence  # noqa: E402
 
 
 def face_size(model, identity: np.ndarray) -> float:
@@ -76,7 +68,7 @@ def main() -> None:
         uv, _, _ = synthetic_sequence(model, n=500, size=512, seed=7, points=points)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t = time.perf_counter()
-        result = fit(model, uv, np.ones(uv.shape[:2]), 512, TrackingConfig(), points=_in_order(points))
+        result = fit(model, uv, np.ones(uv.shape[:2]), 512, TrackingConfig(), points=in_sequence_order(points))
         report["speed_500_frames_512px"][name] = {
             "points": len(points.columns), "seconds": round(time.perf_counter() - t, 2), "target_seconds": 60,
             "iterations": TrackingConfig().rigid_iterations + TrackingConfig().iterations,
@@ -91,8 +83,8 @@ def main() -> None:
         for seed in range(3):
             uv, rot, trans = synthetic_sequence(model, n=60, size=256, seed=seed, points=points)
             true_identity = np.random.default_rng(seed).normal(0, 1, (1, 40))[0]  # as synthetic_sequence draws it
-            res = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2), points=_in_order(points))
-            angle = rotation_error_deg(rot, res.rotation)
+            res = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2), points=in_sequence_order(points))
+            angle = rotation_difference_deg(rot, res.rotation)
             size_ratio = face_size(model, res.identity) / face_size(model, true_identity)
             synthetic.append({
                 "points": name, "seed": seed, "rotation_error_deg_mean": round(float(angle.mean()), 3),
@@ -126,11 +118,6 @@ def main() -> None:
     out = REPO / "bench/results/tracking.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-
-
-def _in_order(points):
-    """The same points, addressed by their position in a synthetic sequence (which is in the set's order)."""
-    return dataclasses.replace(points, columns=np.arange(len(points.columns)))
 
 
 def _pct(error: np.ndarray, head_width: float) -> float:

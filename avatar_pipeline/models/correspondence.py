@@ -23,6 +23,12 @@ from .base import MorphableModel, barycentric_points
 from .builtin import aligned_meshes, similarity
 
 IRIS = np.array(facemesh.RIGHT_IRIS + facemesh.LEFT_IRIS)
+MAX_SCALE_CHANGE = 0.15  # log-ratio of the fitted size to the size the 68 shared points give
+MIN_POINTS = 234  # half of the mesh points: fewer means the two surfaces do not match
+
+
+class CorrespondenceError(ValueError):
+    pass
 
 
 @dataclasses.dataclass
@@ -107,6 +113,7 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
     anchors = barycentric_points(torch.as_tensor(template[None]), *model.landmark_vertices())[0].numpy()
     mp_anchor_ids = facemesh.IBUG68_FROM_MP478[model.landmark_ids]
     scale, rotation, shift = similarity(face[mp_anchor_ids], anchors)
+    anchor_scale = scale
     identity = np.zeros(ki)
     vertices = template
     for _ in range(iterations):
@@ -122,9 +129,17 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
         vertices = template + basis @ identity
         matched = (vertices[tri] * bary[..., None]).sum(1)
         scale, rotation, shift = similarity(face[mesh_points], matched)
+    # closest points can pull the face onto a small patch of surface by shrinking it: the 68 shared
+    # points fix the size well enough to tell (on real clips the two sizes agree within a few percent)
+    if abs(np.log(scale / anchor_scale)) > MAX_SCALE_CHANGE:
+        raise CorrespondenceError(f"the face shrank or grew by {scale / anchor_scale:.2f}x while matching "
+                                  f"mediapipe's mesh to the {model.name} surface")
     target = scale * face @ rotation + shift
     tri_ids, bary, dist = closest_points(target[mesh_points], vertices, surface)
     close = dist <= max_distance
+    if close.sum() < MIN_POINTS:
+        raise CorrespondenceError(f"only {close.sum()} of mediapipe's points lie within {max_distance * 1e3:.0f} mm "
+                                  f"of the {model.name} face surface")
     face_ids = _triangle_ids(model.faces, surface[tri_ids[close]])
     return MediapipeEmbedding(point_ids=mesh_points[close], faces=face_ids, bary=bary[close],
                               distance_m=dist[close].astype(np.float32), left_out=int(facemesh.NUM_POINTS - close.sum()))

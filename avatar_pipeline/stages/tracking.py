@@ -22,7 +22,7 @@ from ..config import ModelConfig, TrackingConfig
 from ..models import load_model
 from ..models.base import MorphableModel
 from ..runtime import progress
-from ..models.correspondence import mediapipe_embedding
+from ..models.correspondence import CorrespondenceError, mediapipe_embedding
 from ..tracking import (TrackingError, fit, head_to_camera, ibug68_points, interpolate_invalid, joint_pose,
                         mediapipe_points)
 
@@ -63,7 +63,7 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     model, warnings = load_model(model_cfg, ict_status, lms)
     for w in warnings:
         log.warning("tracking: %s", w)
-    points, embedding = _fit_points(model, cfg, lms, usable)
+    points, embedding = _fit_points(model, cfg, lms, usable, warnings)
     targets = (lms["mp478"] if points.name == "mediapipe" else lms["ibug68"])[..., :2]
     weights = np.repeat(usable[:, None], targets.shape[1], 1).astype(np.float32)
 
@@ -142,13 +142,20 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     return info
 
 
-def _fit_points(model: MorphableModel, cfg: TrackingConfig, lms: dict, usable: np.ndarray):
-    """The model points to fit, and the per-subject mediapipe embedding when one was made (ICT / FLAME)."""
+def _fit_points(model: MorphableModel, cfg: TrackingConfig, lms: dict, usable: np.ndarray, warnings: list[str]):
+    """The model points to fit, and the per-subject mediapipe embedding when one was made (ICT / FLAME);
+    a failed embedding falls back to the 68 landmarks with a warning added to `warnings`."""
     if cfg.fit_points == "ibug68":
         return ibug68_points(model, cfg), None
     if model.name == "builtin":
         return mediapipe_points(model, cfg), None
-    embedding = mediapipe_embedding(model, lms["mp478"], usable)
+    try:
+        embedding = mediapipe_embedding(model, lms["mp478"], usable)
+    except CorrespondenceError as error:
+        warning = f"FALLBACK: mediapipe's points could not be placed on {model.name} ({error}); fitting its 68 landmarks"
+        log.warning("tracking: %s", warning)
+        warnings.append(warning)
+        return ibug68_points(model, cfg), None
     log.info("tracking: %d of mediapipe's points placed on %s (median distance to the surface %.2f mm; %d left out)",
              len(embedding.point_ids), model.name, np.median(embedding.distance_m) * 1e3, embedding.left_out)
     return mediapipe_points(model, cfg, embedding.faces, embedding.bary, embedding.point_ids), embedding
