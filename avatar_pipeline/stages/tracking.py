@@ -4,8 +4,9 @@ nerfstudio-style transforms.json, an overlay video of the fitted mesh, and optio
 
 By default every model is fitted to mediapipe's face-mesh points: the built-in model has mediapipe's
 topology; for ICT FaceKit and FLAME the points are placed on the model's surface per subject
-(models/correspondence.py). `tracking.fit_points: ibug68` fits the models' 68 landmarks instead. Frames without landmarks get no data term; their parameters are interpolated from
-their neighbours (marked `interpolated`) and they stay out of training.
+(models/correspondence.py). `tracking.fit_points: ibug68` fits the models' 68 landmarks instead.
+Frames without landmarks get no data term; their parameters are interpolated from their neighbours
+(marked `interpolated`) and they stay out of training.
 """
 from __future__ import annotations
 
