@@ -101,7 +101,8 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
                         max_distance: float = 0.005) -> MediapipeEmbedding:
     """Embed mediapipe's points on `model` from a subject's landmarks (N, 478, 3) (pixels, relative depth)."""
     _, face = aligned_meshes(mp478, valid)
-    surface = model.faces[np.isin(model.faces, model.regions["face"]).all(1)]
+    surface_ids = np.flatnonzero(np.isin(model.faces, model.regions["face"]).all(1))
+    surface = model.faces[surface_ids]
     mesh_points = np.setdiff1d(np.arange(facemesh.NUM_POINTS), IRIS)
     ki = min(num_identity, model.num_identity)
     basis = model.identity_basis[..., :ki].astype(np.float64)
@@ -140,12 +141,6 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
     if close.sum() < MIN_POINTS:
         raise CorrespondenceError(f"only {close.sum()} of mediapipe's points lie within {max_distance * 1e3:.0f} mm "
                                   f"of the {model.name} face surface")
-    face_ids = _triangle_ids(model.faces, surface[tri_ids[close]])
-    return MediapipeEmbedding(point_ids=mesh_points[close], faces=face_ids, bary=bary[close],
+    return MediapipeEmbedding(point_ids=mesh_points[close], faces=surface_ids[tri_ids[close]], bary=bary[close],
                               distance_m=dist[close].astype(np.float32), left_out=int(facemesh.NUM_POINTS - close.sum()))
 
-
-def _triangle_ids(faces: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """Row indices in `faces` of the triangles `wanted` (M, 3) (each present in `faces`)."""
-    lookup = {tuple(f): i for i, f in enumerate(faces.tolist())}
-    return np.array([lookup[tuple(f)] for f in wanted.tolist()], np.int64)
