@@ -124,6 +124,9 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
         entry = {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
                  "precision": done["precision"], "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
                  "validation_frame_minutes_to_psnr": reached}
+        tracking_meta = work / "results" / name / "tracking" / "meta.json"
+        if tracking_meta.exists():  # avatars of the same clip differ with the landmark set tracked
+            entry["tracking_fit_points"] = json.loads(tracking_meta.read_text()).get("fit_points")
         metrics_path = folder / "eval" / "metrics.json"
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
