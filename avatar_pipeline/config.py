@@ -104,6 +104,7 @@ class TrackingConfig:
     refine_size: int = 128
     refine_batch: int = 4
     refine_learning_rate: float = 0.003
+    rasterizer: str = "auto"  # of the refinement: PyTorch3D when installed, else the project's own ("own")
     photometric_weight: float = 1.0
     silhouette_weight: float = 0.1
     overlay_frames: int = 100

@@ -215,13 +215,14 @@ def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn
 
 def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
         settings: TrackingConfig, points: LandmarkSet | None = None, progress=None, images: np.ndarray | None = None,
-        masks: np.ndarray | None = None) -> FitResult:
+        masks: np.ndarray | None = None, rasterizer: str = "own") -> FitResult:
     """Fit the model to 2D landmarks `targets` (N, L, 2) in pixels with per-point `weights` (N, L)
     (0 for missing): first the rigid pose and focal length, then everything.
     `points` says which model points meet which columns of `targets`: by default the model's iBUG-68
     embedding (L = 68, iBUG order); with `mediapipe_points`, L = 478 (mediapipe order).
     With `images` (N, R, R, 3) in [0, 1] and face `masks` (N, R, R) and `settings.refine ==
-    "photometric"`, a photometric refinement through the differentiable renderer follows."""
+    "photometric"`, a photometric refinement through the differentiable renderer follows, rasterized by
+    `rasterizer` (render.pick_rasterizer resolves the config's choice)."""
     import time
 
     start = time.perf_counter()
@@ -240,14 +241,15 @@ def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_s
                  lambda: objective.constrain(params), history, progress, total)
     photometric = None
     if refine:
-        photometric = refine_photometric(objective, params, images, masks, weights.sum(1) > 0, history, progress, total)
+        photometric = refine_photometric(objective, params, images, masks, weights.sum(1) > 0, history, progress, total,
+                                         rasterizer)
     result = objective.result(params, time.perf_counter() - start, history)
     result.photometric = photometric
     return result
 
 
 def refine_photometric(objective: LandmarkObjective, params: dict, images: np.ndarray, masks: np.ndarray,
-                       fitted: np.ndarray, history: list, progress=None, total: int = 0) -> dict:
+                       fitted: np.ndarray, history: list, progress=None, total: int = 0, rasterizer: str = "own") -> dict:
     """Refine pose, expression and identity so the shaded model matches the frames inside the parsed face.
 
     Appearance: one albedo per vertex (initialised from the frames) times per-frame first-order
@@ -292,7 +294,7 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
         normals = vertex_normals(cam, faces_t)
         basis = torch.cat([torch.ones_like(normals[:, :1]), normals], 1)
         colour = params["albedo"] * (basis @ params["shading"][int(i)])[:, None]
-        rendered, covered, tri_id = render_attributes(uv, cam[:, 2], faces_local, colour, size)
+        rendered, covered, tri_id = render_attributes(uv, cam[:, 2], faces_local, colour, size, rasterizer)
         inside = covered & masks_t[i]
         if inside.sum() < 10:
             return None, None
@@ -345,7 +347,8 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
     del params["albedo"], params["shading"]
     return {"l1_before": round(before, 5), "l1_after": round(after, 5),
             "silhouette_px_before": silhouette_before, "silhouette_px_after": silhouette_after,
-            "frames_evaluated": len(evaluation), "iterations": s.refine_iterations, "size": size}
+            "frames_evaluated": len(evaluation), "iterations": s.refine_iterations, "size": size,
+            "rasterizer": rasterizer}
 
 
 def _boundary_distance(masks: np.ndarray) -> torch.Tensor:

@@ -221,7 +221,7 @@ def test_subject_with_mostly_invalid_landmarks_is_refused(lp_d18, tmp_path):
     assert not store.stage_dir("tracking").exists()
 
 
-def test_photometric_refinement_through_the_own_renderer(lp_d18, ict_status, tmp_path):
+def test_photometric_refinement_through_the_differentiable_renderer(lp_d18, ict_status, tmp_path):
     store = cache.SubjectCache(tmp_path, "lp_d18")
     store.root.mkdir(parents=True)
     for stage in ("crop", "landmarks", "parsing"):
@@ -231,6 +231,12 @@ def test_photometric_refinement_through_the_own_renderer(lp_d18, ict_status, tmp
     refined = tracking_stage.run(store, TrackingConfig(**base, refine="photometric", refine_iterations=40, refine_size=64),
                                  ModelConfig(kind="ict"), ict_status)
     photo = refined["refinement"]
+    try:
+        import pytorch3d  # noqa: F401
+        assert photo["rasterizer"] == "pytorch3d"
+    except ImportError:  # tracking.rasterizer: auto says it fell back
+        assert photo["rasterizer"] == "own"
+        assert any(w.startswith("FALLBACK: PyTorch3D is not installed") for w in refined["warnings"])
     assert photo["l1_after"] < photo["l1_before"]
     assert photo["silhouette_px_after"] < photo["silhouette_px_before"]
     assert refined["reprojection_error_px"]["mean"] < 1.25 * plain["reprojection_error_px"]["mean"]
@@ -255,6 +261,49 @@ def test_renderer_gradients_move_vertices_toward_the_target():
         optimizer.step()
     assert loss.item() < 0.5 * first
     assert (uv[0] - target_uv[0]).norm() < 2.0  # the displaced corner went back (it started 3.6 px away)
+
+
+def test_rasterizer_choice_says_what_it_uses():
+    from avatar_pipeline.errors import InputError
+    from avatar_pipeline.render import pick_rasterizer
+
+    assert pick_rasterizer("own")[0] == "own"
+    try:
+        import pytorch3d  # noqa: F401
+    except ImportError:
+        backend, why = pick_rasterizer("auto")
+        assert backend == "own" and "PyTorch3D is not installed" in why
+        with pytest.raises(InputError, match="tracking.rasterizer"):
+            pick_rasterizer("pytorch3d")
+    else:
+        assert pick_rasterizer("auto")[0] == pick_rasterizer("pytorch3d")[0] == "pytorch3d"
+
+
+def test_pytorch3d_and_own_rasterizer_render_the_same_image():
+    """Same pixel convention, visibility and barycentrics, and gradients in the same direction."""
+    pytest.importorskip("pytorch3d", reason="PyTorch3D is optional (no Linux wheel on PyPI); the own rasterizer is used")
+    from avatar_pipeline.render import render_attributes
+
+    # two overlapping quads at different depths: the nearer one must hide the farther one in both
+    uv = torch.tensor([[6.0, 5.0], [40.0, 7.0], [38.0, 41.0], [5.0, 37.0],
+                       [20.0, 18.0], [60.0, 20.0], [58.0, 58.0], [22.0, 60.0]], requires_grad=True)
+    depth = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    colours = torch.rand(8, 3, generator=torch.Generator().manual_seed(0))
+    images, grads = {}, {}
+    for backend in ("own", "pytorch3d"):
+        image, covered, tri_id = render_attributes(uv, depth, faces, colours, 64, backend)
+        images[backend] = (image.detach(), covered, tri_id)
+        (grad,) = torch.autograd.grad((image * torch.linspace(0, 1, 64)[:, None, None]).sum(), uv)
+        grads[backend] = grad
+    (own, own_mask, own_tri), (p3d, p3d_mask, p3d_tri) = images["own"], images["pytorch3d"]
+    both = own_mask & p3d_mask
+    assert (own_mask ^ p3d_mask).sum() < 0.03 * own_mask.sum()  # they may differ on edge pixels only
+    assert (own_tri == p3d_tri)[both.numpy()].mean() > 0.97
+    same_triangle = both & torch.as_tensor(own_tri == p3d_tri)
+    assert (own - p3d).abs()[same_triangle].max() < 1e-3
+    cosine = torch.nn.functional.cosine_similarity(grads["own"].flatten(), grads["pytorch3d"].flatten(), dim=0)
+    assert cosine > 0.9
 
 
 def test_mediapipe_points_fall_back_to_the_68_when_they_do_not_fit_the_model(lp_d18, tmp_path):

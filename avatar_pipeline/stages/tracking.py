@@ -24,6 +24,7 @@ from ..models import load_model
 from ..models.base import MorphableModel
 from ..runtime import progress
 from ..models.correspondence import CorrespondenceError, mediapipe_embedding
+from ..render import pick_rasterizer
 from ..tracking import (TrackingError, fit, head_to_camera, ibug68_points, interpolate_invalid, joint_pose,
                         mediapipe_points)
 
@@ -76,9 +77,17 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     images = masks = None
+    rasterizer = "own"
     if cfg.refine == "photometric":
+        rasterizer, why = pick_rasterizer(cfg.rasterizer)
+        if rasterizer == "own" and cfg.rasterizer == "auto":
+            warnings.append(f"FALLBACK: {why} for the photometric refinement")
+            log.warning("tracking: %s", warnings[-1])
+        else:
+            log.info("tracking: photometric refinement rasterized by %s", why)
         images, masks = _refinement_inputs(store, n, cfg.refine_size)
-    result = fit(model, targets, weights, size, cfg, points=points, progress=report, images=images, masks=masks)
+    result = fit(model, targets, weights, size, cfg, points=points, progress=report, images=images, masks=masks,
+                 rasterizer=rasterizer)
     bar.close()
     face_px = np.linalg.norm(np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1)
     face_px = float(np.median(face_px))
