@@ -97,7 +97,7 @@ def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
     tracking = _load(store.stage_dir("tracking") / "meta.json") or {}
     parts.append("<h2>Tracking</h2>")
     for warning in tracking.get("warnings", []):
-        parts.append(f"<p class='warn'>FALLBACK: {esc(str(warning))}</p>")
+        parts.append(f"<p class='warn'>{esc(str(warning))}</p>")  # each names its kind (FALLBACK: ...)
     if tracking:
         error = tracking.get("reprojection_error_px", {})
         parts.append(f"<p>model <b>{esc(str(tracking.get('model')))}</b>, {tracking.get('fitted_frames')}/"
