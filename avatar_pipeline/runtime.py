@@ -1,7 +1,9 @@
 """Process-wide conveniences: logging set-up and progress bars that read well in Snakemake logs."""
 from __future__ import annotations
 
+import functools
 import logging
+import platform
 import sys
 from typing import Iterable, Iterator, TypeVar
 
@@ -27,3 +29,17 @@ def torch_device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """This machine's CPU model and whether it multiplies bf16 natively (AVX512-BF16 or AMX), which
+    decides NeRFace's `precision: auto` and makes CPU timings comparable across machines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "native_bf16": False}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    return {"model": model, "native_bf16": "avx512_bf16" in text or "amx_bf16" in text}

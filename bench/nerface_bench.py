@@ -32,6 +32,7 @@ RESULTS = REPO / "bench" / "results"
 
 from avatar_pipeline.avatars.nerface import NeRFaceRenderer  # noqa: E402
 from avatar_pipeline.avatars.nerface_config import nerface_config  # noqa: E402
+from avatar_pipeline.runtime import cpu_info  # noqa: E402
 
 THRESHOLDS = (26.0, 27.0, 28.0, 29.0)
 
@@ -70,7 +71,7 @@ def step_seconds(preset: str, precision: str, repeats: int) -> float:
 
 
 def steps_bench() -> None:
-    figures = {"threads": torch.get_num_threads(), "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1),
+    figures = {"cpu": cpu_info(), "threads": torch.get_num_threads(), "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1),
                                                                      "bf16": round(matmul_gflops(torch.bfloat16), 1)},
                "reference_paper_step_seconds": 6.5, "step_seconds": {}}
     for preset, precision, repeats in (("paper", "fp32", 2), ("paper", "bf16", 3), ("fast", "fp32", 10), ("fast", "bf16", 10)):
@@ -122,7 +123,7 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
         validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
         reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
         entry = {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
-                 "precision": done["precision"], "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
+                 "precision": done["precision"], "cpu": done.get("cpu", "not recorded"), "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
                  "validation_frame_minutes_to_psnr": reached}
         tracking_meta = work / "results" / name / "tracking" / "meta.json"
         if tracking_meta.exists():  # avatars of the same clip differ with the landmark set tracked

@@ -107,7 +107,7 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
     device = torch_device()
     size = cfg.render_size
     test = SubjectFrames(store, size, "test", with_masks=True)
-    train_data = SubjectFrames(store, size, "train")
+    train_data = SubjectFrames(store, size, "train", with_images=False)  # its cameras and conditions only
     renderer, train_latents = load_trained(train_dir, cfg, test.conditions.shape[1], device)
     lpips_model = metrics.Lpips(str(device)) if cfg.lpips else None
     csim_model = metrics.Csim()

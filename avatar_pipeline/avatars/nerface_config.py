@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from ..runtime import cpu_info
 from .nerface import FieldConfig
 
 
@@ -79,7 +80,7 @@ class NeRFaceConfig:
         same loss), fp32 elsewhere (the GPU path stays as the paper trained it)."""
         if self.precision != "auto":
             return self.precision
-        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_info()["native_bf16"] else "fp32"
 
     @property
     def render_size(self) -> int:
@@ -108,18 +109,3 @@ def nerface_config(section: dict) -> NeRFaceConfig:
     if "protocols" in values:
         values["protocols"] = tuple(values["protocols"])
     return NeRFaceConfig(**values)
-
-
-_BF16: bool | None = None
-
-
-def cpu_has_bf16() -> bool:
-    global _BF16
-    if _BF16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            _BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        except OSError:
-            _BF16 = False
-    return _BF16

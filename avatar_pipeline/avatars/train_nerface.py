@@ -19,7 +19,7 @@ import torch
 
 from .. import cache
 from ..errors import CacheError, InputError
-from ..runtime import progress, torch_device
+from ..runtime import cpu_info, progress, torch_device
 from ..stages.tracking import camera_to_head_gl
 from .nerface import NeRFaceRenderer, camera_rays
 from .nerface_config import NeRFaceConfig
@@ -49,7 +49,8 @@ def read_tracking(store: cache.SubjectCache) -> dict:
 class SubjectFrames:
     """One split of a subject at a given resolution: images, background, cameras, conditions, head boxes."""
 
-    def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False):
+    def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False,
+                 with_images: bool = True):
         data = read_tracking(store)
         self.tracking = data
         crop_size = int(data["image_size"])
@@ -59,7 +60,7 @@ class SubjectFrames:
                              f"no successfully tracked frame in the {split} split", "tracking")
         self.frames = np.array(frames)
         self.size, self.focal = size, float(data["focal"]) * size / crop_size
-        self.images = torch.stack([_load_rgb(store.read_frame(i), size) for i in frames])
+        self.images = torch.stack([_load_rgb(store.read_frame(i), size) for i in frames]) if with_images else None
         background = store.read_background()
         if background.shape[:2] != (crop_size, crop_size):
             raise InputError(str(store.stage_dir("background") / "background.png"),
@@ -210,6 +211,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
     rows = _read_log(log_path)
     summary = {"steps": int(rows[-1]["step"]) if rows else 0, "planned_steps": cfg.steps,
                "stopped_by_time_budget": stopped_early, "frames": len(data.frames), "size": cfg.size, "device": str(device),
+               "cpu": cpu_info()["model"],
                "precision": renderer.precision, "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
                "final_train_psnr": float(np.mean([float(r["psnr_fine"]) for r in rows[-100:]])) if rows else None,
                "settings": cfg.training_settings()}
