@@ -76,10 +76,13 @@ def test_changed_settings_start_afresh_and_keep_the_old_checkpoint(tracked, tmp_
 
 
 def test_time_budget_stops_training_with_a_valid_model(tracked, tmp_path):
-    summary = train(tracked, tiny(steps=100000, max_minutes=0.05), tmp_path / "train")
+    summary = train(tracked, tiny(steps=100000, max_minutes=0.05, final_learning_rate=5e-4), tmp_path / "train")
     assert summary["stopped_by_time_budget"] and 0 < summary["steps"] < 100000
     state = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=False)
     assert state["step"] == summary["steps"]
+    # the learning rate decayed over the budget, not over the 100000 steps it did not reach
+    rates = [float(r["learning_rate"]) for r in _log(tmp_path / "train" / "log.csv")]
+    assert rates[0] > 4e-3 and rates[-1] < 1e-3
 
 
 def test_held_out_frames_are_measured_under_both_protocols(tracked, trained, tmp_path):

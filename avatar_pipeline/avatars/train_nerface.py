@@ -177,7 +177,12 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                 f.flush()  # the log never lags behind a checkpoint
                 save_checkpoint(checkpoint, checkpoint_state(step))
                 break
-            lr = cfg.learning_rate * math.exp(decay * step / max(1, cfg.steps - 1))
+            # the decay follows whichever runs out first, the steps or the time budget, so a slower CPU
+            # still ends its budget at the final learning rate instead of stopping mid-schedule
+            done = step / max(1, cfg.steps - 1)
+            if cfg.max_minutes is not None:
+                done = min(1.0, max(done, (time.perf_counter() - started) / (60 * cfg.max_minutes)))
+            lr = cfg.learning_rate * math.exp(decay * done)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             k = int(rng.integers(len(data.frames)))
