@@ -104,13 +104,14 @@ def quality_bench(clips: list[str]) -> None:
     figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
                     "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
     figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
-                                           "exit_code": proc.returncode})
+                                           "exit_code": proc.returncode, "cpu": cpu_info()})
     collect(figures, work, names)
 
 
 def collect(figures: dict, work: Path, names: list[str]) -> None:
     """Training and test figures of every named clip (training only when its evaluation has not run)."""
-    keys = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "head_psnr", "head_ssim", "head_l1", "psnr_background_only")
+    keys = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "cpbd", "cpbd_truth", "head_psnr", "head_ssim", "head_l1",
+            "psnr_background_only")
     for name in names:
         folder = work / "results" / name / "avatars" / "nerface_fast"
         try:
@@ -150,11 +151,11 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "steps"
     if what == "steps":
         steps_bench()
-    elif what == "collect":  # figures of what has run so far in bench/work (e.g. after stopping a run)
+    elif what == "collect":  # figures of what has run in bench/work (a stopped run, or re-read with new keys)
         previous = RESULTS / "nerface_quality.json"
         figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
         config = json.loads((REPO / "bench" / "work" / "config.yaml").read_text())
-        figures.update({"command": "bench/nerface_bench.py quality CLIP ... (stopped) + collect CLIP ...",
+        figures.update({"command": "bench/nerface_bench.py quality CLIP ..., figures (re-)read by collect CLIP ...",
                         "preset": config["avatars"]["nerface_fast"],
                         "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
         collect(figures, REPO / "bench" / "work", [Path(c).stem for c in sys.argv[2:]])
