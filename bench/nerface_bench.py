@@ -71,13 +71,25 @@ def step_seconds(preset: str, precision: str, repeats: int) -> float:
 
 
 def steps_bench() -> None:
-    figures = {"cpu": cpu_info(), "threads": torch.get_num_threads(), "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1),
-                                                                     "bf16": round(matmul_gflops(torch.bfloat16), 1)},
-               "reference_paper_step_seconds": 6.5, "step_seconds": {}}
-    for preset, precision, repeats in (("paper", "fp32", 2), ("paper", "bf16", 3), ("fast", "fp32", 10), ("fast", "bf16", 10)):
+    """Step times of this machine, added to those of machines measured before (keyed by CPU model)."""
+    cpu = cpu_info()
+    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(),
+               "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1)}, "step_seconds": {}}
+    runs = [("paper", "fp32", 2), ("fast", "fp32", 10)]
+    if cpu["native_bf16"]:  # emulated bf16 is slower than fp32: not worth timing
+        figures["matmul_gflops"]["bf16"] = round(matmul_gflops(torch.bfloat16), 1)
+        runs += [("paper", "bf16", 3), ("fast", "bf16", 10)]
+    for preset, precision, repeats in runs:
         figures["step_seconds"][f"{preset}/{precision}"] = round(step_seconds(preset, precision, repeats), 3)
         print(preset, precision, figures["step_seconds"][f"{preset}/{precision}"], flush=True)
-    _write("nerface_steps.json", figures)
+    previous = RESULTS / "nerface_steps.json"
+    results = json.loads(previous.read_text()) if previous.exists() else {}
+    if "machines" not in results:  # the first file held one machine's figures, an Intel Xeon with AMX
+        results.pop("reference_paper_step_seconds", None)
+        results = {"machines": {"Intel Xeon with AMX (model not recorded)": results} if results else {}}
+    results.update({"command": "bench/nerface_bench.py steps", "reference_paper_step_seconds": 6.5})
+    results["machines"][cpu["model"]] = figures
+    _write("nerface_steps.json", results)
 
 
 def quality_bench(clips: list[str]) -> None:
