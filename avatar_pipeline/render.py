@@ -17,9 +17,6 @@ import torch
 from . import raster
 from .errors import InputError
 
-RASTERIZERS = ("auto", "pytorch3d", "own")
-
-
 def pick_rasterizer(choice: str) -> tuple[str, str]:
     """The rasterizer `choice` ("auto", "pytorch3d" or "own") resolves to, and why."""
     if choice == "own":
@@ -42,15 +39,12 @@ def render_attributes(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, 
     centres at integers) with camera depth `depth` (V, positive in front) by `rasterizer` ("own" or
     "pytorch3d", see pick_rasterizer). Returns the image (size, size, C), the coverage mask (size, size)
     and the visible triangle per pixel (numpy, -1 where empty)."""
-    if rasterizer == "pytorch3d":
-        tri_id, ys, xs, weights = _visible_pytorch3d(uv, depth, faces, size)
-    else:
-        tri_id, ys, xs, weights = _visible_own(uv, depth, faces, size)
+    visible = _visible_pytorch3d if rasterizer == "pytorch3d" else _visible_own
+    tri_id, ys, xs, corners, weights = visible(uv, depth, faces, size)
     image = attributes.new_zeros(size, size, attributes.shape[1])
     mask = torch.zeros(size, size, dtype=torch.bool)
     if len(ys) == 0:
         return image, mask, tri_id
-    corners = torch.as_tensor(faces[tri_id[ys, xs]], device=attributes.device)
     values = (attributes[corners] * weights[..., None]).sum(1)
     rows, cols = torch.as_tensor(ys), torch.as_tensor(xs)
     image = image.index_put((rows, cols), values)
@@ -59,14 +53,14 @@ def render_attributes(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, 
 
 
 def _visible_own(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size: int):
-    """Visible triangle per pixel from the hard rasterizer, covered pixels (ys, xs) and their barycentric
-    weights (P, 3) recomputed in torch so they carry gradients to `uv`."""
+    """Visible triangle per pixel from the hard rasterizer, covered pixels (ys, xs), their triangles'
+    corners (P, 3) and barycentric weights (P, 3) recomputed in torch so they carry gradients to `uv`."""
     tri_id = raster.rasterize(uv.detach().cpu().numpy().astype(np.float64), -depth.detach().cpu().numpy(),
                               faces, size, size)
     ys, xs = np.nonzero(tri_id >= 0)
-    if len(ys) == 0:
-        return tri_id, ys, xs, uv.new_zeros(0, 3)
     corners = torch.as_tensor(faces[tri_id[ys, xs]], device=uv.device)
+    if len(ys) == 0:
+        return tri_id, ys, xs, corners, uv.new_zeros(0, 3)
     a, b, c = uv[corners[:, 0]], uv[corners[:, 1]], uv[corners[:, 2]]
     p = torch.stack([torch.as_tensor(xs, dtype=uv.dtype), torch.as_tensor(ys, dtype=uv.dtype)], 1).to(uv.device)
     e1, e2, ep = b - a, c - a, p - a
@@ -75,7 +69,7 @@ def _visible_own(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size:
     l1 = (ep[:, 0] * e2[:, 1] - e2[:, 0] * ep[:, 1]) / den
     l2 = (e1[:, 0] * ep[:, 1] - ep[:, 0] * e1[:, 1]) / den
     weights = torch.stack([1 - l1 - l2, l1, l2], 1).clamp(0, 1)
-    return tri_id, ys, xs, weights / weights.sum(1, keepdim=True).clamp_min(1e-6)
+    return tri_id, ys, xs, corners, weights / weights.sum(1, keepdim=True).clamp_min(1e-6)
 
 
 def _visible_pytorch3d(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size: int):
@@ -91,7 +85,7 @@ def _visible_pytorch3d(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray,
     tri_id = pix_to_face[0, ..., 0].cpu().numpy().astype(np.int32)  # one mesh: packed face index = row of `faces`
     ys, xs = np.nonzero(tri_id >= 0)
     weights = bary[0, torch.as_tensor(ys, device=bary.device), torch.as_tensor(xs, device=bary.device), 0].to(uv.dtype)
-    return tri_id, ys, xs, weights
+    return tri_id, ys, xs, torch.as_tensor(faces[tri_id[ys, xs]], device=uv.device), weights
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -83,10 +83,7 @@ def steps_bench() -> None:
         figures["step_seconds"][f"{preset}/{precision}"] = round(step_seconds(preset, precision, repeats), 3)
         print(preset, precision, figures["step_seconds"][f"{preset}/{precision}"], flush=True)
     previous = RESULTS / "nerface_steps.json"
-    results = json.loads(previous.read_text()) if previous.exists() else {}
-    if "machines" not in results:  # the first file held one machine's figures, an Intel Xeon with AMX
-        results.pop("reference_paper_step_seconds", None)
-        results = {"machines": {"Intel Xeon with AMX (model not recorded)": results} if results else {}}
+    results = json.loads(previous.read_text()) if previous.exists() else {"machines": {}}
     results.update({"command": "bench/nerface_bench.py steps", "reference_paper_step_seconds": 6.5})
     results["machines"][cpu["model"]] = figures
     _write("nerface_steps.json", results)

@@ -171,7 +171,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
         started = time.perf_counter() - seconds
         stopped_early = False
         for step in bar:
-            if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
+            budget_spent = 0.0 if cfg.max_minutes is None else (time.perf_counter() - started) / (60 * cfg.max_minutes)
+            if budget_spent > 1.0:
                 log.info("nerface: time budget of %.1f min reached at step %d of %d", cfg.max_minutes, step, cfg.steps)
                 stopped_early = True
                 f.flush()  # the log never lags behind a checkpoint
@@ -179,9 +180,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                 break
             # the decay follows whichever runs out first, the steps or the time budget, so a slower CPU
             # still ends its budget at the final learning rate instead of stopping mid-schedule
-            done = step / max(1, cfg.steps - 1)
-            if cfg.max_minutes is not None:
-                done = min(1.0, max(done, (time.perf_counter() - started) / (60 * cfg.max_minutes)))
+            done = max(step / max(1, cfg.steps - 1), budget_spent)
             lr = cfg.learning_rate * math.exp(decay * done)
             for group in optimizer.param_groups:
                 group["lr"] = lr
