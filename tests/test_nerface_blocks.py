@@ -45,6 +45,22 @@ def test_split_first_layer_is_one_layer_on_the_concatenated_input():
     assert torch.allclose(expected, got, atol=1e-5)
 
 
+def test_positions_are_scaled_into_the_unit_ball_before_the_encoding():
+    from avatar_pipeline.avatars.nerface_config import nerface_config
+
+    cfg = nerface_config({"preset": "fast", "scene_radius": 0.25})
+    assert cfg.field(53).position_scale == 4.0
+    small = FieldConfig(width=16, depth=2, colour_width=8, colour_depth=1)
+    torch.manual_seed(0)
+    metres = ConditionedField(small)
+    scaled = ConditionedField(FieldConfig(**{**small.__dict__, "position_scale": 4.0}))
+    scaled.load_state_dict(metres.state_dict())
+    pts, dirs, cond = torch.randn(3, 5, 3) * 0.2, torch.nn.functional.normalize(torch.randn(3, 3), dim=-1), torch.randn(85)
+    # a point at 0.2 m through the scaled field is the point at 0.8 through the unscaled one
+    assert torch.allclose(scaled(pts, dirs, cond)[1], metres(pts * 4.0, dirs, cond)[1], atol=1e-6)
+    assert not torch.allclose(scaled(pts, dirs, cond)[1], metres(pts, dirs, cond)[1], atol=1e-3)
+
+
 def test_bf16_and_chunked_rendering_match_fp32():
     from avatar_pipeline.avatars.nerface import NeRFaceRenderer
 

@@ -82,7 +82,8 @@ def test_time_budget_stops_training_with_a_valid_model(tracked, tmp_path):
     assert state["step"] == summary["steps"]
     # the learning rate decayed over the budget, not over the 100000 steps it did not reach
     rates = [float(r["learning_rate"]) for r in _log(tmp_path / "train" / "log.csv")]
-    assert rates[0] > 4e-3 and rates[-1] < 1e-3
+    # (over the steps it would still be near the initial 5e-3; the first logged rate depends on the machine's load)
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] and rates[-1] < 1e-3
 
 
 def test_held_out_frames_are_measured_under_both_protocols(tracked, trained, tmp_path):
@@ -119,6 +120,13 @@ def test_pose_correction_runs_and_moves_the_cameras_only_a_little(tracked, train
     assert codes.shape == (len(test.frames), cfg.latent_dim) and torch.isfinite(cameras).all()
     moved = (cameras[:, :3, 3] - test.camera_to_head[:, :3, 3]).norm(dim=1)
     assert 0 < moved.max() < 0.05  # metres
+
+
+def test_rays_sample_the_scene_radius_around_the_tracked_head(tracked):
+    wide, narrow = (SubjectFrames(tracked, 32, "test", with_images=False, scene_radius=r) for r in (0.35, 0.2))
+    distance = wide.camera_to_head[:, :3, 3].norm(dim=1)
+    assert torch.allclose(wide.far - distance, torch.full_like(distance, 0.35))
+    assert torch.allclose(narrow.far - narrow.near, torch.full_like(distance, 0.4))
 
 
 def test_a_checkpoint_of_other_settings_is_refused_for_evaluation(tracked, trained, tmp_path):

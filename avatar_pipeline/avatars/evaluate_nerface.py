@@ -106,8 +106,9 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
     """Everything in the module docstring, written into `out` (a staged folder the caller renames)."""
     device = torch_device()
     size = cfg.render_size
-    test = SubjectFrames(store, size, "test", with_masks=True)
-    train_data = SubjectFrames(store, size, "train", with_images=False)  # its cameras and conditions only
+    test = SubjectFrames(store, size, "test", with_masks=True, scene_radius=cfg.scene_radius)
+    # the training frames' cameras and conditions only
+    train_data = SubjectFrames(store, size, "train", with_images=False, scene_radius=cfg.scene_radius)
     renderer, train_latents = load_trained(train_dir, cfg, test.conditions.shape[1], device)
     lpips_model = metrics.Lpips(str(device)) if cfg.lpips else None
     csim_model = metrics.Csim()

@@ -29,6 +29,7 @@ class FieldConfig:
     depth: int = 8
     colour_width: int = 128
     colour_depth: int = 4
+    position_scale: float = 1.0  # positions are multiplied by this before the encoding
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ class ConditionedField(nn.Module):
         -> density (R, S), rgb (R, S, 3)."""
         rays, samples = points.shape[:2]
         # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice as much
-        enc = positional_encoding(points.reshape(-1, 3), self.cfg.position_frequencies)
+        enc = positional_encoding(points.reshape(-1, 3) * self.cfg.position_scale, self.cfg.position_frequencies)
         # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
         per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
         hidden = (self.position_in(enc).view(rays, samples, -1) + per_ray[:, None]).view(rays * samples, -1)

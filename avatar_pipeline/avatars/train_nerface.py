@@ -27,9 +27,8 @@ from .nerface_config import NeRFaceConfig
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["step", "loss", "psnr_fine", "learning_rate", "seconds", "val_psnr"]
-HEAD_RADIUS = 0.35
 # rendering: rays whose coarse foreground alpha is below this show the background; the fine pass skips them
-SKIP_EMPTY = 1e-4  # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders)
+SKIP_EMPTY = 1e-4
 
 
 def frame_conditions(data: dict, frames: np.ndarray) -> torch.Tensor:
@@ -50,7 +49,7 @@ class SubjectFrames:
     """One split of a subject at a given resolution: images, background, cameras, conditions, head boxes."""
 
     def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False,
-                 with_images: bool = True):
+                 with_images: bool = True, scene_radius: float = NeRFaceConfig.scene_radius):
         data = read_tracking(store)
         self.tracking = data
         crop_size = int(data["image_size"])
@@ -73,7 +72,7 @@ class SubjectFrames:
         boxes = {f["frame_index"]: f["bbox"] for f in meta["frames"]}
         self.boxes = np.array([boxes[i] for i in frames]) * size  # y0, y1, x0, x1 in pixels
         distance = self.camera_to_head[:, :3, 3].norm(dim=1)
-        self.near, self.far = (distance - HEAD_RADIUS).clamp_min(0.05), distance + HEAD_RADIUS
+        self.near, self.far = (distance - scene_radius).clamp_min(0.05), distance + scene_radius
         self.head_masks = None
         if with_masks:
             from ..stages.parsing import CLASS_ID
@@ -125,11 +124,11 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch_device()
-    data = SubjectFrames(store, cfg.size)
+    data = SubjectFrames(store, cfg.size, scene_radius=cfg.scene_radius)
     try:
-        val = SubjectFrames(store, cfg.size, "val")
+        val = SubjectFrames(store, cfg.size, "val", scene_radius=cfg.scene_radius)
     except CacheError:  # no validation split: show the first held-out test frame, as NeRFace does at test time
-        val = SubjectFrames(store, cfg.size, "test")
+        val = SubjectFrames(store, cfg.size, "test", scene_radius=cfg.scene_radius)
     renderer = build_renderer(cfg, data.conditions.shape[1], device)
     latents = torch.nn.Embedding(len(data.frames), cfg.latent_dim).to(device)
     torch.nn.init.zeros_(latents.weight)
