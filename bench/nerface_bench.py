@@ -113,7 +113,9 @@ def quality_bench(clips: list[str]) -> None:
     figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
                     "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
     figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
-                                           "exit_code": proc.returncode, "cpu": cpu_info()})
+                                           "exit_code": proc.returncode, "cpu": cpu_info(),
+                                           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                                                    capture_output=True, text=True).stdout.strip()})
     collect(figures, work, names)
 
 
