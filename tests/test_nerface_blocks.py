@@ -61,6 +61,21 @@ def test_positions_are_scaled_into_the_unit_ball_before_the_encoding():
     assert not torch.allclose(scaled(pts, dirs, cond)[1], metres(pts, dirs, cond)[1], atol=1e-3)
 
 
+def test_softplus_density_keeps_a_gradient_where_relu_has_died():
+    small = dict(width=16, depth=2, colour_width=8, colour_depth=1)
+    pts, dirs, cond = torch.randn(4, 6, 3), torch.nn.functional.normalize(torch.randn(4, 3), dim=-1), torch.randn(85)
+    grads = {}
+    for activation in ("relu", "softplus"):
+        field = ConditionedField(FieldConfig(**small, density_activation=activation))
+        with torch.no_grad():
+            field.density.bias.fill_(-20.0)  # every point's raw density well below zero
+        density, _ = field(pts, dirs, cond)
+        assert (density >= 0).all()
+        density.sum().backward()
+        grads[activation] = field.density.weight.grad.abs().sum()
+    assert grads["relu"] == 0 and grads["softplus"] > 0
+
+
 def test_bf16_and_chunked_rendering_match_fp32():
     from avatar_pipeline.avatars.nerface import NeRFaceRenderer
 

@@ -30,6 +30,7 @@ class FieldConfig:
     colour_width: int = 128
     colour_depth: int = 4
     position_scale: float = 1.0  # positions are multiplied by this before the encoding
+    density_activation: str = "softplus"  # or NeRF's "relu"
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
@@ -82,7 +83,11 @@ class ConditionedField(nn.Module):
         per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
         hidden = (self.position_in(enc).view(rays, samples, -1) + per_ray[:, None]).view(rays * samples, -1)
         features = self.backbone(hidden)
-        density = torch.relu(self.density(features)[:, 0]).view(rays, samples)
+        raw = self.density(features)[:, 0]
+        # a ReLU density can die everywhere in the first steps (it did for vr_face2's coarse field: the render
+        # stayed the background); the shifted softplus always has a gradient and starts as thin fog
+        density = (torch.relu(raw) if self.cfg.density_activation == "relu" else
+                   torch.nn.functional.softplus(raw - 1.0)).view(rays, samples)
         view = positional_encoding(directions, self.cfg.direction_frequencies)
         view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
         rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)

@@ -42,6 +42,7 @@ class NeRFaceConfig:
     # are divided by it before the positional encoding, so the sampled region is the unit ball NeRF's
     # frequencies are laid out for (in metres the finest period, 2 pi / 2^9, would be 1.2 cm: a soft face)
     scene_radius: float = 0.35
+    density_activation: str = "softplus"  # the paper does not say; NeRF's ReLU can die from the first steps
     precision: str = "auto"
     chunk_samples: int = 8192
     checkpoint_every: int = 1000
@@ -66,7 +67,7 @@ class NeRFaceConfig:
     def field(self, expression_dim: int) -> FieldConfig:
         return FieldConfig(expression_dim=expression_dim, latent_dim=self.latent_dim, width=self.width,
                            depth=self.depth, colour_width=self.colour_width, colour_depth=self.colour_depth,
-                           position_scale=1.0 / self.scene_radius)
+                           position_scale=1.0 / self.scene_radius, density_activation=self.density_activation)
 
     def training_settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in TRAINING_KEYS}
@@ -94,7 +95,7 @@ class NeRFaceConfig:
 
 TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
                  "final_learning_rate", "latent_weight", "latent_dim", "width", "depth", "colour_width",
-                 "colour_depth", "scene_radius", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed", "max_minutes")
+                 "colour_depth", "scene_radius", "density_activation", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed", "max_minutes")
 
 PRESETS: dict[str, dict] = {
     "paper": {},
