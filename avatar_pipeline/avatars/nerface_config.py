@@ -33,6 +33,9 @@ class NeRFaceConfig:
     learning_rate: float = 5e-4
     final_learning_rate: float = 5e-4  # exponential decay to this at the last step (the paper: none)
     latent_weight: float = 0.05
+    # weight of the squared difference between the rendered foreground alpha and the parsing stage's person
+    # matte (0: NeRFace's RGB loss only, which leaves the head half transparent over the background)
+    mask_weight: float = 0.0
     latent_dim: int = 32
     width: int = 256
     depth: int = 8
@@ -94,7 +97,7 @@ class NeRFaceConfig:
 
 
 TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
-                 "final_learning_rate", "latent_weight", "latent_dim", "width", "depth", "colour_width",
+                 "final_learning_rate", "latent_weight", "mask_weight", "latent_dim", "width", "depth", "colour_width",
                  "colour_depth", "scene_radius", "density_activation", "precision", "chunk_samples", "checkpoint_every",
                  "validate_every", "seed", "max_minutes")
 

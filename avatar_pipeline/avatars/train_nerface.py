@@ -49,7 +49,7 @@ class SubjectFrames:
     """One split of a subject at a given resolution: images, background, cameras, conditions, head boxes."""
 
     def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False,
-                 with_images: bool = True, scene_radius: float = NeRFaceConfig.scene_radius):
+                 with_images: bool = True, scene_radius: float = NeRFaceConfig.scene_radius, with_mattes: bool = False):
         data = read_tracking(store)
         self.tracking = data
         crop_size = int(data["image_size"])
@@ -73,6 +73,8 @@ class SubjectFrames:
         self.boxes = np.array([boxes[i] for i in frames]) * size  # y0, y1, x0, x1 in pixels
         distance = self.camera_to_head[:, :3, 3].norm(dim=1)
         self.near, self.far = (distance - scene_radius).clamp_min(0.05), distance + scene_radius
+        # the parsing stage's soft person mattes, what the rendered foreground alpha is compared with
+        self.mattes = torch.stack([_resized(store.read_matte(i), size) for i in frames]) if with_mattes else None
         self.head_masks = None
         if with_masks:
             from ..stages.parsing import CLASS_ID
@@ -96,16 +98,22 @@ class SubjectFrames:
         return self.images[k][iy, ix], self.background[iy, ix]
 
     def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator):
-        """Rays through sampled pixels of frame k, their colours and the background behind them."""
+        """Rays through sampled pixels of frame k, their colours, the background behind them and the person
+        matte there (None without mattes)."""
         pixels = self.sample_pixels(k, count, head_fraction, rng)
         origins, dirs = camera_rays(self.camera_to_head[k], self.focal, self.size, pixels)
-        return (origins, dirs) + self.colours(k, pixels)
+        matte = None if self.mattes is None else self.mattes[k][pixels[:, 1].long(), pixels[:, 0].long()]
+        return (origins, dirs) + self.colours(k, pixels) + (matte,)
+
+
+def _resized(image: np.ndarray, size: int) -> torch.Tensor:
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.as_tensor(image, dtype=torch.float32)
 
 
 def _load_rgb(image: np.ndarray, size: int) -> torch.Tensor:
-    if image.shape[:2] != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    return torch.as_tensor(image, dtype=torch.float32) / 255
+    return _resized(image, size) / 255
 
 
 def psnr(mse: float) -> float:
@@ -124,7 +132,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch_device()
-    data = SubjectFrames(store, cfg.size, scene_radius=cfg.scene_radius)
+    data = SubjectFrames(store, cfg.size, scene_radius=cfg.scene_radius, with_mattes=cfg.mask_weight > 0)
     try:
         val = SubjectFrames(store, cfg.size, "val", scene_radius=cfg.scene_radius)
     except CacheError:  # no validation split: show the first held-out test frame, as NeRFace does at test time
@@ -184,7 +192,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             k = int(rng.integers(len(data.frames)))
-            origins, dirs, target, background = (t.to(device) for t in data.sample(k, cfg.rays, cfg.head_fraction, rng))
+            origins, dirs, target, background, matte = (None if t is None else t.to(device)
+                                                        for t in data.sample(k, cfg.rays, cfg.head_fraction, rng))
             condition = torch.cat([data.conditions[k].to(device), latents.weight[k]])
             near = data.near[k].expand(len(origins)).to(device)
             far = data.far[k].expand(len(origins)).to(device)
@@ -192,6 +201,9 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                 out = renderer(origins, dirs, near, far, condition, background)
                 mse_fine = ((out["fine"] - target) ** 2).mean()
                 loss = ((out["coarse"] - target) ** 2).mean() + mse_fine + cfg.latent_weight * (latents.weight[k] ** 2).sum()
+                if matte is not None:
+                    loss = loss + cfg.mask_weight * (((out["coarse_alpha"] - matte) ** 2).mean() +
+                                                     ((out["fine_alpha"] - matte) ** 2).mean())
                 optimizer.zero_grad()
                 loss.backward()
             except RuntimeError as e:
