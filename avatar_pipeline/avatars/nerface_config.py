@@ -97,9 +97,9 @@ class NeRFaceConfig:
 
 
 TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
-                 "final_learning_rate", "latent_weight", "mask_weight", "latent_dim", "width", "depth", "colour_width",
-                 "colour_depth", "scene_radius", "density_activation", "precision", "chunk_samples", "checkpoint_every",
-                 "validate_every", "seed", "max_minutes")
+                 "final_learning_rate", "latent_weight", "mask_weight", "latent_dim", "width", "depth",
+                 "colour_width", "colour_depth", "scene_radius", "density_activation", "precision", "chunk_samples",
+                 "checkpoint_every", "validate_every", "seed", "max_minutes")
 
 PRESETS: dict[str, dict] = {
     "paper": {},
