@@ -94,16 +94,20 @@ class SubjectFrames:
 
     def colours(self, k: int, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame k's and the background's colours at the pixels."""
-        ix, iy = pixels[:, 0].long(), pixels[:, 1].long()
-        return self.images[k][iy, ix], self.background[iy, ix]
+        return _at_pixels(self.images[k], pixels), _at_pixels(self.background, pixels)
 
     def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator):
         """Rays through sampled pixels of frame k, their colours, the background behind them and the person
         matte there (None without mattes)."""
         pixels = self.sample_pixels(k, count, head_fraction, rng)
         origins, dirs = camera_rays(self.camera_to_head[k], self.focal, self.size, pixels)
-        matte = None if self.mattes is None else self.mattes[k][pixels[:, 1].long(), pixels[:, 0].long()]
+        matte = None if self.mattes is None else _at_pixels(self.mattes[k], pixels)
         return (origins, dirs) + self.colours(k, pixels) + (matte,)
+
+
+def _at_pixels(image: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The image's values at the pixels (N, 2) (x, y)."""
+    return image[pixels[:, 1].long(), pixels[:, 0].long()]
 
 
 def _resized(image: np.ndarray, size: int) -> torch.Tensor:
