@@ -105,6 +105,8 @@ def test_presets_fill_every_key_and_explicit_keys_win():
     assert (paper.width, paper.depth, paper.colour_width, paper.colour_depth) == (256, 8, 128, 4)
     assert (paper.learning_rate, paper.final_learning_rate, paper.latent_dim, paper.latent_weight) == (5e-4, 5e-4, 32, 0.05)
     assert paper.head_fraction == 0.95 and paper.protocols[1] == "first_train_frame"
+    # none of our additions: uniform ray draws, no mask loss
+    assert (paper.error_sampling, paper.mask_weight) == (0.0, 0.0)
 
 
 def test_default_config_has_one_fast_avatar():

@@ -202,3 +202,39 @@ def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_p
     path.write_text(",".join(LOG_FIELDS) + "\n" + "\n".join(rows[:12]) + "\n1")
     _truncate_log(path, 20)  # the checkpoint is ahead of the flushed rows: keep the complete ones
     assert [int(r["step"]) for r in _log(path)] == list(range(1, 13))
+
+
+def test_the_error_map_sends_rays_where_the_error_is_and_learns_it_from_the_rays():
+    from avatar_pipeline.avatars.train_nerface import ErrorMap
+
+    errors = ErrorMap(frames=2, size=64, share=0.5)
+    rng = np.random.default_rng(0)
+    box = np.array([8.0, 40.0, 16.0, 48.0])  # y0, y1, x0, x1
+    pixels = errors.sample(0, box, 2000, rng).numpy()
+    # only the cells overlapping the box are drawn, and at first evenly (every cell starts at the same error)
+    assert pixels[:, 0].min() >= 16 and pixels[:, 0].max() < 56 and pixels[:, 1].min() >= 8 and pixels[:, 1].max() < 48
+    cells = pixels.astype(int) // ErrorMap.CELL
+    assert np.bincount(cells[:, 1] * 8 + cells[:, 0]).max() < 2 * 2000 / 25
+    # the rays' errors replace the starting guess: a cell measured as wrong draws most of the next rays
+    truth = np.full((64, 64), 0.001)
+    truth[24:32, 32:40] = 0.5  # the cell at row 3, column 4
+    for _ in range(20):
+        pixels = errors.sample(0, box, 500, rng)
+        errors.update(0, pixels, torch.as_tensor(truth[pixels[:, 1].long(), pixels[:, 0].long()]))
+    assert errors.error[0, 3, 4] == pytest.approx(0.5, rel=0.05) and errors.error[0, 1, 2] < 0.01
+    pixels = errors.sample(0, box, 1000, rng).numpy().astype(int) // ErrorMap.CELL
+    assert np.mean((pixels[:, 0] == 4) & (pixels[:, 1] == 3)) > 0.8
+    assert (errors.error[1] == 1).all()  # the other frame is untouched
+
+
+def test_training_with_error_sampling_keeps_its_error_map_across_a_resume(tracked, tmp_path):
+    out = tmp_path / "train"
+    train(tracked, tiny(steps=20, error_sampling=0.5), out)
+    first = torch.load(out / "checkpoint.pt", weights_only=False)["error_map"]
+    assert (first < 1).any() and first.shape[1:] == (4, 4)  # 32 px in 8-px cells, measured by the rays
+    train(tracked, tiny(steps=40, error_sampling=0.5), out)
+    second = torch.load(out / "checkpoint.pt", weights_only=False)["error_map"]
+    assert [int(r["step"]) for r in _log(out / "log.csv")] == list(range(1, 41))
+    # errors never rise above the starting 1, so a restored map keeps every measured cell below it (a fresh
+    # map would have put the cells the last 20 steps did not revisit back to 1)
+    assert (second[first < 1] < 1).all() and (second < 1).sum() > (first < 1).sum()

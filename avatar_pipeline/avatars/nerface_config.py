@@ -36,6 +36,8 @@ class NeRFaceConfig:
     # weight of the squared difference between the rendered foreground alpha and the parsing stage's person
     # matte (0: NeRFace's RGB loss only, which leaves the head half transparent over the background)
     mask_weight: float = 0.0
+    # share of the head-box rays drawn where the running colour error is largest (0: the paper's uniform draw)
+    error_sampling: float = 0.0
     latent_dim: int = 32
     width: int = 256
     depth: int = 8
@@ -97,9 +99,10 @@ class NeRFaceConfig:
 
 
 TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
-                 "final_learning_rate", "latent_weight", "mask_weight", "latent_dim", "width", "depth",
-                 "colour_width", "colour_depth", "scene_radius", "density_activation", "precision", "chunk_samples",
-                 "checkpoint_every", "validate_every", "seed", "max_minutes")
+                 "final_learning_rate", "latent_weight", "mask_weight", "error_sampling", "latent_dim", "width",
+                 "depth", "colour_width", "colour_depth", "scene_radius",
+                 "density_activation", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed",
+                 "max_minutes")
 
 PRESETS: dict[str, dict] = {
     "paper": {},

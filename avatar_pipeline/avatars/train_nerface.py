@@ -96,13 +96,53 @@ class SubjectFrames:
         """Frame k's and the background's colours at the pixels."""
         return _at_pixels(self.images[k], pixels), _at_pixels(self.background, pixels)
 
-    def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator):
-        """Rays through sampled pixels of frame k, their colours, the background behind them and the person
-        matte there (None without mattes)."""
+    def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator,
+               errors: "ErrorMap | None" = None):
+        """Rays through sampled pixels of frame k, their pixels, colours, the background behind them and the
+        person matte there (None without mattes). With an error map, its share of the head rays follows it."""
         pixels = self.sample_pixels(k, count, head_fraction, rng)
+        if errors is not None:
+            guided = int(round(count * head_fraction * errors.share))
+            pixels[:guided] = errors.sample(k, self.boxes[k], guided, rng)
         origins, dirs = camera_rays(self.camera_to_head[k], self.focal, self.size, pixels)
         matte = None if self.mattes is None else _at_pixels(self.mattes[k], pixels)
-        return (origins, dirs) + self.colours(k, pixels) + (matte,)
+        return (pixels, origins, dirs) + self.colours(k, pixels) + (matte,)
+
+
+class ErrorMap:
+    """A running estimate of every training frame's squared colour error on a grid of cells, from which a
+    share of each step's head rays is drawn (cells in proportion to their error, uniformly within a cell):
+    the rays go where the avatar is still wrong (eyes, teeth, hair edges) instead of evenly over the box.
+
+    Cells start at an error of 1 (above any real one), so every cell is visited before the map is trusted."""
+
+    CELL = 8  # pixels
+    RATE = 0.3  # weight of a new measurement in a cell's running error
+
+    def __init__(self, frames: int, size: int, share: float):
+        self.cells, self.share = -(-size // self.CELL), share
+        self.size = size
+        self.error = np.ones((frames, self.cells, self.cells))
+
+    def sample(self, k: int, box: np.ndarray, count: int, rng: np.random.Generator) -> torch.Tensor:
+        """`count` pixels (x, y) of frame k inside the cells that overlap its head box (y0, y1, x0, x1)."""
+        y0, y1, x0, x1 = np.clip((np.asarray(box) // self.CELL).astype(int), 0, self.cells - 1)
+        errors = self.error[k, y0:y1 + 1, x0:x1 + 1]
+        chosen = rng.choice(errors.size, count, p=(errors / errors.sum()).ravel())
+        cy, cx = np.unravel_index(chosen, errors.shape)
+        corner = np.stack([cx + x0, cy + y0], 1) * self.CELL
+        pixels = np.floor(corner + rng.uniform(0, self.CELL, (count, 2))).clip(0, self.size - 1)
+        return torch.as_tensor(pixels, dtype=torch.float32)
+
+    def update(self, k: int, pixels: torch.Tensor, squared_error: torch.Tensor) -> None:
+        """Blend the mean squared error of the rays that fell in each cell into that cell's estimate."""
+        index = (pixels.numpy().astype(int) // self.CELL)
+        flat = index[:, 1] * self.cells + index[:, 0]
+        sums = np.bincount(flat, squared_error.numpy().astype(np.float64), self.cells ** 2)
+        counts = np.bincount(flat, minlength=self.cells ** 2)
+        seen = counts > 0
+        grid = self.error[k].reshape(-1)
+        grid[seen] += self.RATE * (sums[seen] / counts[seen] - grid[seen])
 
 
 def _at_pixels(image: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -144,6 +184,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
     renderer = build_renderer(cfg, data.conditions.shape[1], device)
     latents = torch.nn.Embedding(len(data.frames), cfg.latent_dim).to(device)
     torch.nn.init.zeros_(latents.weight)
+    errors = ErrorMap(len(data.frames), cfg.size, cfg.error_sampling) if cfg.error_sampling > 0 else None
     optimizer = torch.optim.Adam(list(renderer.parameters()) + list(latents.parameters()), lr=cfg.learning_rate)
     checkpoint, step, seconds = out_dir / "checkpoint.pt", 0, 0.0
     if checkpoint.exists():
@@ -161,6 +202,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             rng = state["rng"]
             torch.set_rng_state(state["torch_rng"])
             step, seconds = state["step"], state.get("seconds", 0.0)
+            if errors is not None:
+                errors.error = state["error_map"]
             log.info("resuming %s from step %d", checkpoint, step)
     log.info("nerface: %d training frames at %d px on %s (%s), %d rays x (%d + %d) samples, %d steps",
              len(data.frames), cfg.size, device, renderer.precision, cfg.rays, cfg.coarse_samples, cfg.fine_samples, cfg.steps)
@@ -168,7 +211,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
         return {"config": cfg.digest(), "step": done_steps, "renderer": renderer.state_dict(),
                 "latents": latents.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
                 "torch_rng": torch.get_rng_state(), "seconds": time.perf_counter() - started,
-                "condition_dim": data.conditions.shape[1], "frames": data.frames.tolist()}
+                "condition_dim": data.conditions.shape[1], "frames": data.frames.tolist(),
+                "error_map": None if errors is None else errors.error}
 
     log_path = out_dir / "log.csv"
     _truncate_log(log_path, step)
@@ -196,8 +240,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             k = int(rng.integers(len(data.frames)))
-            origins, dirs, target, background, matte = (None if t is None else t.to(device)
-                                                        for t in data.sample(k, cfg.rays, cfg.head_fraction, rng))
+            pixels, *rays = data.sample(k, cfg.rays, cfg.head_fraction, rng, errors)
+            origins, dirs, target, background, matte = (None if t is None else t.to(device) for t in rays)
             condition = torch.cat([data.conditions[k].to(device), latents.weight[k]])
             near = data.near[k].expand(len(origins)).to(device)
             far = data.far[k].expand(len(origins)).to(device)
@@ -210,6 +254,8 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                                                      ((out["fine_alpha"] - matte) ** 2).mean())
                 optimizer.zero_grad()
                 loss.backward()
+                if errors is not None:
+                    errors.update(k, pixels, ((out["fine"].detach() - target) ** 2).mean(-1).cpu())
             except RuntimeError as e:
                 if is_out_of_memory(e):
                     raise InputError("avatar settings", f"training ran out of memory with {cfg.rays} rays x "
