@@ -105,8 +105,11 @@ def test_presets_fill_every_key_and_explicit_keys_win():
     assert (paper.width, paper.depth, paper.colour_width, paper.colour_depth) == (256, 8, 128, 4)
     assert (paper.learning_rate, paper.final_learning_rate, paper.latent_dim, paper.latent_weight) == (5e-4, 5e-4, 32, 0.05)
     assert paper.head_fraction == 0.95 and paper.protocols[1] == "first_train_frame"
-    # none of our additions: uniform ray draws, no mask loss
-    assert (paper.error_sampling, paper.mask_weight) == (0.0, 0.0)
+    # none of our additions: uniform ray draws, no feature planes, no mask loss
+    assert (paper.error_sampling, paper.plane_resolutions, paper.mask_weight) == (0.0, (), 0.0)
+    # YAML lists become the frozen config's tuples
+    _, planes = avatar_method(load_config(overrides={"avatars": {"c": {"plane_resolutions": [16, 32]}}})["avatars"]["c"])
+    assert planes.plane_resolutions == (16, 32) and planes.field(53).plane_resolutions == (16, 32)
 
 
 def test_default_config_has_one_fast_avatar():

@@ -1,8 +1,8 @@
 """NeRFace building blocks: encoding, field, sampling and compositing over the background."""
 import torch
 
-from avatar_pipeline.avatars.nerface import (ConditionedField, FieldConfig, composite, importance_depths,
-                                             positional_encoding, stratified_depths)
+from avatar_pipeline.avatars.nerface import (ConditionedField, FeaturePlanes, FieldConfig, composite,
+                                             importance_depths, positional_encoding, stratified_depths)
 
 
 def test_positional_encoding_matches_the_paper_sizes():
@@ -158,3 +158,29 @@ def test_a_tiny_nerface_fits_a_frame_over_its_background():
         losses.append(loss.item())
     assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
     assert out["fine_alpha"][inside].mean() > out["fine_alpha"][~inside].mean() + 0.3  # it learned where the head is
+
+
+def test_feature_planes_read_each_projection_of_a_point_and_feed_the_backbone():
+    planes = FeaturePlanes((4, 8), channels=2)
+    assert planes.dim == 3 * 2 * 2
+    with torch.no_grad():
+        for p in planes.planes:
+            p.zero_()
+        coarse = planes.planes[0]  # (3 planes xy/xz/yz, channels, rows, columns); corners at -1 and 1
+        coarse[0, :, 0, 3] = torch.tensor([1.0, 2.0])  # xy plane: row y = -1, column x = 1
+        coarse[1, :, 3, 3] = torch.tensor([3.0, 4.0])  # xz plane: row z = 1, column x = 1
+        coarse[2, :, 3, 0] = torch.tensor([5.0, 6.0])  # yz plane: row z = 1, column y = -1
+    got = planes(torch.tensor([[1.0, -1.0, 1.0], [5.0, -5.0, 5.0]]))
+    # per plane (xy, xz, yz) its reads at every resolution; the second point lies outside the planes and reads
+    # their border, the same texels
+    assert torch.allclose(got, torch.tensor([1.0, 2, 0, 0, 3, 4, 0, 0, 5, 6, 0, 0]).expand(2, -1))
+    # halfway between two texels the read is their mean
+    assert torch.allclose(planes(torch.tensor([[1.0, -2.0 / 3, 1.0]]))[0, :2], torch.tensor([0.5, 1.0]))
+
+    field = ConditionedField(FieldConfig(width=16, depth=2, colour_width=8, colour_depth=1, plane_resolutions=(4, 8)))
+    assert field.position_in.in_features == 63 + 3 * 8 * 2  # 8 channels by default
+    density, rgb = field(torch.rand(3, 5, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(3, 3), dim=-1),
+                         torch.randn(85))
+    (density.sum() + rgb.sum()).backward()
+    # every resolution is learned: the rendered colour and density reach every plane
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.planes.planes)

@@ -43,6 +43,9 @@ class NeRFaceConfig:
     depth: int = 8
     colour_width: int = 128
     colour_depth: int = 4
+    # resolutions of learned feature planes read beside the positional encoding (none in the paper)
+    plane_resolutions: tuple[int, ...] = ()
+    plane_channels: int = 8
     # metres around the tracked head centre that the rays sample (head, hair, neck, shoulders); positions
     # are divided by it before the positional encoding, so the sampled region is the unit ball NeRF's
     # frequencies are laid out for (in metres the finest period, 2 pi / 2^9, would be 1.2 cm: a soft face)
@@ -72,7 +75,8 @@ class NeRFaceConfig:
     def field(self, expression_dim: int) -> FieldConfig:
         return FieldConfig(expression_dim=expression_dim, latent_dim=self.latent_dim, width=self.width,
                            depth=self.depth, colour_width=self.colour_width, colour_depth=self.colour_depth,
-                           position_scale=1.0 / self.scene_radius, density_activation=self.density_activation)
+                           position_scale=1.0 / self.scene_radius, density_activation=self.density_activation,
+                           plane_resolutions=tuple(self.plane_resolutions), plane_channels=self.plane_channels)
 
     def training_settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in TRAINING_KEYS}
@@ -100,7 +104,7 @@ class NeRFaceConfig:
 
 TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
                  "final_learning_rate", "latent_weight", "mask_weight", "error_sampling", "latent_dim", "width",
-                 "depth", "colour_width", "colour_depth", "scene_radius",
+                 "depth", "colour_width", "colour_depth", "plane_resolutions", "plane_channels", "scene_radius",
                  "density_activation", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed",
                  "max_minutes")
 
@@ -119,6 +123,7 @@ def nerface_config(section: dict) -> NeRFaceConfig:
     """Typed config from a validated avatar section: its preset, then its explicit keys."""
     values = dict(PRESETS[section.get("preset", "fast")])
     values.update({k: v for k, v in section.items() if k not in ("method", "preset")})
-    if "protocols" in values:
-        values["protocols"] = tuple(values["protocols"])
+    for key in ("protocols", "plane_resolutions"):  # lists in YAML, tuples in the frozen config
+        if key in values:
+            values[key] = tuple(values[key])
     return NeRFaceConfig(**values)
