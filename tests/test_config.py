@@ -100,6 +100,7 @@ def test_presets_fill_every_key_and_explicit_keys_win():
     method, fast = avatar_method(config["avatars"]["a"])
     _, paper = avatar_method(config["avatars"]["b"])
     assert method.name == "nerface" and fast.steps == 7 and fast.size == 256 and fast.width == 128
+    assert fast.plane_resolutions == (64, 256) and fast.error_sampling == 0.5
     # the paper preset is Gafni et al. 2021 as written
     assert (paper.size, paper.steps, paper.rays, paper.coarse_samples, paper.fine_samples) == (512, 400000, 2048, 64, 64)
     assert (paper.width, paper.depth, paper.colour_width, paper.colour_depth) == (256, 8, 128, 4)

@@ -110,12 +110,13 @@ TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fi
 
 PRESETS: dict[str, dict] = {
     "paper": {},
-    # smaller networks, fewer samples and rays, a decaying learning rate: a recognizable avatar of a
-    # 5-20 s clip at 256 px in about 30 minutes on 2 CPU cores (bench/nerface_bench.py measures it)
+    # smaller networks, fewer samples and rays, a decaying learning rate, feature planes beside the encoding
+    # and half the head rays drawn where the error is: a recognizable avatar of a 5-20 s clip at 256 px in
+    # about 30 minutes on 2 CPU cores (bench/nerface_bench.py measures it)
     "fast": {"size": 256, "steps": 5000, "rays": 1024, "coarse_samples": 32, "fine_samples": 32,
              "learning_rate": 2e-3, "final_learning_rate": 2e-4, "width": 128, "depth": 4, "colour_width": 64,
-             "colour_depth": 1, "checkpoint_every": 250, "validate_every": 500, "latent_steps": 60, "video_frames": 60,
-             "orbit_frames": 24},
+             "colour_depth": 1, "plane_resolutions": (64, 256), "error_sampling": 0.5, "checkpoint_every": 250,
+             "validate_every": 500, "latent_steps": 60, "video_frames": 60, "orbit_frames": 24},
 }
 
 
