@@ -73,7 +73,8 @@ def step_seconds(preset: str, precision: str, repeats: int) -> float:
 def steps_bench() -> None:
     """Step times of this machine, added to those of machines measured before (keyed by CPU model)."""
     cpu = cpu_info()
-    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(), "commit": commit.stdout.strip(),
                "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1)}, "step_seconds": {}}
     runs = [("paper", "fp32", 2), ("fast", "fp32", 10)]
     if cpu["native_bf16"]:  # emulated bf16 is slower than fp32: not worth timing
@@ -85,7 +86,8 @@ def steps_bench() -> None:
     previous = RESULTS / "nerface_steps.json"
     results = json.loads(previous.read_text()) if previous.exists() else {"machines": {}}
     results.update({"command": "bench/nerface_bench.py steps", "reference_paper_step_seconds": 6.5})
-    results["machines"][cpu["model"]] = figures
+    # CPUs of one model name differ in their vector units (an EPYC with and one without AVX512-BF16 here)
+    results["machines"][cpu["model"] + (" with native bf16" if cpu["native_bf16"] else "")] = figures
     _write("nerface_steps.json", results)
 
 
