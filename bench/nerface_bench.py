@@ -70,11 +70,15 @@ def step_seconds(preset: str, precision: str, repeats: int) -> float:
     return min(times[1:])
 
 
+def head_commit() -> str:
+    """The short commit the figures were measured with."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 def steps_bench() -> None:
     """Step times of this machine, added to those of machines measured before (keyed by CPU model)."""
     cpu = cpu_info()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(), "commit": commit.stdout.strip(),
+    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(), "commit": head_commit(),
                "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1)}, "step_seconds": {}}
     runs = [("paper", "fp32", 2), ("fast", "fp32", 10)]
     if cpu["native_bf16"]:  # emulated bf16 is slower than fp32: not worth timing
@@ -115,9 +119,7 @@ def quality_bench(clips: list[str]) -> None:
     figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
                     "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
     figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
-                                           "exit_code": proc.returncode, "cpu": cpu_info(),
-                                           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                                                    capture_output=True, text=True).stdout.strip()})
+                                           "exit_code": proc.returncode, "cpu": cpu_info(), "commit": head_commit()})
     collect(figures, work, names)
 
 
