@@ -7,7 +7,7 @@ An avatar section of config.yaml names a preset and may override any key of it:
       nerface_big:  {method: nerface, preset: fast, size: 256, steps: 20000}
 
 `paper` is Gafni et al. 2021 as written (512 px, 8x256 backbone, 4x128 colour branch, 64 + 64 samples,
-2048 rays, Adam 5e-4, 400k steps); `fast` is what fits in about 30 minutes on two CPU cores.
+2048 rays, Adam 5e-4, 400k steps); `fast` is what fits in 20 to 40 minutes on two CPU cores.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     # smaller networks, fewer samples and rays, a decaying learning rate, feature planes beside the encoding
     # and half the head rays drawn where the error is: a recognizable avatar of a 5-20 s clip at 256 px in
-    # about 30 minutes on 2 CPU cores (bench/nerface_bench.py measures it)
+    # 21 minutes on 2 CPU cores with native bf16, about 40 in fp32 (bench/nerface_bench.py measures it)
     "fast": {"size": 256, "steps": 5000, "rays": 1024, "coarse_samples": 32, "fine_samples": 32,
              "learning_rate": 2e-3, "final_learning_rate": 2e-4, "width": 128, "depth": 4, "colour_width": 64,
              "colour_depth": 1, "plane_resolutions": (64, 256), "error_sampling": 0.5, "checkpoint_every": 250,
