@@ -17,10 +17,10 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
+def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "frame") -> Iterator[T]:
     """A progress bar on stderr; in a log file (not a terminal) it updates every few seconds."""
     interactive = sys.stderr.isatty()
-    return tqdm(items, total=total, desc=desc, unit="frame", file=sys.stderr, dynamic_ncols=True,
+    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.2 if interactive else 5.0, leave=True)
 
 

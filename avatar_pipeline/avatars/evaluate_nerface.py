@@ -72,8 +72,7 @@ def optimise_test_latents(renderer, test: SubjectFrames, cfg: NeRFaceConfig, ini
     optimizer = torch.optim.Adam(groups, lr=cfg.latent_learning_rate)
     rng = np.random.default_rng(cfg.seed + 1)
     size = test.size
-    bar = progress(range(cfg.latent_steps), cfg.latent_steps, "nerface: test latents")
-    bar.unit = "step"
+    bar = progress(range(cfg.latent_steps), cfg.latent_steps, "nerface: test latents", unit="step")
     for _ in bar:
         c2h = pose_corrected(test.camera_to_head.to(device), correction)
         origins, dirs, target, background, conditions, near, far = [], [], [], [], [], [], []

@@ -221,8 +221,7 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
         writer = csv.writer(f, lineterminator="\n")
         if step == 0:
             writer.writerow(LOG_FIELDS)
-        bar = progress(range(step, cfg.steps), cfg.steps - step, "nerface: train")
-        bar.unit = "step"
+        bar = progress(range(step, cfg.steps), cfg.steps - step, "nerface: train", unit="step")
         started = time.perf_counter() - seconds
         stopped_early = False
         for step in bar:

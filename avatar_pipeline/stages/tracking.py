@@ -69,8 +69,8 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     targets = (lms["mp478"] if points.name == "mediapipe" else lms["ibug68"])[..., :2]
     weights = np.repeat(usable[:, None], targets.shape[1], 1).astype(np.float32)
 
-    bar = progress(range(cfg.rigid_iterations + cfg.iterations), cfg.rigid_iterations + cfg.iterations, "tracking: fit")
-    bar.unit = "it"
+    iterations = cfg.rigid_iterations + cfg.iterations
+    bar = progress(range(iterations), iterations, "tracking: fit", unit="it")
 
     def report(done, total, loss):
         bar.update(done - bar.n)
