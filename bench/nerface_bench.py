@@ -3,6 +3,7 @@
     .venv/bin/python bench/nerface_bench.py steps                 # -> bench/results/nerface_steps.json
     .venv/bin/python bench/nerface_bench.py quality [CLIP ...]    # -> bench/results/nerface_quality.json
     .venv/bin/python bench/nerface_bench.py collect CLIP ...      # figures of a stopped run so far
+    .venv/bin/python bench/nerface_bench.py paper [CLIP]          # -> bench/results/nerface_paper_curve.json
 
 `steps`: seconds per training step of the `paper` preset (2048 rays, 64 + 64 samples, 8x256 + 4x128
 networks: the reference takes 6.5 s here) in fp32 and bf16, and of the `fast` preset; plus this CPU's
@@ -13,6 +14,11 @@ measured fp32/bf16 matrix-product throughput, since step times scale with it.
 avatar per clip trained for at most 30 minutes (max_minutes), then PSNR / SSIM / L1 on the held-out
 frames for both test-latent protocols, and the wall time at which the held-out validation frame first
 reached given PSNRs. The first clip's avatar is reenacted by the second clip.
+
+`paper`: the `nerface-paper` preset trained on one clip (dt_M030 unless named) at the same 256 px for
+PAPER_MINUTES, training only (its 400k steps would take weeks here): the held-out frame's PSNR over time,
+beside the `fast` preset's curve on that clip from nerface_quality.json, so both presets have a
+time-to-PSNR measured the same way.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from avatar_pipeline.avatars.nerface import NeRFaceRenderer  # noqa: E402
 from avatar_pipeline.avatars.nerface_config import nerface_config  # noqa: E402
 from avatar_pipeline.runtime import cpu_info  # noqa: E402
 
-THRESHOLDS = (26.0, 27.0, 28.0, 29.0)
+THRESHOLDS = (24.0, 26.0, 27.0, 28.0, 29.0)
+PAPER_MINUTES = 60.0
 
 
 def matmul_gflops(dtype) -> float:
@@ -95,32 +102,80 @@ def steps_bench() -> None:
     _write("nerface_steps.json", results)
 
 
-def quality_bench(clips: list[str]) -> None:
+def bench_config(clips: list[str], avatars: dict) -> Path:
+    """The pipeline config of a benchmark run in bench/work (preprocessing and tracking are shared by all runs)."""
     work = REPO / "bench" / "work"
     work.mkdir(parents=True, exist_ok=True)
-    subjects = {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips}
-    names = list(subjects)
+    config = {"results_dir": str(work / "results"),
+              "subjects": {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips},
+              "crop": {"size": 256},
+              "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
+              "avatars": avatars}
+    config_path = work / "config.yaml"
+    config_path.write_text(json.dumps(config, indent=1))
+    return config_path
+
+
+def run_workflow(config_path: Path, targets: list[str]) -> int:
+    # reruns are decided by inputs only: an avatar already trained with these settings is not retrained
+    # because unrelated code changed (its evaluation reruns if it did not finish)
+    return subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
+                           "--cores", "2", "--", "--rerun-triggers", "mtime", "input", *targets], cwd=REPO).returncode
+
+
+def training_curve(train_dir: Path) -> dict:
+    """Steps, time and the held-out frame's PSNR over time of a finished training run."""
+    done = json.loads((train_dir / "done.json").read_text())
+    with open(train_dir / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
+    reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
+    return {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
+            "precision": done["precision"], "cpu": done.get("cpu", "not recorded"),
+            "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
+            "validation_frame_minutes_to_psnr": reached}
+
+
+def quality_bench(clips: list[str]) -> None:
+    names = [Path(c).stem for c in clips]
     avatar = {"method": "nerface", "preset": "fast", "max_minutes": 30.0}
     if len(names) > 1:
         avatar["reenact_from"] = names[1]
-    config = {"results_dir": str(work / "results"), "subjects": subjects, "crop": {"size": 256},
-              "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
-              "avatars": {"nerface_fast": avatar}}
-    config_path = work / "config.yaml"
-    config_path.write_text(json.dumps(config, indent=1))
+    config_path = bench_config(clips, {"nerface_fast": avatar})
+    config = json.loads(config_path.read_text())
     start = time.perf_counter()
-    # reruns are decided by inputs only: an avatar already trained with these settings is not retrained
-    # because unrelated code changed (its evaluation reruns if it did not finish)
-    proc = subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
-                           "--cores", "2", "--", "--rerun-triggers", "mtime", "input"], cwd=REPO)
+    exit_code = run_workflow(config_path, [])
     # results of earlier invocations (other clips) are kept: clips can be benchmarked one run at a time
     previous = RESULTS / "nerface_quality.json"
     figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
     figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
                     "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
     figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
-                                           "exit_code": proc.returncode, "cpu": cpu_info(), "commit": head_commit()})
-    collect(figures, work, names)
+                                           "exit_code": exit_code, "cpu": cpu_info(), "commit": head_commit()})
+    collect(figures, config_path.parent, names)
+
+
+def paper_curve_bench(clip: str) -> None:
+    name = Path(clip).stem
+    avatar = {"method": "nerface", "preset": "paper", "size": 256, "max_minutes": PAPER_MINUTES,
+              "validate_every": 150, "checkpoint_every": 150}
+    config_path = bench_config([clip], {"nerface_paper": avatar})
+    train_dir = config_path.parent / "results" / name / "avatars" / "nerface_paper" / "train"
+    start = time.perf_counter()
+    exit_code = run_workflow(config_path, [str(train_dir / "done.json")])
+    figures = {"command": f"bench/nerface_bench.py paper {clip}", "clip": name, "preset": avatar,
+               "wall_seconds": round(time.perf_counter() - start, 1), "exit_code": exit_code,
+               "cpu": cpu_info(), "commit": head_commit()}
+    try:
+        paper = figures["paper"] = training_curve(train_dir)
+        paper["seconds_per_step"] = round(60 * paper["train_minutes"] / paper["steps"], 2)
+    except OSError as e:
+        figures["paper"] = {"error": str(e)}
+    fast = json.loads((RESULTS / "nerface_quality.json").read_text())["clips"].get(name) \
+        if (RESULTS / "nerface_quality.json").exists() else None
+    figures["fast_same_clip"] = {k: fast[k] for k in ("train_minutes", "steps", "validation_frame_psnr",
+                                                     "validation_frame_minutes_to_psnr")} if fast else "not measured"
+    _write("nerface_paper_curve.json", figures)
 
 
 def collect(figures: dict, work: Path, names: list[str]) -> None:
@@ -130,17 +185,10 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
     for name in names:
         folder = work / "results" / name / "avatars" / "nerface_fast"
         try:
-            done = json.loads((folder / "train" / "done.json").read_text())
+            entry = training_curve(folder / "train")
         except OSError as e:
             figures["clips"][name] = {"error": str(e)}
             continue
-        with open(folder / "train" / "log.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
-        reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
-        entry = {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
-                 "precision": done["precision"], "cpu": done.get("cpu", "not recorded"), "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
-                 "validation_frame_minutes_to_psnr": reached}
         tracking_meta = work / "results" / name / "tracking" / "meta.json"
         if tracking_meta.exists():  # avatars of the same clip differ with the landmark set tracked
             entry["tracking_fit_points"] = json.loads(tracking_meta.read_text()).get("fit_points")
@@ -166,12 +214,14 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "steps"
     if what == "steps":
         steps_bench()
+    elif what == "paper":
+        paper_curve_bench(sys.argv[2] if len(sys.argv) > 2 else "dt_M030_front_neutral_level1_001.mp4")
     elif what == "collect":  # figures of what has run in bench/work (a stopped run, or re-read with new keys)
         previous = RESULTS / "nerface_quality.json"
         figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
         config = json.loads((REPO / "bench" / "work" / "config.yaml").read_text())
         figures.update({"command": "bench/nerface_bench.py quality CLIP ..., figures (re-)read by collect CLIP ...",
-                        "preset": config["avatars"]["nerface_fast"],
+                        "preset": config["avatars"].get("nerface_fast", figures.get("preset")),
                         "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
         collect(figures, REPO / "bench" / "work", [Path(c).stem for c in sys.argv[2:]])
     else:
