@@ -118,9 +118,10 @@ def bench_config(clips: list[str], avatars: dict) -> Path:
 
 def run_workflow(config_path: Path, targets: list[str]) -> int:
     # reruns are decided by inputs only: an avatar already trained with these settings is not retrained
-    # because unrelated code changed (its evaluation reruns if it did not finish)
+    # because unrelated code changed (its evaluation reruns if it did not finish); the targets go first, as
+    # --rerun-triggers takes every word after it
     return subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
-                           "--cores", "2", "--", "--rerun-triggers", "mtime", "input", *targets], cwd=REPO).returncode
+                           "--cores", "2", "--", *targets, "--rerun-triggers", "mtime", "input"], cwd=REPO).returncode
 
 
 def training_curve(train_dir: Path) -> dict:
