@@ -94,16 +94,16 @@ def steps_bench() -> None:
     for preset, precision, repeats in runs:
         figures["step_seconds"][f"{preset}/{precision}"] = round(step_seconds(preset, precision, repeats), 3)
         print(preset, precision, figures["step_seconds"][f"{preset}/{precision}"], flush=True)
-    previous = RESULTS / "nerface_steps.json"
-    results = json.loads(previous.read_text()) if previous.exists() else {"machines": {}}
+    results = _read("nerface_steps.json", {"machines": {}})
     results.update({"command": "bench/nerface_bench.py steps", "reference_paper_step_seconds": 6.5})
     # CPUs of one model name differ in their vector units (an EPYC with and one without AVX512-BF16 here)
     results["machines"][cpu["model"] + (" with native bf16" if cpu["native_bf16"] else "")] = figures
     _write("nerface_steps.json", results)
 
 
-def bench_config(clips: list[str], avatars: dict) -> Path:
-    """The pipeline config of a benchmark run in bench/work (preprocessing and tracking are shared by all runs)."""
+def bench_config(clips: list[str], avatars: dict) -> tuple[Path, dict]:
+    """Path and contents of a benchmark run's pipeline config, written to bench/work (preprocessing and tracking
+    are shared by all runs)."""
     work = REPO / "bench" / "work"
     work.mkdir(parents=True, exist_ok=True)
     config = {"results_dir": str(work / "results"),
@@ -113,7 +113,7 @@ def bench_config(clips: list[str], avatars: dict) -> Path:
               "avatars": avatars}
     config_path = work / "config.yaml"
     config_path.write_text(json.dumps(config, indent=1))
-    return config_path
+    return config_path, config
 
 
 def run_workflow(config_path: Path, targets: list[str]) -> int:
@@ -125,13 +125,14 @@ def run_workflow(config_path: Path, targets: list[str]) -> int:
 
 
 def training_curve(train_dir: Path) -> dict:
-    """Steps, time and the held-out frame's PSNR over time of a finished training run."""
+    """Steps, time per step and the held-out frame's PSNR over time of a finished training run."""
     done = json.loads((train_dir / "done.json").read_text())
     with open(train_dir / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
     reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
-    return {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"], "train_frames": done["frames"],
+    return {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"],
+            "seconds_per_step": round(done["seconds"] / max(1, done["steps"]), 2), "train_frames": done["frames"],
             "precision": done["precision"], "cpu": done.get("cpu", "not recorded"),
             "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
             "validation_frame_minutes_to_psnr": reached}
@@ -142,13 +143,11 @@ def quality_bench(clips: list[str]) -> None:
     avatar = {"method": "nerface", "preset": "fast", "max_minutes": 30.0}
     if len(names) > 1:
         avatar["reenact_from"] = names[1]
-    config_path = bench_config(clips, {"nerface_fast": avatar})
-    config = json.loads(config_path.read_text())
+    config_path, config = bench_config(clips, {"nerface_fast": avatar})
     start = time.perf_counter()
     exit_code = run_workflow(config_path, [])
     # results of earlier invocations (other clips) are kept: clips can be benchmarked one run at a time
-    previous = RESULTS / "nerface_quality.json"
-    figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
+    figures = _read("nerface_quality.json", {"clips": {}})
     figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
                     "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
     figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
@@ -160,7 +159,7 @@ def paper_curve_bench(clip: str) -> None:
     name = Path(clip).stem
     avatar = {"method": "nerface", "preset": "paper", "size": 256, "max_minutes": PAPER_MINUTES,
               "validate_every": 150, "checkpoint_every": 150}
-    config_path = bench_config([clip], {"nerface_paper": avatar})
+    config_path, _ = bench_config([clip], {"nerface_paper": avatar})
     train_dir = config_path.parent / "results" / name / "avatars" / "nerface_paper" / "train"
     start = time.perf_counter()
     exit_code = run_workflow(config_path, [str(train_dir / "done.json")])
@@ -168,12 +167,10 @@ def paper_curve_bench(clip: str) -> None:
                "wall_seconds": round(time.perf_counter() - start, 1), "exit_code": exit_code,
                "cpu": cpu_info(), "commit": head_commit()}
     try:
-        paper = figures["paper"] = training_curve(train_dir)
-        paper["seconds_per_step"] = round(60 * paper["train_minutes"] / paper["steps"], 2)
+        figures["paper"] = training_curve(train_dir)
     except OSError as e:
         figures["paper"] = {"error": str(e)}
-    fast = json.loads((RESULTS / "nerface_quality.json").read_text())["clips"].get(name) \
-        if (RESULTS / "nerface_quality.json").exists() else None
+    fast = _read("nerface_quality.json", {"clips": {}})["clips"].get(name)
     figures["fast_same_clip"] = {k: fast[k] for k in ("train_minutes", "steps", "validation_frame_psnr",
                                                      "validation_frame_minutes_to_psnr")} if fast else "not measured"
     _write("nerface_paper_curve.json", figures)
@@ -205,6 +202,12 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
     _write("nerface_quality.json", figures)
 
 
+def _read(name: str, default: dict) -> dict:
+    """Figures written before (by other machines or clips), which a run adds to."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else default
+
+
 def _write(name: str, figures: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(json.dumps(figures, indent=1) + "\n")
@@ -218,8 +221,7 @@ if __name__ == "__main__":
     elif what == "paper":
         paper_curve_bench(sys.argv[2] if len(sys.argv) > 2 else "dt_M030_front_neutral_level1_001.mp4")
     elif what == "collect":  # figures of what has run in bench/work (a stopped run, or re-read with new keys)
-        previous = RESULTS / "nerface_quality.json"
-        figures = json.loads(previous.read_text()) if previous.exists() else {"clips": {}}
+        figures = _read("nerface_quality.json", {"clips": {}})
         config = json.loads((REPO / "bench" / "work" / "config.yaml").read_text())
         figures.update({"command": "bench/nerface_bench.py quality CLIP ..., figures (re-)read by collect CLIP ...",
                         "preset": config["avatars"].get("nerface_fast", figures.get("preset")),
