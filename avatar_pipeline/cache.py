@@ -3,12 +3,13 @@
     results/{subject}/
       crop/                      stage `crop`
         frames/000000.png        RGB frames, crop.size x crop.size, lossless
-        meta.json                source video (size, fps, rotation, ffmpeg build), crop window in source
+        meta.json                source video (size, fps, rotation metadata, upright turn, ffmpeg build), crop window in source
                                  pixels (x, y, side; may extend past the border = padded black),
                                  per frame: source frame number, source timestamp (s), face box in
                                  crop pixels [x0, y0, x1, y1] or null, detector score, the detector's
                                  6 keypoints (eyes, nose tip, mouth, ears), why it is excluded or null
-        split.json               {"train": [...], "val": [...], "test": [...], "excluded": {frame: reason}}
+        split.json               {"train": [...], "val": [...], "test": [...], "excluded": {frame: reason},
+                                  "minimums": {"train": n, "test": n}} (fewest usable frames an avatar accepts)
       landmarks/                 stage `landmarks`
         landmarks.npz            mp478 float32 (N, 478, 3): x, y in crop pixels, z relative depth in pixels
                                  (mediapipe's, larger = farther); ibug68 float32 (N, 68, 3) derived from it;

@@ -35,6 +35,9 @@ class CropConfig:
     max_frames: int | None = None
     test_fraction: float = 0.2
     val_fraction: float = 0.0
+    min_train_frames: int = 10
+    min_test_frames: int = 2
+    rotate: str | int = "auto"
     png_compression: int = 1
 
 

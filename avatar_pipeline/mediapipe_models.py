@@ -37,6 +37,15 @@ class FaceBox:
     def center(self) -> tuple[float, float]:
         return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
 
+    @property
+    def roll(self) -> float | None:
+        """Clockwise degrees the face is turned in the picture (0 upright, 90 lying with the top of the head
+        to the right, 180 upside down), from the eyes-to-mouth direction; None without keypoints."""
+        if self.keypoints is None or len(self.keypoints) < 4:
+            return None
+        down = self.keypoints[3] - (self.keypoints[0] + self.keypoints[1]) / 2
+        return float(np.degrees(np.arctan2(-down[0], down[1]))) % 360
+
     def as_list(self) -> list[float]:
         return [round(self.x0, 2), round(self.y0, 2), round(self.x1, 2), round(self.y1, 2)]
 

@@ -63,6 +63,10 @@ class VideoInfo:
     codec: str
     coded_width: int
     coded_height: int
+    container: str = ""  # ffmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"; "jpeg_pipe" for a still image
+    # clockwise degrees applied after the metadata rotation to turn the face upright (crop's orientation
+    # check); width and height above are after it
+    upright_rotation: int = 0
 
     @property
     def expected_frames(self) -> int | None:
@@ -71,6 +75,21 @@ class VideoInfo:
 
 def _rotation_from_degrees(deg: float) -> int:
     return int(round(deg)) % 360
+
+
+def turned(info: VideoInfo, clockwise: int) -> VideoInfo:
+    """The same video with every decoded frame turned a further `clockwise` degrees (0/90/180/270)."""
+    clockwise %= 360
+    width, height = (info.height, info.width) if clockwise in (90, 270) else (info.width, info.height)
+    return dataclasses.replace(info, width=width, height=height,
+                               upright_rotation=(info.upright_rotation + clockwise) % 360)
+
+
+# ffmpeg filters that turn a frame clockwise by 90, 180 and 270 degrees
+_TURN_FILTERS = {90: [("transpose", {"dir": "clock"})], 180: [("hflip", {}), ("vflip", {})],
+                 270: [("transpose", {"dir": "cclock"})]}
+# demuxers of single still images: a photo renamed .mp4 is one of these
+_STILL_IMAGE_CONTAINERS = ("image2", "_pipe")
 
 
 def _check_file(path: Path) -> None:
@@ -86,9 +105,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     path = Path(path)
     _check_file(path)
     tools = ffmpeg_tools()
-    if tools.ffprobe:
-        return _probe_ffprobe(path, tools.ffprobe)
-    return _probe_ffmpeg_stderr(path, tools.ffmpeg)
+    info = _probe_ffprobe(path, tools.ffprobe) if tools.ffprobe else _probe_ffmpeg_stderr(path, tools.ffmpeg)
+    if any(info.container == kind or info.container.endswith(kind) for kind in _STILL_IMAGE_CONTAINERS):
+        raise single_image_error(path, f"a still {info.codec} image ({info.width}x{info.height})")
+    return info
+
+
+def single_image_error(path: Path | str, what: str) -> InputError:
+    return InputError(str(path), f"is {what}, not a video",
+                      "give a video of the head (at least a few seconds of a talking, moving face; the papers use "
+                      "1-3 minutes); a single photo cannot train an avatar with this pipeline")
 
 
 def _not_a_video(path: Path, detail: str) -> InputError:
@@ -119,7 +145,7 @@ def _probe_ffprobe(path: Path, ffprobe_exe: str) -> VideoInfo:
     w, h = int(s["width"]), int(s["height"])
     dw, dh = (h, w) if rotation in (90, 270) else (w, h)
     return VideoInfo(str(path), dw, dh, rotation, fps or 0.0, float(duration) if duration else None,
-                     s.get("codec_name", "?"), w, h)
+                     s.get("codec_name", "?"), w, h, data.get("format", {}).get("format_name", ""))
 
 
 def _parse_rate(text: str | None) -> float | None:
@@ -137,6 +163,7 @@ _FPS_RE = re.compile(r"([\d.]+) fps")
 _TBR_RE = re.compile(r"([\d.]+k?) tbr")
 _DURATION_RE = re.compile(r"Duration: (\d+):(\d+):([\d.]+)")
 _ROTATION_RE = re.compile(r"rotation of (-?[\d.]+) degrees")
+_CONTAINER_RE = re.compile(r"Input #0, ([^\s]+), from")
 
 
 def _probe_ffmpeg_stderr(path: Path, ffmpeg_exe: str) -> VideoInfo:
@@ -155,7 +182,9 @@ def _probe_ffmpeg_stderr(path: Path, ffmpeg_exe: str) -> VideoInfo:
     rot_m = _ROTATION_RE.search(text)
     rotation = _rotation_from_degrees(-float(rot_m.group(1))) if rot_m else 0
     dw, dh = (h, w) if rotation in (90, 270) else (w, h)
-    return VideoInfo(str(path), dw, dh, rotation, fps, duration, codec, w, h)
+    container_m = _CONTAINER_RE.search(text)
+    return VideoInfo(str(path), dw, dh, rotation, fps, duration, codec, w, h,
+                     container_m.group(1).rstrip(",") if container_m else "")
 
 
 _SHOWINFO_RE = re.compile(r"\bn:\s*(\d+)\s+pts:\s*(-?\d+)\s+pts_time:\s*(-?[\d.e+-]+)")
@@ -176,14 +205,14 @@ def iter_frames(info: VideoInfo, filters: list[tuple[str, dict | tuple]] | None 
     """Yield every decoded frame (RGB uint8, HxWx3) of `info.path`, in order, without resampling
     the frame rate (variable frame rate clips keep their true frames; timestamps go to `report`).
 
-    `filters` is a list of (ffmpeg filter name, args) applied after autorotation; `out_size` is
-    the (width, height) the filters produce (default: the displayed size).
+    `filters` is a list of (ffmpeg filter name, args) applied after autorotation and the upright turn;
+    `out_size` is the (width, height) the filters produce (default: the displayed size).
     """
     tools = ffmpeg_tools()
     report = report if report is not None else DecodeReport()
     width, height = out_size or (info.width, info.height)
     stream = ffmpeg.input(info.path).video.filter("showinfo")
-    for name, args in filters or []:
+    for name, args in _TURN_FILTERS.get(info.upright_rotation, []) + list(filters or []):
         stream = stream.filter(name, *args) if isinstance(args, tuple) else stream.filter(name, **args)
     out = ffmpeg.output(stream, "pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", an=None)
     cmd = [tools.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "info"] + ffmpeg.get_args(out)

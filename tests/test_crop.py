@@ -98,7 +98,7 @@ def test_no_face_is_a_clear_error(tmp_path):
 def test_several_faces_track_the_largest_and_warn(images_dir, tmp_path):
     clip = image_to_video(images_dir / "dlib_bald_guys.jpg", tmp_path / "group.mp4", frames=6)
     store = cache.SubjectCache(tmp_path, "group")
-    meta = crop.run(store, clip, CropConfig(size=96))
+    meta = crop.run(store, clip, CropConfig(size=96, min_train_frames=1, min_test_frames=1))
     assert any("several faces" in w for w in meta["warnings"])
     from avatar_pipeline.mediapipe_models import FaceDetector
     from avatar_pipeline.video import iter_frames, probe
@@ -120,9 +120,70 @@ def test_face_leaving_the_frame_is_flagged_and_kept_out_of_splits(videos_dir, tm
            "-vf", "pad=960:480:0:0,crop=300:300:x='if(lt(n,10),90,min(600,90+(n-10)*40))':y=90",
            "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip))
     store = cache.SubjectCache(tmp_path, "pan")
-    meta = crop.run(store, clip, CropConfig(size=64))
+    meta = crop.run(store, clip, CropConfig(size=64, min_test_frames=0))  # every test frame has lost the face
     excluded = {int(k) for k in store.split()["excluded"]}
     assert excluded and min(excluded) >= 10 and max(excluded) == 39
     for name in ("train", "val", "test"):
         assert not excluded & set(store.split()[name])
     assert any("excluded from the splits" in w for w in meta["warnings"])
+
+
+def test_a_photo_named_mp4_is_called_a_single_image(images_dir, tmp_path):
+    photo = tmp_path / "holiday.mp4"
+    photo.write_bytes((images_dir / "dlib_Tom_Cruise_avp_2014_4.jpg").read_bytes())
+    with pytest.raises(InputError, match=r"holiday.mp4: is a still mjpeg image .* not a video") as error:
+        crop.run(cache.SubjectCache(tmp_path, "photo"), photo, CropConfig(size=64))
+    assert "a single photo cannot train an avatar" in str(error.value)
+    assert not (tmp_path / "photo").exists()
+
+
+def test_a_one_frame_video_is_called_a_single_image(images_dir, tmp_path):
+    clip = image_to_video(images_dir / "dlib_Tom_Cruise_avp_2014_4.jpg", tmp_path / "one.mp4", frames=1)
+    with pytest.raises(InputError, match="is a single frame, not a video"):
+        crop.run(cache.SubjectCache(tmp_path, "one"), clip, CropConfig(size=64))
+
+
+def test_a_three_frame_clip_is_refused_before_anything_is_written(videos_dir, tmp_path):
+    clip = tmp_path / "three.mp4"
+    ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip))
+    with pytest.raises(InputError, match="too short: 2 usable training and 1 test frames .* at least 10 and 2"):
+        crop.run(cache.SubjectCache(tmp_path, "three"), clip, CropConfig(size=64))
+    assert not list((tmp_path / "three").glob("crop*"))
+
+
+def test_few_training_frames_are_accepted_with_a_loud_warning(videos_dir, tmp_path):
+    meta = crop.run(cache.SubjectCache(tmp_path, "few"), videos_dir / "lp_d18.mp4", CropConfig(size=64, max_frames=20))
+    assert any("only 16 training frames" in w for w in meta["warnings"])
+
+
+@pytest.fixture(scope="module")
+def upright_crop(videos_dir, tmp_path_factory):
+    """The first 20 frames of lp_d18 cropped as they are: what a turned copy must come back to."""
+    store = cache.SubjectCache(tmp_path_factory.mktemp("upright"), "upright")
+    meta = crop.run(store, videos_dir / "lp_d18.mp4", CropConfig(size=64, max_frames=20))
+    assert meta["source"]["upright_rotation"] == 0 and not any("upside" in w or "side" in w for w in meta["warnings"])
+    return store
+
+
+@pytest.mark.parametrize("turn_filter, expected_turn, words", [("hflip,vflip", 180, "upside down"),
+                                                                ("transpose=clock", 270, "on its side"),
+                                                                ("transpose=cclock", 90, "on its side")])
+def test_a_face_upside_down_or_on_its_side_is_turned_upright_and_said(videos_dir, tmp_path, upright_crop, turn_filter,
+                                                                      expected_turn, words):
+    clip = tmp_path / "turned.mp4"  # pixels turned, no rotation metadata: as when a phone's tag is lost
+    ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "20", "-vf", turn_filter, "-c:v", "libx264",
+           "-pix_fmt", "yuv420p", "-crf", "12", str(clip))
+    store = cache.SubjectCache(tmp_path, "turned")
+    meta = crop.run(store, clip, CropConfig(size=64))
+    assert meta["source"]["rotation"] == 0 and meta["source"]["upright_rotation"] == expected_turn
+    assert any(words in w and f"turned {expected_turn} degrees" in w for w in meta["warnings"])
+    # the frames come out as the upright clip's: same window, same pixels up to re-encoding
+    for i in (0, 19):
+        difference = np.abs(store.read_frame(i).astype(float) - upright_crop.read_frame(i).astype(float)).mean()
+        assert difference < 6, (i, difference)
+
+
+def test_crop_rotate_setting_overrides_the_check(videos_dir, tmp_path):
+    meta = crop.run(cache.SubjectCache(tmp_path, "forced"), videos_dir / "lp_d18.mp4",
+                    CropConfig(size=64, max_frames=20, rotate=180))
+    assert meta["source"]["upright_rotation"] == 180 and not any("upside" in w for w in meta["warnings"])

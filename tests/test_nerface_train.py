@@ -169,6 +169,24 @@ def test_a_background_of_the_wrong_size_is_refused(tracked, tmp_path):
         train(store, tiny(steps=5), tmp_path / "train")
 
 
+def test_too_few_tracked_training_frames_are_refused_before_training(tracked, tmp_path):
+    """The crop stage checked the split; frames the tracker then lost can still leave too few."""
+    store = cache.SubjectCache(tmp_path, "lp_d18")
+    (store.root / "crop" / "frames").mkdir(parents=True)
+    for frame in tracked.stage_dir("crop").joinpath("frames").iterdir():
+        (store.root / "crop" / "frames" / frame.name).symlink_to(frame.resolve())
+    shutil.copy(tracked.stage_dir("crop") / "meta.json", store.root / "crop")
+    split = tracked.split()
+    usable = len(split["train"])
+    cache.write_json(store.root / "crop" / "split.json", {**split, "minimums": {"train": usable + 1, "test": 1}})
+    for stage in ("background", "tracking"):
+        (store.root / stage).symlink_to(tracked.stage_dir(stage).resolve())
+    with pytest.raises(InputError, match=f"only {usable} of the {usable} train frames were tracked; an avatar needs "
+                                         f"at least {usable + 1}"):
+        train(store, tiny(steps=5), tmp_path / "train")
+    assert not (tmp_path / "train" / "log.csv").exists()
+
+
 def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
     from avatar_pipeline.runtime import torch_device
 

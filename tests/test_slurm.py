@@ -22,7 +22,7 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
         pytest.skip(reason)
     ws = tmp_path / "ws"
     ws.mkdir()
-    config = {"crop": {"size": 64, "max_frames": 10}, "qa": {"sheet_frames": 2, "video_frames": 4},
+    config = {"crop": {"size": 64, "max_frames": 10, "min_train_frames": 5}, "qa": {"sheet_frames": 2, "video_frames": 4},
               "background": {"max_frames": 10}, "model": {"kind": "builtin"},
               "tracking": {"iterations": 50, "rigid_iterations": 20, "overlay_frames": 0},
               "avatars": {"tiny": {"preset": "fast", "size": 16, "steps": 10, "rays": 64, "coarse_samples": 4,

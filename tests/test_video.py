@@ -117,6 +117,15 @@ def test_bad_files_get_clear_errors(backend, tmp_path, make, expected):
     assert expected in str(err.value) and str(path) in str(err.value) and "fix:" in str(err.value)
 
 
+@pytest.mark.parametrize("image", ["photo.jpg", "photo.png"])
+def test_a_still_image_named_like_a_video_is_called_an_image(backend, tmp_path, image):
+    still = tmp_path / image
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48", "-frames:v", "1", str(still))
+    renamed = still.rename(tmp_path / "clip.mp4")
+    with pytest.raises(InputError, match=r"clip.mp4: is a still \w+ image \(64x48\), not a video"):
+        video.probe(renamed)
+
+
 def test_audio_only_file_is_not_a_video(backend, tmp_path):
     audio = tmp_path / "voice.m4a"
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(audio))

@@ -53,10 +53,17 @@ class SubjectFrames:
         data = read_tracking(store)
         self.tracking = data
         crop_size = int(data["image_size"])
-        frames = [i for i in store.split()[split] if data["fitted"][i]]
+        splits = store.split()
+        frames = [i for i in splits[split] if data["fitted"][i]]
         if not frames:
             raise CacheError(store.stage_dir("tracking") / "tracking.npz",
                              f"no successfully tracked frame in the {split} split", "tracking")
+        minimum = splits.get("minimums", {}).get(split, 1)
+        if len(frames) < minimum:
+            raise InputError(f"subject {store.subject}", f"only {len(frames)} of the {len(splits[split])} {split} "
+                             f"frames were tracked; an avatar needs at least {minimum}",
+                             "see the tracking log and overlay for the frames that failed; use a longer clip or "
+                             f"lower crop.min_{split}_frames")
         self.frames = np.array(frames)
         self.size, self.focal = size, float(data["focal"]) * size / crop_size
         self.images = torch.stack([_load_rgb(store.read_frame(i), size) for i in frames]) if with_images else None

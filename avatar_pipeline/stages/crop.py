@@ -22,6 +22,13 @@ from ..runtime import progress
 
 log = logging.getLogger(__name__)
 
+# below this many training frames a loud warning: the papers train on thousands (1-3 minutes of video)
+FEW_TRAIN_FRAMES = 100
+# frames kept in memory (at detection size) to find which way up the face is
+ORIENTATION_SAMPLES = 12
+# how much higher the mean face confidence of a turned orientation must be before the frames are turned
+UPRIGHT_MARGIN = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class CropWindow:
@@ -131,11 +138,14 @@ def compute_window(boxes: list[FaceBox], width: int, height: int, cfg: CropConfi
 
 
 def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
-    """Decode small frames, select the frames to keep, detect faces on each kept frame."""
+    """Decode small frames, select the frames to keep, detect faces on each kept frame. Also returns a
+    few of the kept small frames, spread over the clip, for the orientation check."""
     scale = min(1.0, cfg.detect_max_side / max(info.width, info.height))
     dw, dh = max(2, int(round(info.width * scale / 2)) * 2), max(2, int(round(info.height * scale / 2)) * 2)
     report = video.DecodeReport()
-    kept_index, kept_time, detections = [], [], []
+    kept_index, kept_time, detections, samples = [], [], [], []
+    expected = min((n for n in (info.expected_frames, cfg.max_frames) if n), default=0)
+    sample_every = max(1, expected // ORIENTATION_SAMPLES)
     fps_selector = _FpsSelector(cfg.fps)
     decoded = 0
     with FaceDetector(cfg.min_face_confidence) as detector:
@@ -145,6 +155,8 @@ def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
             t = report.timestamps[i] if i < len(report.timestamps) else i / (info.fps or 25.0)
             if not select_frames(i, len(kept_index), cfg) or not fps_selector.keep(t):
                 continue
+            if len(kept_index) % sample_every == 0 and len(samples) < ORIENTATION_SAMPLES:
+                samples.append(frame.copy())
             kept_index.append(i)
             kept_time.append(t)
             sx, sy = info.width / dw, info.height / dh
@@ -155,7 +167,35 @@ def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
     # showinfo timestamps arrive asynchronously; re-read them now that decoding is over
     if len(report.timestamps) >= decoded:
         kept_time = [report.timestamps[i] for i in kept_index]
-    return kept_index, kept_time, detections, decoded
+    return kept_index, kept_time, detections, decoded, samples
+
+
+def _turn_from_upright(roll: float) -> float:
+    """Degrees (0..180) between a face roll and upright."""
+    return min(roll % 360, 360 - roll % 360)
+
+
+def upright_turn(samples: list[np.ndarray], cfg: CropConfig) -> tuple[int, str]:
+    """Clockwise turn (0, 90, 180 or 270) that makes the face upright, and the evidence.
+
+    The sampled frames are tried in all four orientations. BlazeFace's keypoints tell a face on its
+    side (rolled by about 90 degrees) from an upright one, but it places them as if upright on an
+    upside-down face too; its confidence is what tells those two apart (0.89-0.96 upright against
+    0.65-0.81 upside down on the shared clips and the demo clip, either way up). So each orientation scores the mean confidence of
+    its upright-looking detections, and a turn must beat the frames as they are by a clear margin."""
+    scores = {}
+    with FaceDetector(cfg.min_face_confidence) as detector:
+        for turn in (0, 90, 180, 270):
+            total = 0.0
+            for frame in samples:
+                boxes = detector.detect(np.ascontiguousarray(np.rot90(frame, -turn // 90)))
+                if boxes and boxes[0].roll is not None and _turn_from_upright(boxes[0].roll) <= 30:
+                    total += boxes[0].score
+            scores[turn] = total / max(1, len(samples))
+    best = max(scores, key=scores.get)
+    evidence = (f"mean face confidence over {len(samples)} sampled frames per clockwise turn: "
+                + ", ".join(f"{turn}: {score:.2f}" for turn, score in scores.items()))
+    return (best if scores[best] > scores[0] + UPRIGHT_MARGIN else 0), evidence
 
 
 def default_split(n: int, valid: list[bool], test_fraction: float, val_fraction: float,
@@ -177,12 +217,46 @@ def default_split(n: int, valid: list[bool], test_fraction: float, val_fraction:
     return {name: [i for i in range(a, b) if valid[i]] for name, (a, b) in ranges.items()}
 
 
+def check_split_sizes(split: dict, kept: int, cfg: CropConfig, video_path: str) -> list[str]:
+    """Refuse a clip with too few usable training or test frames before any later stage spends time on it;
+    a warning (returned and logged) when the training frames are few for an avatar."""
+    n_train, n_test = len(split["train"]), len(split["test"])
+    if n_train < cfg.min_train_frames or n_test < cfg.min_test_frames:
+        raise InputError(video_path, f"too short: {n_train} usable training and {n_test} test frames (of {kept} "
+                         f"kept); an avatar needs at least {cfg.min_train_frames} and {cfg.min_test_frames}",
+                         "use a longer clip (the papers use 1-3 minutes), keep more of its frames (crop.fps, "
+                         "crop.every_nth, crop.max_frames), or lower crop.min_train_frames / crop.min_test_frames")
+    if n_train < FEW_TRAIN_FRAMES:
+        msg = (f"only {n_train} training frames: an avatar trained on so few will not generalise to new "
+               "expressions and poses (the papers train on thousands)")
+        log.warning("%s: %s", video_path, msg)
+        return [msg]
+    return []
+
+
 def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subject: Subject | None = None) -> dict:
     info = video.probe(video_path)
+    warnings = []
     if info.rotation:
         log.info("%s: rotation metadata %d deg, frames are rotated to %dx%d", video_path, info.rotation,
                  info.width, info.height)
-    kept_index, kept_time, detections, decoded = _detect_pass(info, cfg)
+    if cfg.rotate != "auto" and int(cfg.rotate):
+        info = video.turned(info, int(cfg.rotate))
+        log.info("%s: frames turned %s degrees clockwise (crop.rotate)", video_path, cfg.rotate)
+    kept_index, kept_time, detections, decoded, samples = _detect_pass(info, cfg)
+    if decoded == 1:
+        raise video.single_image_error(video_path, "a single frame")
+    if cfg.rotate == "auto":
+        turn, found = upright_turn(samples, cfg)
+        log.info("%s: orientation check: %s", video_path, found)
+        if turn:
+            info = video.turned(info, turn)
+            msg = (f"the face is {'upside down' if turn == 180 else 'on its side'} in the video (rotation metadata "
+                   f"missing or wrong?): frames turned {turn} degrees clockwise to make it upright ({found}); "
+                   "set crop.rotate to a fixed value (0 keeps the frames as they are) to override")
+            log.warning("%s: %s", video_path, msg)
+            warnings.append(msg)
+            kept_index, kept_time, detections, decoded, _ = _detect_pass(info, cfg)
     if not kept_index:
         raise InputError(str(video_path), f"frame selection kept no frames out of {decoded}",
                          "check crop.start / crop.end / crop.every_nth / crop.fps / crop.max_frames")
@@ -191,7 +265,6 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
     if not boxes:
         raise InputError(str(video_path), f"no face detected in any of {len(kept_index)} frames",
                          "use a clip showing one face, frontal-ish and not too small; or lower crop.min_face_confidence")
-    warnings = []
     most = max(len(d) for d in detections)
     if most > 1:
         msg = (f"several faces detected (up to {most} in one frame): tracking the largest consistent one "
@@ -225,15 +298,14 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         msg = f"{n_bad} of {len(valid)} frames have no usable face; they are excluded from the splits"
         log.warning("%s: %s", video_path, msg)
         warnings.append(msg)
-    if sum(valid) < 2:
-        raise InputError(str(video_path), f"a face was found in only {sum(valid)} of {len(valid)} frames",
-                         "use a clip in which the face is visible most of the time")
+    split = default_split(len(valid), valid, cfg.test_fraction, cfg.val_fraction, subject)
+    warnings += check_split_sizes(split, len(valid), cfg, str(video_path))
 
     with cache.staged_dir(store.stage_dir("crop")) as stage:
         (stage / "frames").mkdir()
         _write_crops(info, window, kept_index, cfg, stage / "frames")
-        split = default_split(len(valid), valid, cfg.test_fraction, cfg.val_fraction, subject)
         split["excluded"] = {m["index"]: m["excluded"] for m in frames_meta if m["excluded"]}
+        split["minimums"] = {"train": cfg.min_train_frames, "test": cfg.min_test_frames}
         meta = {
             "version": cache.CACHE_VERSION,
             "source": dataclasses.asdict(info),
