@@ -89,3 +89,9 @@ def ict_status(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models")
     prepare_ict(ModelConfig(kind="ict", ict_path=str(archive)), out)
     return out / "ict.json"
+
+
+@pytest.fixture(scope="session")
+def ict_npz(ict_status) -> Path:
+    """The session's converted ICT FaceKit; configs give it as model.ict_path, so nothing converts it again."""
+    return ict_status.parent / "ict.npz"

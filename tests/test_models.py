@@ -9,7 +9,6 @@ from avatar_pipeline.errors import InputError
 from avatar_pipeline.models import flame
 from avatar_pipeline.models.base import MorphableModel, barycentric_points
 
-from .conftest import require_shared
 from .flame_fixture import make_flame
 
 
@@ -114,11 +113,9 @@ def test_subset_evaluation_matches_full(flame_files):
 
 
 @pytest.fixture(scope="session")
-def ict_model(tmp_path_factory):
-    from avatar_pipeline.models import ict
-
-    archive = require_shared("models/ict-facekit-da5f95a.tar.xz")
-    return ict.convert(archive)
+def ict_model(ict_npz):
+    """The session's one conversion of the ICT FaceKit release (conftest.ict_status), loaded back."""
+    return MorphableModel.load(ict_npz)
 
 
 def test_ict_release_converts(ict_model):
@@ -144,3 +141,19 @@ def test_ict_incomplete_release_is_named(tmp_path):
         ict.convert(tmp_path)
     with pytest.raises(InputError, match="not found"):
         ict.convert(tmp_path / "missing")
+
+
+def test_an_earlier_conversion_is_reused_and_a_foreign_npz_refused(ict_npz, flame_files, tmp_path):
+    from avatar_pipeline.config import ModelConfig
+    from avatar_pipeline.models import prepare_ict
+
+    status = prepare_ict(ModelConfig(kind="ict", ict_path=str(ict_npz)), tmp_path / "reused")
+    assert status["available"] and (tmp_path / "reused" / "ict.npz").read_bytes() == ict_npz.read_bytes()
+    foreign = tmp_path / "flame.npz"
+    flame.load(flame_files[0], flame_files[1]).save(foreign)
+    with pytest.raises(InputError, match="flame.npz: holds the flame model .* not ICT FaceKit"):
+        prepare_ict(ModelConfig(kind="ict", ict_path=str(foreign)), tmp_path / "foreign")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an npz")
+    with pytest.raises(InputError, match="garbage.npz: not a converted ICT FaceKit model"):
+        prepare_ict(ModelConfig(kind="ict", ict_path=str(garbage)), tmp_path / "garbage")

@@ -11,7 +11,7 @@ import yaml
 
 from avatar_pipeline import cache
 
-from .conftest import REPO, require_shared
+from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "avatar_pipeline"]
@@ -29,14 +29,13 @@ def _run(args, cwd, **kw):
 
 
 @pytest.fixture(scope="module")
-def workspace(videos_dir, tmp_path_factory):
+def workspace(videos_dir, ict_npz, tmp_path_factory):
     """Two subjects, one behind a path with spaces and non-ASCII characters, run by `workflow`."""
     ws = tmp_path_factory.mktemp("ws")
     odd = ws / "clips ü" / "vidéo un.mp4"
     odd.parent.mkdir()
     os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
-    ict = require_shared("models/ict-facekit-da5f95a.tar.xz")
-    config = {**TINY, "model": {"ict_path": str(ict)}, "tracking": {"overlay_frames": 5},
+    config = {**TINY, "model": {"ict_path": str(ict_npz)}, "tracking": {"overlay_frames": 5},
               "avatars": {"tiny": {**TINY_AVATAR, "reenact_from": "d18"}},
               "subjects": {"m030": {"video": str(odd)},
                                    "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
@@ -183,9 +182,10 @@ def test_a_killed_training_job_resumes_from_its_checkpoint(workspace):
     assert json.loads((checkpoint.parent / "done.json").read_text())["steps"] == 400
 
 
-def test_run_one_video_with_the_cli(videos_dir, tmp_path):
+def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     base["crop"].update(size=96, max_frames=12)
+    base["model"] = {"kind": "ict", "ict_path": str(ict_npz)}  # no download: tests never use the network
     base["avatars"] = {"nerface_fast": {**TINY_AVATAR, "orbit_frames": 0, "sweep_frames": 0}}
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(base))
     proc = _run(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
@@ -195,14 +195,16 @@ def test_run_one_video_with_the_cli(videos_dir, tmp_path):
     assert meta["size"] == 96 and len(meta["frames"]) == 12
     assert (tmp_path / "results" / "w9" / "qa" / "report.html").exists()
     assert (tmp_path / "results" / "w9" / "report" / "index.html").exists()  # the one command goes to the report
+    assert json.loads((tmp_path / "results" / "w9" / "tracking" / "meta.json").read_text())["model"] == "ict"
 
 
 def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
-    (tmp_path / "config.yaml").write_text("crop:\n  sizee: 128\nsubjects: {}\n")
+    (tmp_path / "config.yaml").write_text(f"crop:\n  sizee: 128\nsubjects:\n  x: {{video: {videos_dir / 'lp_d18.mp4'}}}\n")
     proc = _run(["workflow", "--cores", "1"], tmp_path)
     assert proc.returncode != 0
     assert "sizee" in proc.stderr and "allowed keys" in proc.stderr
-    assert not (tmp_path / "results" / "x").exists()
+    # nothing was written: no results folder, no Snakemake state, only the config itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_missing_video_is_a_clear_cli_error(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from ..cache import write_json
@@ -25,9 +26,12 @@ def prepare_ict(cfg: ModelConfig, out_dir: Path) -> dict:
     npz = out_dir / "ict.npz"
     try:
         source = Path(cfg.ict_path) if cfg.ict_path else ict.download(out_dir / f"ICT-FaceKit-{ict.RELEASE_COMMIT}.tar.gz")
-        model = ict.convert(source)
         tmp = out_dir / "ict.partial.npz"
-        model.save(tmp)
+        if source.suffix == ".npz":  # an earlier run's ict.npz: checked and copied, not converted again
+            ict.check_converted(source)
+            shutil.copyfile(source, tmp)
+        else:
+            ict.convert(source).save(tmp)
         tmp.replace(npz)
         status = {"available": True, "model": str(npz), "source": str(source)}
     except InputError as e:

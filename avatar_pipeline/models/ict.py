@@ -80,6 +80,20 @@ def _iter_release(source: Path) -> Iterator[tuple[str, bytes]]:
                      "point model.ict_path at the repository folder or its archive")
 
 
+def check_converted(path: Path) -> MorphableModel:
+    """An ict.npz written by an earlier conversion (results/_models/ict.npz), checked before it is reused."""
+    try:
+        model = MorphableModel.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(str(path), f"not a converted ICT FaceKit model ({e})",
+                         "point model.ict_path at the ICT-FaceKit folder or archive, or at the ict.npz an earlier "
+                         "run wrote in results/_models") from None
+    if model.name != "ict" or model.template.shape != (NUM_VERTICES, 3):
+        raise InputError(str(path), f"holds the {model.name} model with {len(model.template)} vertices, not ICT FaceKit",
+                         "point model.ict_path at the ICT-FaceKit release or at an ict.npz written by the ict_model rule")
+    return model
+
+
 def convert(source: str | Path) -> MorphableModel:
     source = Path(source)
     if not source.exists():
