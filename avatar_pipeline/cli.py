@@ -99,6 +99,9 @@ def _workflow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", help="results root (overrides results_dir)")
     p.add_argument("--cores", default="all", help="cores for Snakemake (default: all)")
     p.add_argument("--profile", help="Snakemake profile folder (e.g. workflow/profiles/slurm)")
+    p.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
+                   help="how often to show the running jobs' progress (default: a live line on a terminal, "
+                        "a line a minute otherwise; 0: never)")
     p.epilog = "Arguments after a bare -- are passed to Snakemake, e.g. -- --dry-run"
 
 
@@ -176,11 +179,11 @@ def _dispatch(args) -> int:
     extra = args.snakemake_args
     if args.command == "run":
         return workflow_runner.run_one(Path(args.video), args.subject, args.background, args.config, args.results,
-                                       args.cores, args.profile, extra)
+                                       args.cores, args.profile, extra, progress_every=args.progress_every)
     if args.command == "demo":
-        return workflow_runner.run_demo(args.config, args.results, args.cores, args.profile, extra)
+        return workflow_runner.run_demo(args.config, args.results, args.cores, args.profile, extra, args.progress_every)
     if args.command == "workflow":
-        return workflow_runner.run_all(args.config, args.results, args.cores, args.profile, extra)
+        return workflow_runner.run_all(args.config, args.results, args.cores, args.profile, extra, args.progress_every)
     raise AssertionError(args.command)
 
 

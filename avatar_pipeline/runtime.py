@@ -24,6 +24,13 @@ def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "fram
                 mininterval=0.2 if interactive else 5.0, leave=True)
 
 
+def clock(seconds: float) -> str:
+    """A duration as m:ss, or h:mm:ss from an hour (as tqdm writes them)."""
+    seconds = max(0, int(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
 def torch_device():
     """CUDA when present, else the CPU."""
     import torch

@@ -12,6 +12,7 @@ import yaml
 
 from .config import deep_merge, load_config
 from .errors import InputError
+from .run_monitor import RunMonitor
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,11 @@ def failure_summary(config: dict) -> list[str]:
     return lines
 
 
-def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str]) -> int:
+def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str],
+              report: Path | None = None, progress_every: float | None = None) -> int:
+    """Run Snakemake; its output goes through a RunMonitor, which adds a line with each running job's
+    progress (every `progress_every` seconds; None: live on a terminal, each minute elsewhere; 0: never).
+    On success, say where the report is."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "Snakefile"),
            "--configfile", str(configfile), "--replace-workflow-config", "--cores", str(cores),
            "--rerun-incomplete", "--keep-going",
@@ -92,12 +97,28 @@ def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | N
         cmd += ["--workflow-profile", profile]
     cmd += list(extra) + list(targets)
     log.info("running: %s", " ".join(cmd))
-    returncode = subprocess.call(cmd)
-    if returncode != 0 and "--dry-run" not in extra and "-n" not in extra:
+    dry_run = "--dry-run" in extra or "-n" in extra
+    if dry_run or progress_every == 0:
+        returncode = subprocess.call(cmd)
+    else:
+        log.info("each job's full output is in its log file (results/<subject>/logs/); Snakemake's own log, "
+                 "shell commands included, in .snakemake/log/")
+        monitor = RunMonitor(interval=progress_every).start()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                bufsize=1)
+        try:
+            for line in proc.stdout:
+                monitor.feed(line)
+        finally:
+            returncode = proc.wait()  # a Ctrl-C reaches Snakemake too, which stops its jobs
+            monitor.stop()
+    if returncode != 0 and not dry_run:
         with open(configfile) as f:
             failed = failure_summary(yaml.safe_load(f))
         if failed:
             log.error("%d subject(s) did not complete (the others are unaffected):\n%s", len(failed), "\n".join(failed))
+    elif returncode == 0 and not dry_run and report is not None and report.exists():
+        log.info("done; the report is %s (open it in a browser: file://%s)", report, report.resolve())
     return returncode
 
 
@@ -110,7 +131,7 @@ def _write_overlay(config: dict, results: str, name: str) -> Path:
 
 def run_one(video: Path, subject: str | None, background: str | None, config_path: str | None,
             results: str | None, cores: str, profile: str | None, extra: list[str],
-            overrides: dict | None = None) -> int:
+            overrides: dict | None = None, progress_every: float | None = None) -> int:
     if not video.exists():
         raise InputError(str(video), "video file does not exist", "check the path (quote it if it has spaces)")
     config, _ = _base_config(config_path)
@@ -125,20 +146,22 @@ def run_one(video: Path, subject: str | None, background: str | None, config_pat
     load_config(overrides=config)  # validate before Snakemake starts
     overlay = _write_overlay(config, config["results_dir"], name)
     targets = [f"{config['results_dir']}/{name}/report"]
-    return snakemake(overlay, targets, cores, profile, extra)
+    return snakemake(overlay, targets, cores, profile, extra, Path(targets[0]) / "index.html", progress_every)
 
 
-def run_demo(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str]) -> int:
+def run_demo(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str],
+             progress_every: float | None = None) -> int:
     return run_one(builtin_demo_video(), "demo_carphone", None, config_path, results, cores, profile, extra,
-                   overrides=DEMO_CONFIG)
+                   overrides=DEMO_CONFIG, progress_every=progress_every)
 
 
-def run_all(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str]) -> int:
+def run_all(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str],
+            progress_every: float | None = None) -> int:
     config, path = _base_config(config_path)
     if results:
         config["results_dir"] = results
     overlay = _write_overlay(config, config["results_dir"], "all")
-    return snakemake(overlay, [], cores, profile, extra)
+    return snakemake(overlay, [], cores, profile, extra, Path(config["results_dir"]) / "index.html", progress_every)
 
 
 def stage_code_version(stage: str, module=None) -> str:

@@ -189,8 +189,12 @@ def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
     base["avatars"] = {"nerface_fast": {**TINY_AVATAR, "orbit_frames": 0, "sweep_frames": 0}}
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(base))
     proc = _run(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
-                 "--config", "small.yaml"], tmp_path)
+                 "--config", "small.yaml", "--progress-every", "0.5"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the terminal showed the running jobs' progress and, at the end, where the report is
+    assert re.search(r"\[progress [\d:]+\] running 1: avatar_train\[w9/nerface_fast\] nerface: train \d+/40", proc.stderr)
+    assert "Shell command:" not in proc.stderr
+    assert proc.stderr.rstrip().endswith(f"file://{tmp_path / 'results' / 'w9' / 'report' / 'index.html'})")
     meta = json.loads((tmp_path / "results" / "w9" / "crop" / "meta.json").read_text())
     assert meta["size"] == 96 and len(meta["frames"]) == 12
     assert (tmp_path / "results" / "w9" / "qa" / "report.html").exists()

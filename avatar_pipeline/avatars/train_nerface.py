@@ -19,7 +19,7 @@ import torch
 
 from .. import cache
 from ..errors import CacheError, InputError
-from ..runtime import cpu_info, progress, torch_device
+from ..runtime import clock, cpu_info, progress, torch_device
 from ..stages.tracking import camera_to_head_gl
 from .nerface import NeRFaceRenderer, camera_rays
 from .nerface_config import NeRFaceConfig
@@ -274,7 +274,9 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                 val_psnr = f"{validate(renderer, val, data, latents, out_dir / 'validation', step + 1, device):.3f}"
             writer.writerow([step + 1, f"{loss.item():.6f}", f"{psnr(mse_fine.item()):.3f}", f"{lr:.3g}",
                              f"{time.perf_counter() - started:.2f}", val_psnr])
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(mse_fine.item()):.1f}", refresh=False)
+            budget = {} if cfg.max_minutes is None else \
+                {"budget": clock(60 * cfg.max_minutes - (time.perf_counter() - started))}  # time left of it
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(mse_fine.item()):.1f}", **budget, refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 f.flush()
                 save_checkpoint(checkpoint, checkpoint_state(step + 1))
