@@ -18,7 +18,9 @@ from . import cache
 HEADLINE = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "cpbd", "csim")
 STYLE = """<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
-.warn{background:#fff3cd;padding:.5em;border-left:4px solid #e0a800}video,img{max-width:100%}</style>"""
+.warn{background:#fff3cd;padding:.5em;border-left:4px solid #e0a800}img{max-width:100%}
+video{max-width:100%;height:auto;image-rendering:pixelated}
+.summary{background:#f4f6fa;padding:.2em 1em 1em;border-radius:6px}.fallback{color:#8a4b00}</style>"""
 esc = html.escape
 
 
@@ -80,21 +82,77 @@ def _metrics_table(summary: dict) -> str:
     return f"<table><tr><th>test latents</th><th>region</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _video(rel: str, caption: str) -> str:
-    return f"<figure><video src='{esc(rel)}' controls loop muted></video><figcaption>{esc(caption)}</figcaption></figure>"
+def _video(rel: str, caption: str, width: int = 480) -> str:
+    # shown at a fixed width whatever the render size, so a 128 px render is not a thumbnail
+    return (f"<figure><video src='{esc(rel)}' width='{width}' controls loop muted autoplay playsinline></video>"
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: dict) -> str:
+    """The top of a subject's page: what ran, what fell back or warned and why, and each avatar's
+    headline test metrics side by side."""
+    ran = []
+    if qa:
+        sizes = qa["split_sizes"]
+        source = qa["source"]
+        turned = f", turned {source['upright_rotation']}° upright" if source.get("upright_rotation") else ""
+        ran.append(f"Preprocessing: {qa['frames']} frames at {qa['size']} px from {Path(source['path']).name} "
+                   f"({source['width']}x{source['height']}, {source['fps']:.3g} fps{turned}); split train / val / "
+                   f"test {sizes['train']} / {sizes['val']} / {sizes['test']}; landmarks {qa['landmarks']['backend']}, "
+                   f"parsing {qa['parsing']['backend']}, normals {qa['normals']['backend']}, background "
+                   f"{qa['background']['source']} ({100 * qa['background']['covered_fraction']:.0f}% of pixels seen).")
+    if tracking:
+        ran.append(f"Tracking: {tracking.get('model')} model, {tracking.get('fitted_frames')}/{tracking.get('frames')} "
+                   f"frames fitted, reprojection error {tracking.get('reprojection_error_px', {}).get('mean')} px.")
+    notes = [("crop", w) for w in qa.get("warnings", [])] + [("tracking", w) for w in tracking.get("warnings", [])]
+    rows = []
+    for name in avatars:
+        done = _load(store.avatar_dir(name) / "train" / "done.json")
+        summary = _load(store.avatar_dir(name) / "eval" / "metrics.json")
+        if done is None:
+            notes.append((f"avatar {name}", "not trained"))
+            continue
+        if done.get("stopped_by_time_budget"):
+            notes.append((f"avatar {name}", f"training stopped by its time budget at step {done['steps']} of "
+                                            f"{done['planned_steps']}"))
+        if summary is None:
+            notes.append((f"avatar {name}", "not evaluated"))
+            continue
+        for key in ("lpips", "csim"):
+            if not summary.get(f"{key}_available"):
+                notes.append((f"avatar {name}", f"{key.upper()} unavailable: {summary[key]}"))
+        values = summary["protocols"][summary["headline_protocol"]]
+        cells = "".join(f"<td>{values[k]:.4g}</td>" if values.get(k) is not None else "<td>n/a</td>"
+                        for k in ("psnr", "ssim", "ms_ssim", "l1", "lpips", "head_psnr"))
+        rows.append(f"<tr><th><a href='#avatar-{esc(name)}'>{esc(name)}</a></th><td>{esc(done.get('method', ''))}</td>"
+                    f"<td>{done['steps']}</td><td>{done['seconds'] / 60:.1f}</td><td>{len(summary['test_frames'])}</td>"
+                    f"<td>{esc(summary['headline_protocol'])}</td>{cells}</tr>")
+    parts = ["<div class='summary'><h2>Summary</h2>"] + [f"<p>{esc(line)}</p>" for line in ran]
+    if notes:
+        parts.append("<p><b>Fallbacks and warnings</b></p><ul>" + "".join(
+            f"<li class='{'fallback' if 'FALLBACK' in text else 'note'}'><b>{esc(where)}</b>: {esc(text)}</li>"
+            for where, text in notes) + "</ul>")
+    else:
+        parts.append("<p>Nothing fell back; no warnings.</p>")
+    if rows:
+        parts.append("<table><tr><th>avatar</th><th>method</th><th>steps</th><th>training min</th><th>test frames</th>"
+                     "<th>test latents</th><th>PSNR</th><th>SSIM</th><th>MS-SSIM</th><th>L1</th><th>LPIPS</th>"
+                     "<th>head PSNR</th></tr>" + "".join(rows) + "</table>")
+    return "".join(parts) + "</div>"
 
 
 def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
     """results/{subject}/report/index.html (plus training-curve images), written atomically as one folder."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(store.subject)}</title>{STYLE}",
-             f"<h1>{esc(store.subject)}</h1><p><a href='../../index.html'>all subjects</a></p>"]
     qa = _load(store.stage_dir("qa") / "summary.json") or {}
+    tracking = _load(store.stage_dir("tracking") / "meta.json") or {}
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(store.subject)}</title>{STYLE}",
+             f"<h1>{esc(store.subject)}</h1><p><a href='../../index.html'>all subjects</a></p>",
+             _summary(store, avatars, qa, tracking)]
     parts.append("<h2>Preprocessing</h2>")
     for warning in qa.get("warnings", []):
         parts.append(f"<p class='warn'>{esc(str(warning))}</p>")
     parts.append("<p><a href='../qa/report.html'>full QA report</a></p><img src='../qa/contact_sheet.png'>")
     parts.append(_video("../qa/overlay.mp4", "landmarks, parsing and normals over the frames"))
-    tracking = _load(store.stage_dir("tracking") / "meta.json") or {}
     parts.append("<h2>Tracking</h2>")
     for warning in tracking.get("warnings", []):
         parts.append(f"<p class='warn'>{esc(str(warning))}</p>")  # each names its kind (FALLBACK: ...)
@@ -115,12 +173,15 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
     folder = store.avatar_dir(name)
     done = _load(folder / "train" / "done.json")
     summary = _load(folder / "eval" / "metrics.json")
-    parts = [f"<h2>Avatar {esc(name)}</h2>"]
+    parts = [f"<h2 id='avatar-{esc(name)}'>Avatar {esc(name)}</h2>"]
     if done is None:
         return parts[0] + "<p class='warn'>not trained</p>"
     settings = done.get("settings", {})
-    parts.append(f"<p>{done['steps']} steps on {done['frames']} frames at {done['size']} px, "
-                 f"{done['seconds'] / 60:.1f} min on {esc(done['device'])} ({esc(done['precision'])})</p>"
+    throughput = f", {done['matmul_gflops']} GFLOP/s matrix products" if done.get("matmul_gflops") else ""
+    budget = " (stopped by its time budget)" if done.get("stopped_by_time_budget") else ""
+    parts.append(f"<p>{done['steps']} steps{budget} on {done['frames']} frames at {done['size']} px, "
+                 f"{done['seconds'] / 60:.1f} min on {esc(done['device'])} ({esc(done['precision'])}"
+                 f"{esc(throughput)}; {esc(done.get('cpu', ''))})</p>"
                  f"<details><summary>training settings</summary><pre>{esc(json.dumps(settings, indent=1))}</pre></details>")
     if training_curve(folder / "train" / "log.csv", out / f"curve_{name}.png"):
         parts.append(f"<img src='curve_{esc(name)}.png'>")
@@ -138,7 +199,7 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
         if not summary.get(f"{key}_available"):
             parts.append(f"<p class='warn'>{key.upper()} unavailable: {esc(summary[key])}</p>")
     rel = f"../avatars/{name}/eval"
-    parts.append(_video(f"{rel}/test.mp4", "test frames: ground truth | render | error x4"))
+    parts.append(_video(f"{rel}/test.mp4", "test frames: ground truth | render | error x4", width=1080))
     for video, caption in (("orbit.mp4", "novel head poses"), ("sweep.mp4", f"expression edit: {summary.get('sweep', {}).get('expression', '')}"),
                            ("reenact.mp4", f"reenactment driven by {summary.get('reenactment', {}).get('driver', '')}")):
         if (folder / "eval" / video).exists():

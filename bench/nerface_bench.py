@@ -38,20 +38,10 @@ RESULTS = REPO / "bench" / "results"
 
 from avatar_pipeline.avatars.nerface import NeRFaceRenderer  # noqa: E402
 from avatar_pipeline.avatars.nerface_config import nerface_config  # noqa: E402
-from avatar_pipeline.runtime import cpu_info  # noqa: E402
+from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 
 THRESHOLDS = (24.0, 26.0, 27.0, 28.0, 29.0)
 PAPER_MINUTES = 60.0
-
-
-def matmul_gflops(dtype) -> float:
-    a, b = torch.randn(8192, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start, repeats = time.perf_counter(), 30
-    for _ in range(repeats):
-        a @ b
-    return 2 * 8192 * 256 * 256 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def step_seconds(preset: str, precision: str, repeats: int) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up avatar-pipeline in ./.venv (idempotent: a second run only verifies the install).
 # Usage: bash scripts/setup.sh [--test]     (--test also installs the test tools and, when run as
-#                                            root with apt-get, Debian's ffmpeg for the system-ffmpeg tests)
+#                                            root with apt-get, Debian's ffmpeg, slurm-wlm and chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_TEST=0
@@ -39,12 +39,14 @@ else
   echo "$want" > $stamp
 fi
 
-# tests also cover Debian's ffmpeg (besides the bundled one) and a one-node SLURM cluster on localhost
+# tests also cover Debian's ffmpeg (besides the bundled one), a one-node SLURM cluster on localhost and
+# the HTML report in headless Chromium
 if [[ $WITH_TEST == 1 ]]; then
   wanted=()
   command -v ffmpeg >/dev/null 2>&1 || wanted+=(ffmpeg)
   command -v slurmctld >/dev/null 2>&1 || [[ -x /usr/sbin/slurmctld ]] || wanted+=(slurm-wlm)
   command -v munged >/dev/null 2>&1 || [[ -x /usr/sbin/munged ]] || wanted+=(munge)
+  command -v chromium >/dev/null 2>&1 || wanted+=(chromium)  # the report is opened in a real browser
   if [[ ${#wanted[@]} -gt 0 ]]; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
       echo "setup: installing Debian packages for the tests: ${wanted[*]}"

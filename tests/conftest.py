@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,36 @@ def ict_status(tmp_path_factory) -> Path:
 def ict_npz(ict_status) -> Path:
     """The session's converted ICT FaceKit; configs give it as model.ict_path, so nothing converts it again."""
     return ict_status.parent / "ict.npz"
+
+
+CLI = [sys.executable, "-m", "avatar_pipeline"]
+E2E_CONFIG = {"crop": {"size": 128, "max_frames": 40}, "qa": {"sheet_frames": 3, "video_frames": 10},
+              "background": {"max_frames": 20}}
+TINY_AVATAR = {"method": "nerface", "preset": "fast", "size": 32, "steps": 40, "rays": 128, "coarse_samples": 8,
+               "fine_samples": 8, "width": 32, "depth": 2, "colour_width": 16, "checkpoint_every": 20,
+               "validate_every": 20, "learning_rate": 0.005, "latent_steps": 5, "latent_rays": 32, "orbit_frames": 4,
+               "sweep_frames": 4, "video_frames": 6}
+
+
+def run_cli(args, cwd, **kw):
+    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="session")
+def workspace(videos_dir, ict_npz, tmp_path_factory):
+    """Two subjects, one behind a path with spaces and non-ASCII characters, run by `workflow` through
+    Snakemake with a tiny avatar: the end-to-end tests and the browser test read its results."""
+    import yaml
+
+    ws = tmp_path_factory.mktemp("ws")
+    odd = ws / "clips ü" / "vidéo un.mp4"
+    odd.parent.mkdir()
+    os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
+    config = {**E2E_CONFIG, "model": {"ict_path": str(ict_npz)}, "tracking": {"overlay_frames": 5},
+              "avatars": {"tiny": {**TINY_AVATAR, "reenact_from": "d18"}},
+              "subjects": {"m030": {"video": str(odd)},
+                           "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
+    (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    proc = run_cli(["workflow", "--cores", "2"], ws)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return ws

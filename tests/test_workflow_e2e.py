@@ -11,38 +11,10 @@ import yaml
 
 from avatar_pipeline import cache
 
-from .conftest import REPO
+from .conftest import CLI, REPO, TINY_AVATAR, run_cli
 
 pytestmark = pytest.mark.e2e
-CLI = [sys.executable, "-m", "avatar_pipeline"]
-TINY = {"crop": {"size": 128, "max_frames": 40}, "qa": {"sheet_frames": 3, "video_frames": 10},
-        "background": {"max_frames": 20}}
-TINY_AVATAR = {"method": "nerface", "preset": "fast", "size": 32, "steps": 40, "rays": 128, "coarse_samples": 8,
-               "fine_samples": 8, "width": 32, "depth": 2, "colour_width": 16, "checkpoint_every": 20,
-               "validate_every": 20, "learning_rate": 0.005, "latent_steps": 5, "latent_rays": 32, "orbit_frames": 4,
-               "sweep_frames": 4, "video_frames": 6}
 AVATAR_RULES = ("avatar_train", "avatar_eval", "report", "index")
-
-
-def _run(args, cwd, **kw):
-    return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, timeout=600, **kw)
-
-
-@pytest.fixture(scope="module")
-def workspace(videos_dir, ict_npz, tmp_path_factory):
-    """Two subjects, one behind a path with spaces and non-ASCII characters, run by `workflow`."""
-    ws = tmp_path_factory.mktemp("ws")
-    odd = ws / "clips ü" / "vidéo un.mp4"
-    odd.parent.mkdir()
-    os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
-    config = {**TINY, "model": {"ict_path": str(ict_npz)}, "tracking": {"overlay_frames": 5},
-              "avatars": {"tiny": {**TINY_AVATAR, "reenact_from": "d18"}},
-              "subjects": {"m030": {"video": str(odd)},
-                                   "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
-    (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    proc = _run(["workflow", "--cores", "2"], ws)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return ws
 
 
 def test_both_subjects_complete_with_logs(workspace):
@@ -91,7 +63,7 @@ def test_avatars_are_trained_evaluated_and_reported(workspace):
 
 
 def test_second_run_does_nothing(workspace):
-    proc = _run(["workflow", "--cores", "2"], workspace)
+    proc = run_cli(["workflow", "--cores", "2"], workspace)
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
@@ -101,7 +73,7 @@ def _planned_jobs(workspace, config_overrides) -> set[str]:
 
     config = deep_merge(yaml.safe_load((workspace / "config.yaml").read_text()), config_overrides)
     (workspace / "changed.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    proc = _run(["workflow", "--config", "changed.yaml", "--cores", "2", "--", "--dry-run", "--quiet", "rules"],
+    proc = run_cli(["workflow", "--config", "changed.yaml", "--cores", "2", "--", "--dry-run", "--quiet", "rules"],
                 workspace)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
@@ -172,7 +144,7 @@ def test_a_killed_training_job_resumes_from_its_checkpoint(workspace):
     assert runner.returncode != 0 and not (checkpoint.parent / "done.json").exists()
     killed_at = torch.load(checkpoint, weights_only=False)["step"]
     assert 0 < killed_at < 400
-    rerun = _run(["workflow", "--config", "long.yaml", "--cores", "2", "--", target], workspace)
+    rerun = run_cli(["workflow", "--config", "long.yaml", "--cores", "2", "--", target], workspace)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     log = (workspace / "results" / "d18" / "logs" / "avatar_train_long.log").read_text()
     assert f"from step {killed_at}" in log
@@ -188,7 +160,7 @@ def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
     base["model"] = {"kind": "ict", "ict_path": str(ict_npz)}  # no download: tests never use the network
     base["avatars"] = {"nerface_fast": {**TINY_AVATAR, "orbit_frames": 0, "sweep_frames": 0}}
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(base))
-    proc = _run(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
+    proc = run_cli(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
                  "--config", "small.yaml", "--progress-every", "0.5"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # the terminal showed the running jobs' progress and, at the end, where the report is
@@ -204,7 +176,7 @@ def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
 
 def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
     (tmp_path / "config.yaml").write_text(f"crop:\n  sizee: 128\nsubjects:\n  x: {{video: {videos_dir / 'lp_d18.mp4'}}}\n")
-    proc = _run(["workflow", "--cores", "1"], tmp_path)
+    proc = run_cli(["workflow", "--cores", "1"], tmp_path)
     assert proc.returncode != 0
     assert "sizee" in proc.stderr and "allowed keys" in proc.stderr
     # nothing was written: no results folder, no Snakemake state, only the config itself
@@ -212,7 +184,7 @@ def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
 
 
 def test_missing_video_is_a_clear_cli_error(tmp_path):
-    proc = _run(["run", str(tmp_path / "nope.mp4")], tmp_path)
+    proc = run_cli(["run", str(tmp_path / "nope.mp4")], tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "nope.mp4" in proc.stderr
 
 
@@ -248,7 +220,7 @@ def test_a_failing_subject_does_not_stop_the_others(videos_dir, tmp_path):
               "subjects": {"good": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
                            "bad": {"video": str(tmp_path / "broken.mp4")}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = _run(["workflow", "--cores", "2"], tmp_path)
+    proc = run_cli(["workflow", "--cores", "2"], tmp_path)
     assert proc.returncode != 0
     assert (tmp_path / "results" / "good" / "qa").is_dir() and (tmp_path / "results" / "good" / "tracking").is_dir()
     assert "1 subject(s) did not complete" in proc.stderr

@@ -19,7 +19,7 @@ import torch
 
 from .. import cache
 from ..errors import CacheError, InputError
-from ..runtime import clock, cpu_info, progress, torch_device
+from ..runtime import clock, cpu_info, matmul_gflops, progress, torch_device
 from ..stages.tracking import camera_to_head_gl
 from .nerface import NeRFaceRenderer, camera_rays
 from .nerface_config import NeRFaceConfig
@@ -282,9 +282,12 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
                 save_checkpoint(checkpoint, checkpoint_state(step + 1))
         bar.close()
     rows = _read_log(log_path)
-    summary = {"steps": int(rows[-1]["step"]) if rows else 0, "planned_steps": cfg.steps,
+    summary = {"method": "nerface", "steps": int(rows[-1]["step"]) if rows else 0, "planned_steps": cfg.steps,
                "stopped_by_time_budget": stopped_early, "frames": len(data.frames), "size": cfg.size, "device": str(device),
                "cpu": cpu_info()["model"],
+               # beside the wall time: the same settings take 2x longer on some of these machines than others
+               "matmul_gflops": None if device.type != "cpu" else
+               round(matmul_gflops(torch.bfloat16 if renderer.precision == "bf16" else torch.float32), 1),
                "precision": renderer.precision, "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
                "final_train_psnr": float(np.mean([float(r["psnr_fine"]) for r in rows[-100:]])) if rows else None,
                "settings": cfg.training_settings()}
