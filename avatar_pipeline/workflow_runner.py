@@ -177,6 +177,14 @@ def run_all(config_path: str | None, results: str | None, cores: str, profile: s
     return snakemake(overlay, [], cores, profile, extra, Path(config["results_dir"]) / "index.html", progress_every)
 
 
+def put_this_environment_first_on_path() -> None:
+    """Put the bin folder of the interpreter running Snakemake first on PATH, so that the rules' shell
+    commands (`avatar-pipeline ...`, inherited PATH) run this installation even from an unactivated venv."""
+    import os
+
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def stage_code_version(stage: str, module=None) -> str:
     """Hash of a stage's source and of the package modules it uses directly: a rule param, so editing
     the stage's code reruns it (and what depends on it). Shared plumbing (config, cache layout, logging,

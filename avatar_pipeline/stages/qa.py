@@ -127,7 +127,8 @@ def _report_html(summary: dict) -> str:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}td,th{{padding:2px 8px;text-align:left}}</style>
 <h1>{esc(summary['subject'])}: preprocessing</h1>
 <p>{summary['frames']} frames at {summary['size']} px from {esc(summary['source']['path'])}
-({summary['source']['width']}x{summary['source']['height']}, {summary['source']['fps']:.2f} fps, rotation {summary['source']['rotation']}°;
+({summary['source']['width']}x{summary['source']['height']}, {summary['source']['fps']:.2f} fps, rotation metadata {summary['source']['rotation']}°,
+turned {summary['source'].get('upright_rotation', 0)}° to make the face upright;
 ffmpeg: {esc(summary['ffmpeg'])}). Split train/val/test: {summary['split_sizes']['train']}/{summary['split_sizes']['val']}/{summary['split_sizes']['test']}.</p>
 <p>Landmarks: {esc(summary['landmarks']['backend'])}, {summary['landmarks']['valid_frames']} valid frames.
 Parsing: {esc(summary['parsing']['backend'])}. Normals: {esc(summary['normals']['backend'])}.

@@ -2,17 +2,18 @@
 # helpers that keep every rule thin. All logic lives in the avatar_pipeline package.
 import json
 import shlex
-import sys
+from pathlib import Path
 
 from avatar_pipeline.config import load_subjects, validate_config
-from avatar_pipeline.workflow_runner import stage_code_version
+from avatar_pipeline.workflow_runner import put_this_environment_first_on_path, stage_code_version
 
 validate_config(config, "config (config.yaml and --configfile/--config)")
 SUBJECTS = load_subjects(config)
 RESULTS = config["results_dir"]
 AVATARS = list(config["avatars"])
-# the interpreter Snakemake runs in has avatar_pipeline installed; under --sdm conda use the env's python
-AP = "python -m avatar_pipeline" if "conda" in str(workflow.deployment_settings.deployment_method) else f'"{sys.executable}" -m avatar_pipeline'
+# rules call the `avatar-pipeline` command of the environment Snakemake runs in (or, under --sdm conda,
+# of the rule's environment, which conda puts first on PATH)
+put_this_environment_first_on_path()
 
 
 wildcard_constraints:
@@ -34,3 +35,57 @@ def subject_split_args(wildcards):
     subject = SUBJECTS[wildcards.subject]
     ranges = {k: getattr(subject, k) for k in ("train", "val", "test")}
     return " ".join(f"--{k} {r[0]}-{r[1]}" for k, r in ranges.items() if r)
+
+
+def results_root(levels):
+    """The results folder, taken from a rule's first output `levels` folders up rather than hard-coded."""
+    return lambda wildcards, output: str(Path(output[0]).parents[levels])
+
+
+def background_inputs(wildcards):
+    """A plate needs only the crop window; an estimate needs the person matte too."""
+    plate = SUBJECTS[wildcards.subject].background
+    inputs = {"crop": f"{RESULTS}/{wildcards.subject}/crop"}
+    if plate:
+        inputs["plate"] = plate
+    else:
+        inputs["parsing"] = f"{RESULTS}/{wildcards.subject}/parsing"
+    return inputs
+
+
+def tracking_inputs(wildcards):
+    inputs = {"crop": f"{RESULTS}/{wildcards.subject}/crop", "landmarks": f"{RESULTS}/{wildcards.subject}/landmarks"}
+    if config["model"]["kind"] in ("auto", "ict"):
+        inputs["ict"] = rules.ict_model.output[0]
+    if config["tracking"]["refine"] == "photometric":  # frames and parsed face masks
+        inputs["parsing"] = f"{RESULTS}/{wildcards.subject}/parsing"
+    return inputs
+
+
+def avatar_section(wildcards):
+    return config["avatars"][wildcards.avatar]
+
+
+def avatar_training_settings(wildcards):
+    """Only the keys that change the trained model, so evaluation-only edits do not retrain."""
+    from avatar_pipeline.avatars import avatar_method
+
+    _, cfg = avatar_method(avatar_section(wildcards))
+    return json.dumps({"method": avatar_section(wildcards).get("method", "nerface"), **cfg.training_settings()}, sort_keys=True)
+
+
+def avatar_code(part):
+    """Hash of the method's training or evaluation code (a param: editing the code reruns the rule)."""
+    import importlib
+
+    from avatar_pipeline.avatars import METHODS
+
+    def version(wildcards):
+        method = METHODS[avatar_section(wildcards).get("method", "nerface")]()
+        return stage_code_version(part, importlib.import_module(getattr(method, f"{part}_module")))
+    return version
+
+
+def reenactment_driver(wildcards):
+    driver = avatar_section(wildcards).get("reenact_from")
+    return {"driver": f"{RESULTS}/{driver}/tracking"} if driver else {}

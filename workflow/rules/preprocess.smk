@@ -13,7 +13,7 @@ rule crop:
         settings=lambda w: stage_settings("crop"),
         split=subject_split_args,
         code=stage_code_version("crop"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/crop.log",
     threads: 2
@@ -23,7 +23,7 @@ rule crop:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} crop --results {params.results:q} --subject {wildcards.subject} --video {input.video:q}"
+        "avatar-pipeline crop --results {params.results:q} --subject {wildcards.subject} --video {input.video:q}"
         " --settings {params.settings:q} {params.split} > {log:q} 2>&1"
 
 
@@ -35,7 +35,7 @@ rule landmarks:
     params:
         settings=lambda w: stage_settings("landmarks"),
         code=stage_code_version("landmarks"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/landmarks.log",
     threads: 1
@@ -45,7 +45,7 @@ rule landmarks:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} landmarks --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline landmarks --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -58,7 +58,7 @@ rule parsing:
     params:
         settings=lambda w: stage_settings("parsing"),
         code=stage_code_version("parsing"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/parsing.log",
     threads: 1
@@ -68,19 +68,8 @@ rule parsing:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} parsing --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline parsing --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} > {log:q} 2>&1"
-
-
-def background_inputs(wildcards):
-    """A plate needs only the crop window; an estimate needs the person matte too."""
-    plate = SUBJECTS[wildcards.subject].background
-    inputs = {"crop": f"{RESULTS}/{wildcards.subject}/crop"}
-    if plate:
-        inputs["plate"] = plate
-    else:
-        inputs["parsing"] = f"{RESULTS}/{wildcards.subject}/parsing"
-    return inputs
 
 
 rule background:
@@ -92,7 +81,7 @@ rule background:
         settings=lambda w: stage_settings("background"),
         plate=lambda w, input: f"--plate {shlex.quote(input.plate)}" if "plate" in input.keys() else "",
         code=stage_code_version("background"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/background.log",
     threads: 1
@@ -102,7 +91,7 @@ rule background:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} background --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline background --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} {params.plate} > {log:q} 2>&1"
 
 
@@ -115,7 +104,7 @@ rule normals:
     params:
         settings=lambda w: stage_settings("normals"),
         code=stage_code_version("normals"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/normals.log",
     threads: 1
@@ -125,7 +114,7 @@ rule normals:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} normals --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline normals --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -141,7 +130,7 @@ rule qa:
     params:
         settings=lambda w: stage_settings("qa"),
         code=stage_code_version("qa"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/qa.log",
     threads: 1
@@ -151,5 +140,5 @@ rule qa:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} qa --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline qa --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} > {log:q} 2>&1"

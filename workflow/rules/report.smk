@@ -13,7 +13,7 @@ rule report:
     params:
         avatars=",".join(AVATARS),
         code=stage_code_version("report", report_module),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/report.log",
     threads: 1
@@ -23,7 +23,7 @@ rule report:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} report --results {params.results:q} --subject {wildcards.subject} --avatars={params.avatars:q} > {log:q} 2>&1"
+        "avatar-pipeline report --results {params.results:q} --subject {wildcards.subject} --avatars={params.avatars:q} > {log:q} 2>&1"
 
 
 rule index:
@@ -36,7 +36,7 @@ rule index:
         subjects=",".join(SUBJECTS),
         avatars=",".join(AVATARS),
         code=stage_code_version("report", report_module),
-        results=RESULTS,
+        results=results_root(0),
     log:
         f"{RESULTS}/_logs/index.log",
     threads: 1
@@ -46,4 +46,4 @@ rule index:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} index --results {params.results:q} --subjects {params.subjects:q} --avatars={params.avatars:q} > {log:q} 2>&1"
+        "avatar-pipeline index --results {params.results:q} --subjects {params.subjects:q} --avatars={params.avatars:q} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule ict_model:
         f"{RESULTS}/_models/ict.json",
     params:
         model=lambda w: stage_settings("model"),
-        out=f"{RESULTS}/_models",
+        out=results_root(0),
     log:
         f"{RESULTS}/_models/ict_model.log",
     threads: 1
@@ -18,16 +18,7 @@ rule ict_model:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} ict-model --out {params.out:q} --model-settings {params.model:q} > {log:q} 2>&1"
-
-
-def tracking_inputs(wildcards):
-    inputs = {"crop": f"{RESULTS}/{wildcards.subject}/crop", "landmarks": f"{RESULTS}/{wildcards.subject}/landmarks"}
-    if config["model"]["kind"] in ("auto", "ict"):
-        inputs["ict"] = rules.ict_model.output[0]
-    if config["tracking"]["refine"] == "photometric":  # frames and parsed face masks
-        inputs["parsing"] = f"{RESULTS}/{wildcards.subject}/parsing"
-    return inputs
+        "avatar-pipeline ict-model --out {params.out:q} --model-settings {params.model:q} > {log:q} 2>&1"
 
 
 rule tracking:
@@ -40,7 +31,7 @@ rule tracking:
         model=lambda w: stage_settings("model"),
         ict=lambda w, input: f"--ict-status {shlex.quote(input.ict)}" if "ict" in input.keys() else "",
         code=stage_code_version("tracking"),
-        results=RESULTS,
+        results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/tracking.log",
     threads: 2
@@ -50,5 +41,5 @@ rule tracking:
     conda:
         "../../envs/preprocess.yaml"
     shell:
-        "{AP} tracking --results {params.results:q} --subject {wildcards.subject}"
+        "avatar-pipeline tracking --results {params.results:q} --subject {wildcards.subject}"
         " --settings {params.settings:q} --model-settings {params.model:q} {params.ict} > {log:q} 2>&1"
