@@ -1,2 +1,3 @@
 """avatar-pipeline: raw monocular portrait video to a controllable 4D head avatar."""
+
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
     results/{subject}/
       crop/                      stage `crop`
         frames/000000.png        RGB frames, crop.size x crop.size, lossless
-        meta.json                source video (size, fps, rotation metadata, upright turn, ffmpeg build), crop window in source
-                                 pixels (x, y, side; may extend past the border = padded black),
+        meta.json                source video (size, fps, rotation metadata, upright turn, ffmpeg
+                                 build), crop window in source pixels (x, y, side; may extend past
+                                 the border = padded black),
                                  per frame: source frame number, source timestamp (s), face box in
                                  crop pixels [x0, y0, x1, y1] or null, detector score, the detector's
                                  6 keypoints (eyes, nose tip, mouth, ears), why it is excluded or null
@@ -59,6 +60,7 @@
 Every stage writes into `<stage>.partial-<pid>/` and renames it into place when complete, so an
 interrupted run never leaves a folder that looks finished.
 """
+
 from __future__ import annotations
 
 import collections

@@ -1,5 +1,6 @@
 """`avatar-pipeline`: one subcommand per stage (what the Snakemake rules call), plus `run`, `demo`,
 `workflow` and `check-config` for people."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-settings", default="{}", help="JSON of the 'model' config section")
     p.add_argument("--ict-status", help="ict.json written by the ict-model step")
 
-    for name, text in (("avatar-train", "train (or resume) one avatar of a subject"),
-                       ("avatar-eval", "test-frame latents, metrics and renders of a trained avatar")):
+    for name, text in (
+        ("avatar-train", "train (or resume) one avatar of a subject"),
+        ("avatar-eval", "test-frame latents, metrics and renders of a trained avatar"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--results", default="results")
         p.add_argument("--subject", required=True)
@@ -94,22 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _workflow_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="base config file (default: ./config.yaml if present, else the "
-                                                   "repository's config.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="base config file (default: ./config.yaml if present, else the repository's config.yaml)",
+    )
     p.add_argument("--results", help="results root (overrides results_dir)")
     p.add_argument("--cores", default="all", help="cores for Snakemake (default: all)")
     p.add_argument("--profile", help="Snakemake profile folder (e.g. workflow/profiles/slurm)")
-    p.add_argument("--progress-every", type=float, default=None, metavar="SECONDS",
-                   help="how often to show the running jobs' progress (default: a live line on a terminal, "
-                        "a line a minute otherwise; 0: never)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how often to show the running jobs' progress (default: a live line on a terminal, "
+        "a line a minute otherwise; 0: never)",
+    )
     p.epilog = "Arguments after a bare -- are passed to Snakemake, e.g. -- --dry-run"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # everything after a bare `--` goes to Snakemake untouched (run / demo / workflow)
-    snakemake_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    snakemake_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
     args.snakemake_args = snakemake_args
     from .runtime import setup_logging
@@ -132,7 +143,9 @@ def _dispatch(args) -> int:
         from .avatars import avatar_method
         from .config import validate_config
 
-        section = validate_config({"avatars": {args.avatar: json.loads(args.settings)}}, "--settings")["avatars"][args.avatar]
+        section = validate_config({"avatars": {args.avatar: json.loads(args.settings)}}, "--settings")["avatars"][
+            args.avatar
+        ]
         method, cfg = avatar_method(section)
         store = cache.SubjectCache(args.results, args.subject)
         if args.command == "avatar-train":
@@ -158,8 +171,12 @@ def _dispatch(args) -> int:
         cfg = _typed_settings(args, args.command)
         module = stages.STAGES[args.command]
         if args.command == "crop":
-            subject = Subject(args.subject, args.video, None,
-                              *(parse_range(getattr(args, k), f"--{k}") for k in ("train", "val", "test")))
+            subject = Subject(
+                args.subject,
+                args.video,
+                None,
+                *(parse_range(getattr(args, k), f"--{k}") for k in ("train", "val", "test")),
+            )
             module.run(store, args.video, cfg, subject)
         elif args.command == "background":
             module.run(store, cfg, plate=args.plate)
@@ -178,8 +195,17 @@ def _dispatch(args) -> int:
         return 0
     extra = args.snakemake_args
     if args.command == "run":
-        return workflow_runner.run_one(Path(args.video), args.subject, args.background, args.config, args.results,
-                                       args.cores, args.profile, extra, progress_every=args.progress_every)
+        return workflow_runner.run_one(
+            Path(args.video),
+            args.subject,
+            args.background,
+            args.config,
+            args.results,
+            args.cores,
+            args.profile,
+            extra,
+            progress_every=args.progress_every,
+        )
     if args.command == "demo":
         return workflow_runner.run_demo(args.config, args.results, args.cores, args.profile, extra, args.progress_every)
     if args.command == "workflow":

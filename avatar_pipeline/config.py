@@ -4,6 +4,7 @@ The schema (resources/config.schema.yaml, linked as workflow/schemas/config.sche
 source of keys, types and defaults; the dataclasses below mirror it so that stage code is typed
 (a test checks the two agree).
 """
+
 from __future__ import annotations
 
 import copy
@@ -173,8 +174,11 @@ def validate_config(config: dict, source: str = "config.yaml") -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = "\n    ".join(_describe(e) for e in errors)
-        raise InputError(source, f"invalid configuration:\n    {lines}",
-                         "fix or remove the named keys (see workflow/schemas/config.schema.yaml for every key)")
+        raise InputError(
+            source,
+            f"invalid configuration:\n    {lines}",
+            "fix or remove the named keys (see workflow/schemas/config.schema.yaml for every key)",
+        )
     return config
 
 
@@ -244,11 +248,18 @@ def load_subjects(config: dict, base_dir: str | Path = ".") -> dict[str, Subject
             where = f"{sheet_path} line {i}"
             name, video = (row.get("subject") or "").strip(), (row.get("video") or "").strip()
             if not name or not video:
-                raise InputError(where, "needs both 'subject' and 'video' columns filled",
-                                 "use a tab-separated header: subject<TAB>video[<TAB>background<TAB>train<TAB>val<TAB>test]")
+                raise InputError(
+                    where,
+                    "needs both 'subject' and 'video' columns filled",
+                    "use a tab-separated header: subject<TAB>video[<TAB>background<TAB>train<TAB>val<TAB>test]",
+                )
             if name in subjects:
                 raise InputError(where, f"subject {name!r} is listed twice", "give every subject a unique name")
             validate_config({"subjects": {name: {"video": video}}}, where)
-            subjects[name] = Subject(name, video, (row.get("background") or "").strip() or None,
-                                     *(parse_range(row.get(k, ""), where) for k in ("train", "val", "test")))
+            subjects[name] = Subject(
+                name,
+                video,
+                (row.get("background") or "").strip() or None,
+                *(parse_range(row.get(k, ""), where) for k in ("train", "val", "test")),
+            )
     return subjects

@@ -1,4 +1,5 @@
 """Errors a user can act on: each names the input at fault and what to do about it."""
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 "left"/"right" are the subject's own sides (mediapipe's naming): the subject's right eye is on
 the image's left in an unmirrored video.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,44 @@ import numpy as np
 NUM_POINTS = 478  # 468 mesh points + 2 x 5 iris points
 
 # Closed contours, ordered (read off mediapipe's FACEMESH_* connection sets).
-FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+FACE_OVAL = [
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
+]
 RIGHT_EYE = [33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7]
 LEFT_EYE = [263, 466, 388, 387, 386, 385, 384, 398, 362, 382, 381, 380, 374, 373, 390, 249]
 RIGHT_BROW = [70, 63, 105, 66, 107, 55, 65, 52, 53, 46]
@@ -34,17 +71,79 @@ RIGHT_CHEEK_EDGE, LEFT_CHEEK_EDGE = 234, 454
 
 # iBUG 68 (Multi-PIE) points as mediapipe indices: jaw 0-16 (image left to right through the chin),
 # brows 17-26, nose bridge 27-30, nostrils 31-35, eyes 36-47 (outer corner first), mouth 48-67.
-IBUG68_FROM_MP478 = np.array([
-    127, 234, 93, 132, 58, 172, 136, 149, 152, 378, 365, 397, 288, 361, 323, 454, 356,  # jaw
-    70, 63, 105, 66, 107,  # right brow, outer -> inner
-    336, 296, 334, 293, 300,  # left brow, inner -> outer
-    168, 197, 5, 4,  # nose bridge down to the tip
-    98, 97, 2, 326, 327,  # nostrils
-    33, 160, 158, 133, 153, 144,  # right eye
-    362, 385, 387, 263, 373, 380,  # left eye
-    61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91,  # outer lips
-    78, 81, 13, 311, 308, 402, 14, 178,  # inner lips
-], dtype=np.int64)
+IBUG68_FROM_MP478 = np.array(
+    [
+        127,
+        234,
+        93,
+        132,
+        58,
+        172,
+        136,
+        149,
+        152,
+        378,
+        365,
+        397,
+        288,
+        361,
+        323,
+        454,
+        356,  # jaw
+        70,
+        63,
+        105,
+        66,
+        107,  # right brow, outer -> inner
+        336,
+        296,
+        334,
+        293,
+        300,  # left brow, inner -> outer
+        168,
+        197,
+        5,
+        4,  # nose bridge down to the tip
+        98,
+        97,
+        2,
+        326,
+        327,  # nostrils
+        33,
+        160,
+        158,
+        133,
+        153,
+        144,  # right eye
+        362,
+        385,
+        387,
+        263,
+        373,
+        380,  # left eye
+        61,
+        40,
+        37,
+        0,
+        267,
+        270,
+        291,
+        321,
+        314,
+        17,
+        84,
+        91,  # outer lips
+        78,
+        81,
+        13,
+        311,
+        308,
+        402,
+        14,
+        178,  # inner lips
+    ],
+    dtype=np.int64,
+)
 IBUG68_RIGHT_EYE = slice(36, 42)
 IBUG68_LEFT_EYE = slice(42, 48)
 IBUG68_OUTER_LIPS = slice(48, 60)
@@ -64,8 +163,8 @@ def tessellation_edges() -> frozenset:
 
 @functools.lru_cache(maxsize=1)
 def triangles() -> np.ndarray:
-    """(T, 3) int triangles of the 478-point mesh (eyes closed over the iris centres), consistently oriented so that they face the viewer
-    (counter-clockwise in a y-up frame) on a frontal face.
+    """(T, 3) int triangles of the 478-point mesh (eyes closed over the iris centres), consistently
+    oriented so that they face the viewer (counter-clockwise in a y-up frame) on a frontal face.
 
     mediapipe ships only the mesh's edges; its faces are the 3-cliques of that edge graph.
     """
@@ -111,7 +210,9 @@ def _orient_consistently(tris: np.ndarray) -> np.ndarray:
     # image-like: x right, y down), i.e. counter-clockwise once y points up
     ref = canonical_frontal_xy()
     p = ref[tris]
-    cross = (p[:, 1, 0] - p[:, 0, 0]) * (p[:, 2, 1] - p[:, 0, 1]) - (p[:, 1, 1] - p[:, 0, 1]) * (p[:, 2, 0] - p[:, 0, 0])
+    cross = (p[:, 1, 0] - p[:, 0, 0]) * (p[:, 2, 1] - p[:, 0, 1]) - (p[:, 1, 1] - p[:, 0, 1]) * (
+        p[:, 2, 0] - p[:, 0, 0]
+    )
     if np.sum(cross > 0) > np.sum(cross < 0):  # y-down: CCW-in-y-up shows up as negative cross
         tris = tris[:, [0, 2, 1]]
     return tris

@@ -4,11 +4,12 @@ checkpoint without the face-alignment package (whose detectors would download mo
 The weights need a one-time download by the user (see README); they are looked up in
 `landmarks.fan_weights_dir`, then in the torch hub cache where face-alignment stores them.
 """
+
 from __future__ import annotations
 
 import glob
-import warnings
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -43,7 +44,8 @@ def find_weights(weights_dir: str | None) -> Path:
         f"2D-FAN weights (2DFAN4-*.zip) not found in {', '.join(map(str, searched)) or '(nowhere)'}",
         "on a machine with internet run once: pip install 'avatar-pipeline[fan]' && python -c \"import face_alignment;"
         " face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device='cpu')\" (this stores them in the "
-        "torch hub cache), or copy 2DFAN4-*.zip into landmarks.fan_weights_dir; or use landmarks.backend: mediapipe")
+        "torch hub cache), or copy 2DFAN4-*.zip into landmarks.fan_weights_dir; or use landmarks.backend: mediapipe",
+    )
 
 
 class FanLandmarker:
@@ -54,12 +56,17 @@ class FanLandmarker:
 
         self.torch, self.device = torch, torch_device()
         try:
-            with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format these weights ship in
+            with (
+                warnings.catch_warnings()
+            ):  # TorchScript is deprecated in torch 2.13, but it is the format these weights ship in
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.model = torch.jit.load(str(weights), map_location=self.device).eval()
         except Exception as e:
-            raise InputError(str(weights), f"not a loadable TorchScript 2D-FAN checkpoint ({e})",
-                             "re-download the file, or point landmarks.fan_weights_dir elsewhere") from None
+            raise InputError(
+                str(weights),
+                f"not a loadable TorchScript 2D-FAN checkpoint ({e})",
+                "re-download the file, or point landmarks.fan_weights_dir elsewhere",
+            ) from None
 
     @classmethod
     def from_config(cls, cfg: LandmarksConfig) -> "FanLandmarker":

@@ -1,5 +1,6 @@
 """The three mediapipe models its wheel ships (no download): face detection, the 478-point face mesh
 with iris, and selfie segmentation. Imported lazily: mediapipe takes a second to load."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,16 @@ class FaceDetector(_MediapipeModel):
         for det in model.process(rgb).detections or []:
             b = det.location_data.relative_bounding_box
             keypoints = np.array([(k.x * w, k.y * h) for k in det.location_data.relative_keypoints], np.float32)
-            boxes.append(FaceBox(b.xmin * w, b.ymin * h, (b.xmin + b.width) * w, (b.ymin + b.height) * h,
-                                 float(det.score[0]), keypoints))
+            boxes.append(
+                FaceBox(
+                    b.xmin * w,
+                    b.ymin * h,
+                    (b.xmin + b.width) * w,
+                    (b.ymin + b.height) * h,
+                    float(det.score[0]),
+                    keypoints,
+                )
+            )
         return boxes
 
     def close(self):
@@ -102,8 +111,12 @@ class FaceMeshTracker(_MediapipeModel):
 
     def __init__(self, min_confidence: float = 0.5, max_faces: int = 3, video: bool = True):
         self._model = _solutions().face_mesh.FaceMesh(
-            static_image_mode=not video, max_num_faces=max_faces, refine_landmarks=True,
-            min_detection_confidence=min_confidence, min_tracking_confidence=min_confidence)
+            static_image_mode=not video,
+            max_num_faces=max_faces,
+            refine_landmarks=True,
+            min_detection_confidence=min_confidence,
+            min_tracking_confidence=min_confidence,
+        )
 
     def detect(self, rgb: np.ndarray) -> list[np.ndarray]:
         h, w = rgb.shape[:2]

@@ -15,6 +15,7 @@ full frame and inside the head mask (parsing classes other than background and c
   mask is set to black in both images.
 - CSIM: cosine similarity of dlib face-recognition embeddings (the optional `csim` extra).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_URL = "https://download.pytorch.org/models/" + ALEXNET_FILE
-LPIPS_HINT = (f'.venv/bin/python -c "import torch; torch.hub.load_state_dict_from_url(\'{ALEXNET_URL}\')"'
-              " (once, with internet; it stores the weights in the torch hub cache)")
+LPIPS_HINT = (
+    f".venv/bin/python -c \"import torch; torch.hub.load_state_dict_from_url('{ALEXNET_URL}')\""
+    " (once, with internet; it stores the weights in the torch hub cache)"
+)
 
 
 def l1(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -50,13 +53,13 @@ def _blur(x: np.ndarray) -> np.ndarray:
 
 def _ssim_maps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel SSIM and contrast-structure maps (H, W), averaged over channels."""
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     mu_a, mu_b = _blur(a), _blur(b)
-    var_a = _blur(a * a) - mu_a ** 2
-    var_b = _blur(b * b) - mu_b ** 2
+    var_a = _blur(a * a) - mu_a**2
+    var_b = _blur(b * b) - mu_b**2
     cov = _blur(a * b) - mu_a * mu_b
     cs = (2 * cov + c2) / (var_a + var_b + c2)
-    lum = (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)
+    lum = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
     ssim_map, cs_map = lum * cs, cs
     if ssim_map.ndim == 3:
         ssim_map, cs_map = ssim_map.mean(-1), cs_map.mean(-1)
@@ -71,7 +74,7 @@ def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 def ms_ssim_scales(size: int) -> int:
     """How many of the 5 scales fit: the coarsest image must be at least the 11 px window."""
     scales = 1
-    while scales < 5 and size // (2 ** scales) >= 11:
+    while scales < 5 and size // (2**scales) >= 11:
         scales += 1
     return scales
 
@@ -181,7 +184,7 @@ class Lpips:
             return
         self.features = _alexnet_features()
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        self.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        self.features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")})
         lin = torch.load(linear, map_location="cpu", weights_only=True)
         self.linear = [lin[f"lin{k}.model.1.weight"].to(device) for k in range(5)]
         self.model = self.features.to(device).eval()
@@ -207,10 +210,14 @@ class Lpips:
 
         if mask is not None:
             a, b = a * mask[..., None], b * mask[..., None]
-        ta, tb = (torch.as_tensor(x, dtype=torch.float32).permute(2, 0, 1)[None].to(self.device) * 2 - 1 for x in (a, b))
+        ta, tb = (
+            torch.as_tensor(x, dtype=torch.float32).permute(2, 0, 1)[None].to(self.device) * 2 - 1 for x in (a, b)
+        )
         with torch.no_grad():
-            total = sum((torch.nn.functional.conv2d((fa - fb) ** 2, w)).mean() for fa, fb, w in
-                        zip(self._taps(ta), self._taps(tb), self.linear))
+            total = sum(
+                (torch.nn.functional.conv2d((fa - fb) ** 2, w)).mean()
+                for fa, fb, w in zip(self._taps(ta), self._taps(tb), self.linear)
+            )
         return float(total)
 
 
@@ -219,11 +226,20 @@ def _alexnet_features():
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+        nn.Conv2d(3, 64, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+    )
 
 
 class Csim:
@@ -235,10 +251,15 @@ class Csim:
             import dlib
             import face_recognition_models as frm
         except ImportError as e:
-            self.reason = f"{e.name} is not installed; install the optional extra: pip install '.[csim]' (dlib compiles, ~7 min)"
+            self.reason = (
+                f"{e.name} is not installed; install the optional extra: pip install '.[csim]' (dlib compiles, ~7 min)"
+            )
             return
-        self._models = (dlib.get_frontal_face_detector(), dlib.shape_predictor(frm.pose_predictor_model_location()),
-                        dlib.face_recognition_model_v1(frm.face_recognition_model_location()))
+        self._models = (
+            dlib.get_frontal_face_detector(),
+            dlib.shape_predictor(frm.pose_predictor_model_location()),
+            dlib.face_recognition_model_v1(frm.face_recognition_model_location()),
+        )
         self.reason = "dlib face-recognition ResNet (face_recognition_models)"
 
     @property
@@ -261,8 +282,13 @@ class Csim:
         return float(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
 
 
-def frame_metrics(render: np.ndarray, truth: np.ndarray, mask: np.ndarray, lpips_model: Lpips | None = None,
-                  csim_model: Csim | None = None) -> dict[str, float]:
+def frame_metrics(
+    render: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray,
+    lpips_model: Lpips | None = None,
+    csim_model: Csim | None = None,
+) -> dict[str, float]:
     """Every metric of one frame, full frame and inside the head mask (`head_` prefix)."""
     out = {}
     for prefix, m in (("", None), ("head_", mask)):

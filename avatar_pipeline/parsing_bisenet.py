@@ -1,6 +1,7 @@
 """Face parsing with BiSeNet (ResNet-18 context path, feature fusion) for user-given CelebAMask-HQ weights,
 e.g. the widely used `79999_iter.pth`. Parameter names follow that checkpoint's layout so it loads
 strictly; its 19 output classes are parsing.CLASSES in the same order."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -131,9 +132,12 @@ def build_bisenet(num_classes: int = 19):
 class BiSeNetParser:
     def __init__(self, weights: str | None):
         if not weights:
-            raise InputError("parsing.bisenet_weights", "the bisenet backend needs a checkpoint",
-                             "download the CelebAMask-HQ BiSeNet weights (e.g. 79999_iter.pth) once and set "
-                             "parsing.bisenet_weights to the file; or use parsing.backend: mediapipe")
+            raise InputError(
+                "parsing.bisenet_weights",
+                "the bisenet backend needs a checkpoint",
+                "download the CelebAMask-HQ BiSeNet weights (e.g. 79999_iter.pth) once and set "
+                "parsing.bisenet_weights to the file; or use parsing.backend: mediapipe",
+            )
         if not Path(weights).exists():
             raise InputError(weights, "BiSeNet checkpoint not found", "fix parsing.bisenet_weights")
         import torch
@@ -147,8 +151,11 @@ class BiSeNetParser:
         try:
             self.model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise InputError(weights, f"not a 19-class CelebAMask-HQ BiSeNet checkpoint ({str(e)[:300]})",
-                             "use the face-parsing BiSeNet weights (ResNet-18 backbone)") from None
+            raise InputError(
+                weights,
+                f"not a 19-class CelebAMask-HQ BiSeNet checkpoint ({str(e)[:300]})",
+                "use the face-parsing BiSeNet weights (ResNet-18 backbone)",
+            ) from None
         self.model.eval().to(self.device)
         self.mean = torch.tensor(MEAN).view(1, 3, 1, 1).to(self.device)
         self.std = torch.tensor(STD).view(1, 3, 1, 1).to(self.device)

@@ -2,6 +2,7 @@
 interpolation through each triangle's barycentric affine map.
 
 Used where a non-differentiable rendering of a mesh is enough (normal maps, overlays)."""
+
 from __future__ import annotations
 
 import cv2
@@ -41,8 +42,9 @@ def barycentric_maps(xy: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return maps
 
 
-def interpolate(values: np.ndarray, xy: np.ndarray, triangles: np.ndarray, tri_id: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def interpolate(
+    values: np.ndarray, xy: np.ndarray, triangles: np.ndarray, tri_id: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Barycentric interpolation of per-vertex `values` (V, C) over the visible triangles.
 
     Returns the covered pixels as flat arrays: rows, columns and their (N, C) values."""

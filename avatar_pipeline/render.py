@@ -9,6 +9,7 @@ barycentric weights in torch from the projected vertices of each covered pixel's
 of deferred differentiable rasterizers). Screen-space barycentrics in both: exact for attributes on
 small triangles, which is what a dense head mesh has at the resolutions used for fitting.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from . import raster
 from .errors import InputError
+
 
 def pick_rasterizer(choice: str) -> tuple[str, str]:
     """The rasterizer `choice` ("auto", "pytorch3d" or "own") resolves to, and why."""
@@ -26,15 +28,24 @@ def pick_rasterizer(choice: str) -> tuple[str, str]:
         from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes  # noqa: F401
     except ImportError as e:
         if choice == "pytorch3d":
-            raise InputError("tracking.rasterizer: pytorch3d", f"PyTorch3D cannot be imported ({e})",
-                             "install PyTorch3D for this torch version (it has no Linux wheel on PyPI: build it from "
-                             "https://github.com/facebookresearch/pytorch3d) or set tracking.rasterizer to auto or own")
+            raise InputError(
+                "tracking.rasterizer: pytorch3d",
+                f"PyTorch3D cannot be imported ({e})",
+                "install PyTorch3D for this torch version (it has no Linux wheel on PyPI: build it from "
+                "https://github.com/facebookresearch/pytorch3d) or set tracking.rasterizer to auto or own",
+            ) from e
         return "own", f"PyTorch3D is not installed ({e}); the project's own rasterizer renders instead"
     return "pytorch3d", f"PyTorch3D {getattr(pytorch3d, '__version__', '(unknown version)')}"
 
 
-def render_attributes(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, attributes: torch.Tensor,
-                      size: int, rasterizer: str = "own") -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+def render_attributes(
+    uv: torch.Tensor,
+    depth: torch.Tensor,
+    faces: np.ndarray,
+    attributes: torch.Tensor,
+    size: int,
+    rasterizer: str = "own",
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Render per-vertex `attributes` (V, C) of a mesh projected to pixel positions `uv` (V, 2; pixel
     centres at integers) with camera depth `depth` (V, positive in front) by `rasterizer` ("own" or
     "pytorch3d", see pick_rasterizer). Returns the image (size, size, C), the coverage mask (size, size)
@@ -55,8 +66,9 @@ def render_attributes(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, 
 def _visible_own(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size: int):
     """Visible triangle per pixel from the hard rasterizer, covered pixels (ys, xs), their triangles'
     corners (P, 3) and barycentric weights (P, 3) recomputed in torch so they carry gradients to `uv`."""
-    tri_id = raster.rasterize(uv.detach().cpu().numpy().astype(np.float64), -depth.detach().cpu().numpy(),
-                              faces, size, size)
+    tri_id = raster.rasterize(
+        uv.detach().cpu().numpy().astype(np.float64), -depth.detach().cpu().numpy(), faces, size, size
+    )
     ys, xs = np.nonzero(tri_id >= 0)
     corners = torch.as_tensor(faces[tri_id[ys, xs]], device=uv.device)
     if len(ys) == 0:
@@ -80,8 +92,9 @@ def _visible_pytorch3d(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray,
     # PyTorch3D's NDC: +x left, +y up, pixel column i (row j) centred at 1 - (2i + 1) / size; z = depth
     ndc = torch.stack([1 - (2 * uv[:, 0] + 1) / size, 1 - (2 * uv[:, 1] + 1) / size, depth], 1).float()
     mesh = Meshes(verts=[ndc], faces=[torch.as_tensor(faces, dtype=torch.int64, device=uv.device)])
-    pix_to_face, _, bary, _ = rasterize_meshes(mesh, image_size=size, blur_radius=0.0, faces_per_pixel=1,
-                                               perspective_correct=False)
+    pix_to_face, _, bary, _ = rasterize_meshes(
+        mesh, image_size=size, blur_radius=0.0, faces_per_pixel=1, perspective_correct=False
+    )
     tri_id = pix_to_face[0, ..., 0].cpu().numpy().astype(np.int32)  # one mesh: packed face index = row of `faces`
     ys, xs = np.nonzero(tri_id >= 0)
     weights = bary[0, torch.as_tensor(ys, device=bary.device), torch.as_tensor(xs, device=bary.device), 0].to(uv.dtype)

@@ -4,6 +4,7 @@ and an index across subjects with a metrics table (results/metrics.csv).
 Reports link to the images and videos in the subject's cache rather than copying them; the training
 curves are drawn here. Anything that fell back or is unavailable is stated where its numbers are.
 """
+
 from __future__ import annotations
 
 import csv
@@ -76,7 +77,9 @@ def _metrics_table(summary: dict) -> str:
     rows = []
     for protocol, values in summary.get("protocols", {}).items():
         for prefix, where in (("", "full frame"), ("head_", "head mask")):
-            cells = "".join(f"<td>{values[prefix + k]:.4g}</td>" if prefix + k in values else "<td>n/a</td>" for k in HEADLINE)
+            cells = "".join(
+                f"<td>{values[prefix + k]:.4g}</td>" if prefix + k in values else "<td>n/a</td>" for k in HEADLINE
+            )
             rows.append(f"<tr><th>{esc(protocol)}</th><th>{where}</th>{cells}</tr>")
     head = "".join(f"<th>{k}</th>" for k in HEADLINE)
     return f"<table><tr><th>test latents</th><th>region</th>{head}</tr>{''.join(rows)}</table>"
@@ -84,8 +87,10 @@ def _metrics_table(summary: dict) -> str:
 
 def _video(rel: str, caption: str, width: int = 480) -> str:
     # shown at a fixed width whatever the render size, so a 128 px render is not a thumbnail
-    return (f"<figure><video src='{esc(rel)}' width='{width}' controls loop muted autoplay playsinline></video>"
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f"<figure><video src='{esc(rel)}' width='{width}' controls loop muted autoplay playsinline></video>"
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: dict) -> str:
@@ -96,14 +101,18 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
         sizes = qa["split_sizes"]
         source = qa["source"]
         turned = f", turned {source['upright_rotation']}° upright" if source.get("upright_rotation") else ""
-        ran.append(f"Preprocessing: {qa['frames']} frames at {qa['size']} px from {Path(source['path']).name} "
-                   f"({source['width']}x{source['height']}, {source['fps']:.3g} fps{turned}); split train / val / "
-                   f"test {sizes['train']} / {sizes['val']} / {sizes['test']}; landmarks {qa['landmarks']['backend']}, "
-                   f"parsing {qa['parsing']['backend']}, normals {qa['normals']['backend']}, background "
-                   f"{qa['background']['source']} ({100 * qa['background']['covered_fraction']:.0f}% of pixels seen).")
+        ran.append(
+            f"Preprocessing: {qa['frames']} frames at {qa['size']} px from {Path(source['path']).name} "
+            f"({source['width']}x{source['height']}, {source['fps']:.3g} fps{turned}); split train / val / "
+            f"test {sizes['train']} / {sizes['val']} / {sizes['test']}; landmarks {qa['landmarks']['backend']}, "
+            f"parsing {qa['parsing']['backend']}, normals {qa['normals']['backend']}, background "
+            f"{qa['background']['source']} ({100 * qa['background']['covered_fraction']:.0f}% of pixels seen)."
+        )
     if tracking:
-        ran.append(f"Tracking: {tracking.get('model')} model, {tracking.get('fitted_frames')}/{tracking.get('frames')} "
-                   f"frames fitted, reprojection error {tracking.get('reprojection_error_px', {}).get('mean')} px.")
+        ran.append(
+            f"Tracking: {tracking.get('model')} model, {tracking.get('fitted_frames')}/{tracking.get('frames')} "
+            f"frames fitted, reprojection error {tracking.get('reprojection_error_px', {}).get('mean')} px."
+        )
     notes = [("crop", w) for w in qa.get("warnings", [])] + [("tracking", w) for w in tracking.get("warnings", [])]
     rows = []
     for name in avatars:
@@ -113,8 +122,12 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
             notes.append((f"avatar {name}", "not trained"))
             continue
         if done.get("stopped_by_time_budget"):
-            notes.append((f"avatar {name}", f"training stopped by its time budget at step {done['steps']} of "
-                                            f"{done['planned_steps']}"))
+            notes.append(
+                (
+                    f"avatar {name}",
+                    f"training stopped by its time budget at step {done['steps']} of {done['planned_steps']}",
+                )
+            )
         if summary is None:
             notes.append((f"avatar {name}", "not evaluated"))
             continue
@@ -122,22 +135,33 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
             if not summary.get(f"{key}_available"):
                 notes.append((f"avatar {name}", f"{key.upper()} unavailable: {summary[key]}"))
         values = summary["protocols"][summary["headline_protocol"]]
-        cells = "".join(f"<td>{values[k]:.4g}</td>" if values.get(k) is not None else "<td>n/a</td>"
-                        for k in ("psnr", "ssim", "ms_ssim", "l1", "lpips", "head_psnr"))
-        rows.append(f"<tr><th><a href='#avatar-{esc(name)}'>{esc(name)}</a></th><td>{esc(done.get('method', ''))}</td>"
-                    f"<td>{done['steps']}</td><td>{done['seconds'] / 60:.1f}</td><td>{len(summary['test_frames'])}</td>"
-                    f"<td>{esc(summary['headline_protocol'])}</td>{cells}</tr>")
+        cells = "".join(
+            f"<td>{values[k]:.4g}</td>" if values.get(k) is not None else "<td>n/a</td>"
+            for k in ("psnr", "ssim", "ms_ssim", "l1", "lpips", "head_psnr")
+        )
+        rows.append(
+            f"<tr><th><a href='#avatar-{esc(name)}'>{esc(name)}</a></th><td>{esc(done.get('method', ''))}</td>"
+            f"<td>{done['steps']}</td><td>{done['seconds'] / 60:.1f}</td><td>{len(summary['test_frames'])}</td>"
+            f"<td>{esc(summary['headline_protocol'])}</td>{cells}</tr>"
+        )
     parts = ["<div class='summary'><h2>Summary</h2>"] + [f"<p>{esc(line)}</p>" for line in ran]
     if notes:
-        parts.append("<p><b>Fallbacks and warnings</b></p><ul>" + "".join(
-            f"<li class='{'fallback' if 'FALLBACK' in text else 'note'}'><b>{esc(where)}</b>: {esc(text)}</li>"
-            for where, text in notes) + "</ul>")
+        parts.append(
+            "<p><b>Fallbacks and warnings</b></p><ul>"
+            + "".join(
+                f"<li class='{'fallback' if 'FALLBACK' in text else 'note'}'><b>{esc(where)}</b>: {esc(text)}</li>"
+                for where, text in notes
+            )
+            + "</ul>"
+        )
     else:
         parts.append("<p>Nothing fell back; no warnings.</p>")
     if rows:
-        parts.append("<table><tr><th>avatar</th><th>method</th><th>steps</th><th>training min</th><th>test frames</th>"
-                     "<th>test latents</th><th>PSNR</th><th>SSIM</th><th>MS-SSIM</th><th>L1</th><th>LPIPS</th>"
-                     "<th>head PSNR</th></tr>" + "".join(rows) + "</table>")
+        parts.append(
+            "<table><tr><th>avatar</th><th>method</th><th>steps</th><th>training min</th><th>test frames</th>"
+            "<th>test latents</th><th>PSNR</th><th>SSIM</th><th>MS-SSIM</th><th>L1</th><th>LPIPS</th>"
+            "<th>head PSNR</th></tr>" + "".join(rows) + "</table>"
+        )
     return "".join(parts) + "</div>"
 
 
@@ -145,9 +169,11 @@ def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
     """results/{subject}/report/index.html (plus training-curve images), written atomically as one folder."""
     qa = _load(store.stage_dir("qa") / "summary.json") or {}
     tracking = _load(store.stage_dir("tracking") / "meta.json") or {}
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(store.subject)}</title>{STYLE}",
-             f"<h1>{esc(store.subject)}</h1><p><a href='../../index.html'>all subjects</a></p>",
-             _summary(store, avatars, qa, tracking)]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{esc(store.subject)}</title>{STYLE}",
+        f"<h1>{esc(store.subject)}</h1><p><a href='../../index.html'>all subjects</a></p>",
+        _summary(store, avatars, qa, tracking),
+    ]
     parts.append("<h2>Preprocessing</h2>")
     for warning in qa.get("warnings", []):
         parts.append(f"<p class='warn'>{esc(str(warning))}</p>")
@@ -158,9 +184,11 @@ def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
         parts.append(f"<p class='warn'>{esc(str(warning))}</p>")  # each names its kind (FALLBACK: ...)
     if tracking:
         error = tracking.get("reprojection_error_px", {})
-        parts.append(f"<p>model <b>{esc(str(tracking.get('model')))}</b>, {tracking.get('fitted_frames')}/"
-                     f"{tracking.get('frames')} frames fitted, reprojection error {error.get('mean')} px (mean), "
-                     f"focal {tracking.get('focal_px')} px, refinement {esc(str(tracking.get('refinement')))}</p>")
+        parts.append(
+            f"<p>model <b>{esc(str(tracking.get('model')))}</b>, {tracking.get('fitted_frames')}/"
+            f"{tracking.get('frames')} frames fitted, reprojection error {error.get('mean')} px (mean), "
+            f"focal {tracking.get('focal_px')} px, refinement {esc(str(tracking.get('refinement')))}</p>"
+        )
     parts.append(_video("../tracking/overlay.mp4", "fitted model over the frames"))
     with cache.staged_dir(store.root / "report") as out:
         for name in avatars:
@@ -179,29 +207,38 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
     settings = done.get("settings", {})
     throughput = f", {done['matmul_gflops']} GFLOP/s matrix products" if done.get("matmul_gflops") else ""
     budget = " (stopped by its time budget)" if done.get("stopped_by_time_budget") else ""
-    parts.append(f"<p>{done['steps']} steps{budget} on {done['frames']} frames at {done['size']} px, "
-                 f"{done['seconds'] / 60:.1f} min on {esc(done['device'])} ({esc(done['precision'])}"
-                 f"{esc(throughput)}; {esc(done.get('cpu', ''))})</p>"
-                 f"<details><summary>training settings</summary><pre>{esc(json.dumps(settings, indent=1))}</pre></details>")
+    parts.append(
+        f"<p>{done['steps']} steps{budget} on {done['frames']} frames at {done['size']} px, "
+        f"{done['seconds'] / 60:.1f} min on {esc(done['device'])} ({esc(done['precision'])}"
+        f"{esc(throughput)}; {esc(done.get('cpu', ''))})</p>"
+        f"<details><summary>training settings</summary><pre>{esc(json.dumps(settings, indent=1))}</pre></details>"
+    )
     if training_curve(folder / "train" / "log.csv", out / f"curve_{name}.png"):
         parts.append(f"<img src='curve_{esc(name)}.png'>")
     validation = sorted((folder / "train" / "validation").glob("*.png"))
     if validation:
-        parts.append(f"<figure><img src='../avatars/{esc(name)}/train/validation/{validation[-1].name}'>"
-                     f"<figcaption>last validation render (ground truth | render)</figcaption></figure>")
+        parts.append(
+            f"<figure><img src='../avatars/{esc(name)}/train/validation/{validation[-1].name}'>"
+            f"<figcaption>last validation render (ground truth | render)</figcaption></figure>"
+        )
     if summary is None:
         return "".join(parts) + "<p class='warn'>not evaluated</p>"
     parts.append(f"<h3>Held-out test frames ({len(summary['test_frames'])}, {summary['size']} px)</h3>")
     parts.append(_metrics_table(summary))
-    parts.append(f"<p>headline: <b>{esc(summary['headline_protocol'])}</b> latent codes. "
-                 f"MS-SSIM over {summary['ms_ssim_scales']} scale(s).</p>")
+    parts.append(
+        f"<p>headline: <b>{esc(summary['headline_protocol'])}</b> latent codes. "
+        f"MS-SSIM over {summary['ms_ssim_scales']} scale(s).</p>"
+    )
     for key in ("lpips", "csim"):
         if not summary.get(f"{key}_available"):
             parts.append(f"<p class='warn'>{key.upper()} unavailable: {esc(summary[key])}</p>")
     rel = f"../avatars/{name}/eval"
     parts.append(_video(f"{rel}/test.mp4", "test frames: ground truth | render | error x4", width=1080))
-    for video, caption in (("orbit.mp4", "novel head poses"), ("sweep.mp4", f"expression edit: {summary.get('sweep', {}).get('expression', '')}"),
-                           ("reenact.mp4", f"reenactment driven by {summary.get('reenactment', {}).get('driver', '')}")):
+    for video, caption in (
+        ("orbit.mp4", "novel head poses"),
+        ("sweep.mp4", f"expression edit: {summary.get('sweep', {}).get('expression', '')}"),
+        ("reenact.mp4", f"reenactment driven by {summary.get('reenactment', {}).get('driver', '')}"),
+    ):
         if (folder / "eval" / video).exists():
             parts.append(_video(f"{rel}/{video}", caption))
     parts.append(f"<details><summary>metric definitions</summary><pre>{esc(summary['metrics_doc'])}</pre></details>")
@@ -219,9 +256,17 @@ def index(results: Path, subjects: list[str], avatars: list[str]) -> Path:
                 continue
             protocol = summary["headline_protocol"]
             values = summary["protocols"][protocol]
-            rows.append({"subject": subject, "avatar": name, "protocol": protocol, "frames": len(summary["test_frames"]),
-                         "size": summary["size"], **{k: values.get(k) for k in HEADLINE},
-                         **{f"head_{k}": values.get(f"head_{k}") for k in HEADLINE}})
+            rows.append(
+                {
+                    "subject": subject,
+                    "avatar": name,
+                    "protocol": protocol,
+                    "frames": len(summary["test_frames"]),
+                    "size": summary["size"],
+                    **{k: values.get(k) for k in HEADLINE},
+                    **{f"head_{k}": values.get(f"head_{k}") for k in HEADLINE},
+                }
+            )
     fields = ["subject", "avatar", "protocol", "frames", "size"] + list(HEADLINE) + [f"head_{k}" for k in HEADLINE]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=fields)
@@ -229,15 +274,21 @@ def index(results: Path, subjects: list[str], avatars: list[str]) -> Path:
     writer.writerows(rows)
     _write_bytes(results / "metrics.csv", text.getvalue().encode())
     body = "".join(
-        f"<tr><td><a href='{esc(r['subject'])}/report/index.html'>{esc(r['subject'])}</a></td><td>{esc(r['avatar'])}</td>"
-        f"<td>{esc(r['protocol'])}</td><td>{r['frames']}</td>"
-        + "".join(f"<td>{r[k]:.4g}</td>" if r[k] is not None else "<td>n/a</td>" for k in HEADLINE) + "</tr>" for r in rows)
+        f"<tr><td><a href='{esc(r['subject'])}/report/index.html'>{esc(r['subject'])}</a></td>"
+        f"<td>{esc(r['avatar'])}</td><td>{esc(r['protocol'])}</td><td>{r['frames']}</td>"
+        + "".join(f"<td>{r[k]:.4g}</td>" if r[k] is not None else "<td>n/a</td>" for k in HEADLINE)
+        + "</tr>"
+        for r in rows
+    )
     listed = {r["subject"] for r in rows}
     others = "".join(f"<li><a href='{esc(s)}/report/index.html'>{esc(s)}</a></li>" for s in subjects if s not in listed)
-    page = (f"<!doctype html><meta charset='utf-8'><title>avatar-pipeline results</title>{STYLE}<h1>Results</h1>"
-            "<p>Test-frame metrics, full frame (head-mask values in metrics.csv and the subject reports).</p>"
-            f"<table><tr><th>subject</th><th>avatar</th><th>test latents</th><th>frames</th>"
-            + "".join(f"<th>{k}</th>" for k in HEADLINE) + f"</tr>{body}</table>"
-            + (f"<h2>Subjects without avatar results</h2><ul>{others}</ul>" if others else ""))
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>avatar-pipeline results</title>{STYLE}<h1>Results</h1>"
+        "<p>Test-frame metrics, full frame (head-mask values in metrics.csv and the subject reports).</p>"
+        f"<table><tr><th>subject</th><th>avatar</th><th>test latents</th><th>frames</th>"
+        + "".join(f"<th>{k}</th>" for k in HEADLINE)
+        + f"</tr>{body}</table>"
+        + (f"<h2>Subjects without avatar results</h2><ul>{others}</ul>" if others else "")
+    )
     _write_bytes(results / "index.html", page.encode())
     return results / "index.html"

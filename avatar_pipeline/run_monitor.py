@@ -11,6 +11,7 @@ On a terminal that is one status line, redrawn every second under Snakemake's ou
 is not a terminal (a file, a SLURM batch log) a status line is printed only every `interval` seconds
 and only when it changed, so long runs do not flood the output.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,10 @@ from .runtime import clock
 # one tqdm bar as the stages write it to a log file, e.g.
 # "nerface: train:  35%|███▌      | 523/1500 [01:40<03:07,  5.20step/s, loss=0.0123, psnr=21.3]"
 # "crop: detect faces: 120frame [00:02, 50.1frame/s]"                    (total unknown)
-_BAR = re.compile(r"(?P<desc>[^\r\n|]*?):\s+(?:\d+%\|[^|\r\n]*\|\s*)?(?P<n>\d+)(?:/(?P<total>\d+))?\s*[a-z]*\s*"
-                  r"\[(?P<elapsed>[\d:]+)(?:<(?P<left>[\d:?]+))?(?P<rest>[^\]\r\n]*)\]")
+_BAR = re.compile(
+    r"(?P<desc>[^\r\n|]*?):\s+(?:\d+%\|[^|\r\n]*\|\s*)?(?P<n>\d+)(?:/(?P<total>\d+))?\s*[a-z]*\s*"
+    r"\[(?P<elapsed>[\d:]+)(?:<(?P<left>[\d:?]+))?(?P<rest>[^\]\r\n]*)\]"
+)
 _RULE_START = re.compile(r"^(?:local)?rule (\w+):$")
 _FINISHED = re.compile(r"^Finished jobid: (\d+)")
 _ERROR = re.compile(r"^Error in rule (\w+):$")
@@ -107,8 +110,13 @@ class Job:
 class RunMonitor:
     """Feed it Snakemake's output line by line; it echoes the lines and keeps the status line."""
 
-    def __init__(self, out: IO[str] | None = None, workdir: Path | None = None, interval: float | None = None,
-                 live: bool | None = None):
+    def __init__(
+        self,
+        out: IO[str] | None = None,
+        workdir: Path | None = None,
+        interval: float | None = None,
+        live: bool | None = None,
+    ):
         self.out = out or sys.stderr
         self.workdir = workdir or Path.cwd()
         self.live = self.out.isatty() if live is None else live

@@ -1,4 +1,5 @@
 """Process-wide conveniences: logging set-up and progress bars that read well in Snakemake logs."""
+
 from __future__ import annotations
 
 import functools
@@ -13,15 +14,27 @@ T = TypeVar("T")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "frame") -> Iterator[T]:
     """A progress bar on stderr; in a log file (not a terminal) it updates every few seconds."""
     interactive = sys.stderr.isatty()
-    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.2 if interactive else 5.0, leave=True)
+    return tqdm(
+        items,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.2 if interactive else 5.0,
+        leave=True,
+    )
 
 
 def clock(seconds: float) -> str:
@@ -67,6 +80,8 @@ def cpu_info() -> dict:
             text = f.read()
     except OSError:
         return {"model": platform.processor() or platform.machine(), "native_bf16": False}
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                 platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+        platform.machine(),
+    )
     return {"model": model, "native_bf16": "avx512_bf16" in text or "amx_bf16" in text}

@@ -5,6 +5,7 @@ Conventions. Model space: metres, y up, the face looking along +z. Camera space:
 y down, z forward); a model point X maps to R(r) F X + t with F = diag(1, -1, -1), so r = 0 is a face
 looking straight into the camera. Pinhole projection with the principal point at the image centre.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,6 @@ class FitResult:
     photometric: dict | None = None  # before/after figures of the photometric refinement, when run
 
 
-
 def head_to_camera(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
     """(N, 4, 4) transforms from model space to OpenCV camera space for axis-angle `rotation` (N, 3)."""
     rot = axis_angle_to_matrix(torch.as_tensor(rotation, dtype=torch.float32)) @ FLIP
@@ -74,8 +74,13 @@ def ibug68_points(model: MorphableModel, settings: TrackingConfig) -> LandmarkSe
     return LandmarkSet("ibug68", tri, bary, ids, weight)
 
 
-def mediapipe_points(model: MorphableModel, settings: TrackingConfig, faces: np.ndarray | None = None,
-                     bary: np.ndarray | None = None, point_ids: np.ndarray | None = None) -> LandmarkSet:
+def mediapipe_points(
+    model: MorphableModel,
+    settings: TrackingConfig,
+    faces: np.ndarray | None = None,
+    bary: np.ndarray | None = None,
+    point_ids: np.ndarray | None = None,
+) -> LandmarkSet:
     """mediapipe's points on the model: every vertex of the built-in model (which has mediapipe's
     topology), or an embedding (triangle ids `faces`, `bary`, `point_ids`) found for ICT / FLAME."""
     if faces is None:
@@ -90,8 +95,15 @@ def mediapipe_points(model: MorphableModel, settings: TrackingConfig, faces: np.
 class LandmarkObjective:
     """The landmark term, priors and temporal smoothness over all frames, and the parameters they act on."""
 
-    def __init__(self, model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
-                 settings: TrackingConfig, points: LandmarkSet):
+    def __init__(
+        self,
+        model: MorphableModel,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        image_size: int,
+        settings: TrackingConfig,
+        points: LandmarkSet,
+    ):
         self.model, self.settings, self.image_size = model, settings, image_size
         self.n = n = targets.shape[0]
         tri, bary = points.triangles, points.bary
@@ -116,8 +128,13 @@ class LandmarkObjective:
         self.focal0 = (settings.focal or settings.focal_init) * image_size
         self.depth0 = self.focal0 * face_m / self.face_px
         mean_xy = (self.target * self.weight[..., None]).sum(1) / self.weight.sum(1).clamp_min(1)[:, None]
-        self.t0 = torch.cat([torch.where(frame_ok[:, None], mean_xy - self.centre, torch.zeros(n, 2))
-                             * self.depth0 / self.focal0, torch.full((n, 1), self.depth0)], 1)
+        self.t0 = torch.cat(
+            [
+                torch.where(frame_ok[:, None], mean_xy - self.centre, torch.zeros(n, 2)) * self.depth0 / self.focal0,
+                torch.full((n, 1), self.depth0),
+            ],
+            1,
+        )
 
     def initial_params(self) -> dict:
         s = self.settings
@@ -137,8 +154,12 @@ class LandmarkObjective:
         expression = p["expression"][frames]
         batch = expression.shape[0]
         joints = p["joints"][frames] if "joints" in p else None
-        verts = self.model.vertices(p["identity"].expand(batch, -1) if self.ki else None,
-                                    expression if self.ke else None, joint_pose(joints), subset=subset)
+        verts = self.model.vertices(
+            p["identity"].expand(batch, -1) if self.ki else None,
+            expression if self.ke else None,
+            joint_pose(joints),
+            subset=subset,
+        )
         rot = axis_angle_to_matrix(p["rotation"][frames]) @ FLIP
         return verts @ rot.transpose(1, 2) + p["translation"][frames][:, None]
 
@@ -153,17 +174,21 @@ class LandmarkObjective:
         s, n = self.settings, self.n
         uv, _ = self.landmarks(p)
         sq = ((uv - self.target) ** 2).sum(-1)
-        r2 = self.robust ** 2
+        r2 = self.robust**2
         loss = (self.weight * sq / (sq + r2)).sum() / self.weight.sum()
         loss = loss + s.focal_prior_weight * (p["log_focal"] - np.log(s.focal_init)) ** 2
         if n > 2:
-            loss = loss + s.smooth_pose_weight * (_second_difference(p["rotation"])
-                                                  + _second_difference(p["translation"] / self.depth0))
+            loss = loss + s.smooth_pose_weight * (
+                _second_difference(p["rotation"]) + _second_difference(p["translation"] / self.depth0)
+            )
         if full:
             loss = loss + s.identity_weight * (p["identity"] ** 2).sum()
             loss = loss + s.expression_weight * (p["expression"] ** 2).sum(1).mean()
             if n > 1:
-                loss = loss + s.smooth_expression_weight * ((p["expression"][1:] - p["expression"][:-1]) ** 2).sum(1).mean()
+                loss = (
+                    loss
+                    + s.smooth_expression_weight * ((p["expression"][1:] - p["expression"][:-1]) ** 2).sum(1).mean()
+                )
             if "joints" in p:
                 loss = loss + 1e-2 * (p["joints"] ** 2).sum((1, 2)).mean()
         return loss
@@ -180,21 +205,38 @@ class LandmarkObjective:
             valid = self.weight > 0
             err = ((uv - self.target).norm(dim=-1) * valid).sum(1) / valid.sum(1).clamp_min(1)
         result = FitResult(
-            rotation=p["rotation"].detach().numpy().copy(), translation=p["translation"].detach().numpy().copy(),
-            expression=p["expression"].detach().numpy().copy(), identity=p["identity"].detach().numpy()[0].copy(),
+            rotation=p["rotation"].detach().numpy().copy(),
+            translation=p["translation"].detach().numpy().copy(),
+            expression=p["expression"].detach().numpy().copy(),
+            identity=p["identity"].detach().numpy()[0].copy(),
             joint_rotations=p["joints"].detach().numpy().copy() if "joints" in p else None,
             focal=float(self.image_size * p["log_focal"].detach().exp()),
-            landmarks_2d=uv.numpy(), landmarks_3d=cam.numpy(), error_px=err.numpy(), seconds=seconds,
-            loss_history=history)
+            landmarks_2d=uv.numpy(),
+            landmarks_3d=cam.numpy(),
+            error_px=err.numpy(),
+            seconds=seconds,
+            loss_history=history,
+        )
         for name in ("rotation", "translation", "expression"):
             value = getattr(result, name)
             if not np.isfinite(value).all():
-                raise TrackingError(f"non-finite {name} for frames {np.flatnonzero(~np.isfinite(value).all(1))[:20].tolist()}")
+                raise TrackingError(
+                    f"non-finite {name} for frames {np.flatnonzero(~np.isfinite(value).all(1))[:20].tolist()}"
+                )
         return result
 
 
-def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn, after_step, history: list,
-             progress=None, total: int = 0) -> None:
+def optimise(
+    params: dict,
+    names: list[str],
+    iterations: int,
+    lr: float,
+    loss_fn,
+    after_step,
+    history: list,
+    progress=None,
+    total: int = 0,
+) -> None:
     """Adam with a cosine learning-rate decay; stops with the frames involved if the loss turns non-finite."""
     optimizer = torch.optim.Adam([params[k] for k in names], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, iterations), eta_min=lr / 20)
@@ -202,8 +244,10 @@ def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn
         optimizer.zero_grad()
         loss = loss_fn(it)
         if not torch.isfinite(loss):
-            raise TrackingError(f"optimisation diverged (non-finite loss) at iteration {it}; "
-                                f"frames with non-finite parameters: {_nonfinite_frames(params)[:20]}")
+            raise TrackingError(
+                f"optimisation diverged (non-finite loss) at iteration {it}; "
+                f"frames with non-finite parameters: {_nonfinite_frames(params)[:20]}"
+            )
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -213,9 +257,18 @@ def optimise(params: dict, names: list[str], iterations: int, lr: float, loss_fn
             progress(len(history), total, history[-1])
 
 
-def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_size: int,
-        settings: TrackingConfig, points: LandmarkSet | None = None, progress=None, images: np.ndarray | None = None,
-        masks: np.ndarray | None = None, rasterizer: str = "own") -> FitResult:
+def fit(
+    model: MorphableModel,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    image_size: int,
+    settings: TrackingConfig,
+    points: LandmarkSet | None = None,
+    progress=None,
+    images: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    rasterizer: str = "own",
+) -> FitResult:
     """Fit the model to 2D landmarks `targets` (N, L, 2) in pixels with per-point `weights` (N, L)
     (0 for missing): first the rigid pose and focal length, then everything.
     `points` says which model points meet which columns of `targets`: by default the model's iBUG-68
@@ -237,19 +290,38 @@ def fit(model: MorphableModel, targets: np.ndarray, weights: np.ndarray, image_s
     refine = settings.refine == "photometric" and images is not None
     total += settings.refine_iterations if refine else 0
     for names, iterations, full in ((rigid, settings.rigid_iterations, False), (trainable, settings.iterations, True)):
-        optimise(params, names, iterations, settings.learning_rate, lambda it: objective.loss(params, full),
-                 lambda: objective.constrain(params), history, progress, total)
+        optimise(
+            params,
+            names,
+            iterations,
+            settings.learning_rate,
+            lambda it: objective.loss(params, full),
+            lambda: objective.constrain(params),
+            history,
+            progress,
+            total,
+        )
     photometric = None
     if refine:
-        photometric = refine_photometric(objective, params, images, masks, weights.sum(1) > 0, history, progress, total,
-                                         rasterizer)
+        photometric = refine_photometric(
+            objective, params, images, masks, weights.sum(1) > 0, history, progress, total, rasterizer
+        )
     result = objective.result(params, time.perf_counter() - start, history)
     result.photometric = photometric
     return result
 
 
-def refine_photometric(objective: LandmarkObjective, params: dict, images: np.ndarray, masks: np.ndarray,
-                       fitted: np.ndarray, history: list, progress=None, total: int = 0, rasterizer: str = "own") -> dict:
+def refine_photometric(
+    objective: LandmarkObjective,
+    params: dict,
+    images: np.ndarray,
+    masks: np.ndarray,
+    fitted: np.ndarray,
+    history: list,
+    progress=None,
+    total: int = 0,
+    rasterizer: str = "own",
+) -> dict:
     """Refine pose, expression and identity so the shaded model matches the frames inside the parsed face.
 
     Appearance: one albedo per vertex (initialised from the frames) times per-frame first-order
@@ -337,18 +409,42 @@ def refine_photometric(objective: LandmarkObjective, params: dict, images: np.nd
             loss = loss + s.silhouette_weight * torch.stack(outline).mean() / (objective.robust * scale)
         return loss
 
-    names = [k for k in ("rotation", "translation", "identity", "expression", "joints", "albedo", "shading")
-             if k in params and params[k].requires_grad]
-    optimise(params, names, s.refine_iterations, s.refine_learning_rate, loss_fn, lambda: objective.constrain(params),
-             history, progress, total)
+    names = [
+        k
+        for k in ("rotation", "translation", "identity", "expression", "joints", "albedo", "shading")
+        if k in params and params[k].requires_grad
+    ]
+    optimise(
+        params,
+        names,
+        s.refine_iterations,
+        s.refine_learning_rate,
+        loss_fn,
+        lambda: objective.constrain(params),
+        history,
+        progress,
+        total,
+    )
     after, silhouette_after = mean_error(), mean_silhouette()
-    log.info("photometric refinement: L1 inside the face %.4f -> %.4f, silhouette distance %s -> %s px, %d frames",
-             before, after, silhouette_before, silhouette_after, len(evaluation))
+    log.info(
+        "photometric refinement: L1 inside the face %.4f -> %.4f, silhouette distance %s -> %s px, %d frames",
+        before,
+        after,
+        silhouette_before,
+        silhouette_after,
+        len(evaluation),
+    )
     del params["albedo"], params["shading"]
-    return {"l1_before": round(before, 5), "l1_after": round(after, 5),
-            "silhouette_px_before": silhouette_before, "silhouette_px_after": silhouette_after,
-            "frames_evaluated": len(evaluation), "iterations": s.refine_iterations, "size": size,
-            "rasterizer": rasterizer}
+    return {
+        "l1_before": round(before, 5),
+        "l1_after": round(after, 5),
+        "silhouette_px_before": silhouette_before,
+        "silhouette_px_after": silhouette_after,
+        "frames_evaluated": len(evaluation),
+        "iterations": s.refine_iterations,
+        "size": size,
+        "rasterizer": rasterizer,
+    }
 
 
 def _boundary_distance(masks: np.ndarray) -> torch.Tensor:
@@ -366,7 +462,9 @@ def _boundary_distance(masks: np.ndarray) -> torch.Tensor:
 def _outline_vertices(tri_id: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Vertices of the triangles seen at the edge of the rendered region (the silhouette of the face)."""
     covered = tri_id >= 0
-    edge = covered & ~(np.roll(covered, 1, 0) & np.roll(covered, -1, 0) & np.roll(covered, 1, 1) & np.roll(covered, -1, 1))
+    edge = covered & ~(
+        np.roll(covered, 1, 0) & np.roll(covered, -1, 0) & np.roll(covered, 1, 1) & np.roll(covered, -1, 1)
+    )
     return np.unique(faces[np.unique(tri_id[edge])].ravel())
 
 

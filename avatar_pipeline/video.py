@@ -7,6 +7,7 @@ to force one (the tests exercise both).
 
 Frames are always streamed: nothing here holds more than one decoded frame.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,9 @@ def ffmpeg_tools() -> FfmpegTools:
     if choice in ("auto", "system") and system:
         return FfmpegTools(system, shutil.which("ffprobe"), "system")
     if choice == "system":
-        raise InputError("ffmpeg", "no ffmpeg on PATH", "install it (apt-get install ffmpeg) or unset AVATAR_PIPELINE_FFMPEG")
+        raise InputError(
+            "ffmpeg", "no ffmpeg on PATH", "install it (apt-get install ffmpeg) or unset AVATAR_PIPELINE_FFMPEG"
+        )
     import imageio_ffmpeg
 
     return FfmpegTools(imageio_ffmpeg.get_ffmpeg_exe(), None, "bundled")
@@ -81,13 +84,17 @@ def turned(info: VideoInfo, clockwise: int) -> VideoInfo:
     """The same video with every decoded frame turned a further `clockwise` degrees (0/90/180/270)."""
     clockwise %= 360
     width, height = (info.height, info.width) if clockwise in (90, 270) else (info.width, info.height)
-    return dataclasses.replace(info, width=width, height=height,
-                               upright_rotation=(info.upright_rotation + clockwise) % 360)
+    return dataclasses.replace(
+        info, width=width, height=height, upright_rotation=(info.upright_rotation + clockwise) % 360
+    )
 
 
 # ffmpeg filters that turn a frame clockwise by 90, 180 and 270 degrees
-_TURN_FILTERS = {90: [("transpose", {"dir": "clock"})], 180: [("hflip", {}), ("vflip", {})],
-                 270: [("transpose", {"dir": "cclock"})]}
+_TURN_FILTERS = {
+    90: [("transpose", {"dir": "clock"})],
+    180: [("hflip", {}), ("vflip", {})],
+    270: [("transpose", {"dir": "cclock"})],
+}
 # demuxers of single still images: a photo renamed .mp4 is one of these
 _STILL_IMAGE_CONTAINERS = ("image2", "_pipe")
 
@@ -96,7 +103,9 @@ def _check_file(path: Path) -> None:
     if not path.exists():
         raise InputError(str(path), "file does not exist", "check the video path in config.yaml or on the command line")
     if path.is_dir():
-        raise InputError(str(path), "is a folder, not a video file", "give the path of a video file (mp4, mov, mkv, ...)")
+        raise InputError(
+            str(path), "is a folder, not a video file", "give the path of a video file (mp4, mov, mkv, ...)"
+        )
     if path.stat().st_size == 0:
         raise InputError(str(path), "file is empty (0 bytes)", "re-copy or re-export the video")
 
@@ -112,15 +121,21 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
 
 def single_image_error(path: Path | str, what: str) -> InputError:
-    return InputError(str(path), f"is {what}, not a video",
-                      "give a video of the head (at least a few seconds of a talking, moving face; the papers use "
-                      "1-3 minutes); a single photo cannot train an avatar with this pipeline")
+    return InputError(
+        str(path),
+        f"is {what}, not a video",
+        "give a video of the head (at least a few seconds of a talking, moving face; the papers use "
+        "1-3 minutes); a single photo cannot train an avatar with this pipeline",
+    )
 
 
 def _not_a_video(path: Path, detail: str) -> InputError:
     lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    return InputError(str(path), f"not a readable video ({' / '.join(lines[-2:])[-300:]})",
-                      "give a video file ffmpeg can decode (mp4/mov/mkv/avi); re-export it if it is damaged")
+    return InputError(
+        str(path),
+        f"not a readable video ({' / '.join(lines[-2:])[-300:]})",
+        "give a video file ffmpeg can decode (mp4/mov/mkv/avi); re-export it if it is damaged",
+    )
 
 
 def _probe_ffprobe(path: Path, ffprobe_exe: str) -> VideoInfo:
@@ -128,8 +143,11 @@ def _probe_ffprobe(path: Path, ffprobe_exe: str) -> VideoInfo:
         data = ffmpeg.probe(str(path), cmd=ffprobe_exe)
     except ffmpeg.Error as e:
         raise _not_a_video(path, e.stderr.decode("utf-8", "replace")) from None
-    streams = [s for s in data.get("streams", []) if s.get("codec_type") == "video"
-               and not s.get("disposition", {}).get("attached_pic")]
+    streams = [
+        s
+        for s in data.get("streams", [])
+        if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
+    ]
     if not streams:
         raise _not_a_video(path, "no video stream")
     s = streams[0]
@@ -144,8 +162,18 @@ def _probe_ffprobe(path: Path, ffprobe_exe: str) -> VideoInfo:
     duration = s.get("duration") or data.get("format", {}).get("duration")
     w, h = int(s["width"]), int(s["height"])
     dw, dh = (h, w) if rotation in (90, 270) else (w, h)
-    return VideoInfo(str(path), dw, dh, rotation, fps or 0.0, float(duration) if duration else None,
-                     s.get("codec_name", "?"), w, h, data.get("format", {}).get("format_name", ""))
+    return VideoInfo(
+        str(path),
+        dw,
+        dh,
+        rotation,
+        fps or 0.0,
+        float(duration) if duration else None,
+        s.get("codec_name", "?"),
+        w,
+        h,
+        data.get("format", {}).get("format_name", ""),
+    )
 
 
 def _parse_rate(text: str | None) -> float | None:
@@ -183,8 +211,9 @@ def _probe_ffmpeg_stderr(path: Path, ffmpeg_exe: str) -> VideoInfo:
     rotation = _rotation_from_degrees(-float(rot_m.group(1))) if rot_m else 0
     dw, dh = (h, w) if rotation in (90, 270) else (w, h)
     container_m = _CONTAINER_RE.search(text)
-    return VideoInfo(str(path), dw, dh, rotation, fps, duration, codec, w, h,
-                     container_m.group(1).rstrip(",") if container_m else "")
+    return VideoInfo(
+        str(path), dw, dh, rotation, fps, duration, codec, w, h, container_m.group(1).rstrip(",") if container_m else ""
+    )
 
 
 _SHOWINFO_RE = re.compile(r"\bn:\s*(\d+)\s+pts:\s*(-?\d+)\s+pts_time:\s*(-?[\d.e+-]+)")
@@ -199,9 +228,12 @@ class DecodeReport:
     returncode: int | None = None
 
 
-def iter_frames(info: VideoInfo, filters: list[tuple[str, dict | tuple]] | None = None,
-                out_size: tuple[int, int] | None = None,
-                report: DecodeReport | None = None) -> Iterator[np.ndarray]:
+def iter_frames(
+    info: VideoInfo,
+    filters: list[tuple[str, dict | tuple]] | None = None,
+    out_size: tuple[int, int] | None = None,
+    report: DecodeReport | None = None,
+) -> Iterator[np.ndarray]:
     """Yield every decoded frame (RGB uint8, HxWx3) of `info.path`, in order, without resampling
     the frame rate (variable frame rate clips keep their true frames; timestamps go to `report`).
 
@@ -252,17 +284,27 @@ def check_decode(info: VideoInfo, report: DecodeReport, decoded: int) -> None:
     """Raise on a clip that decoded to nothing or stopped early; warn on recoverable decoder noise."""
     if decoded == 0:
         detail = "; ".join(report.errors[:3]) or "ffmpeg produced no frames"
-        raise InputError(info.path, f"zero frames could be decoded ({detail})",
-                         "check the file plays; re-export it, e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4")
+        raise InputError(
+            info.path,
+            f"zero frames could be decoded ({detail})",
+            "check the file plays; re-export it, e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4",
+        )
     expected = info.expected_frames
     if report.errors and expected and decoded < 0.9 * expected:
-        raise InputError(info.path,
-                         f"corrupt or truncated mid-stream: decoded {decoded} of about {expected} frames; "
-                         f"ffmpeg said: {report.errors[0][:200]}",
-                         "re-export the clip, or trim it before the damage (ffmpeg -i in.mp4 -t SECONDS -c copy out.mp4)")
+        raise InputError(
+            info.path,
+            f"corrupt or truncated mid-stream: decoded {decoded} of about {expected} frames; "
+            f"ffmpeg said: {report.errors[0][:200]}",
+            "re-export the clip, or trim it before the damage (ffmpeg -i in.mp4 -t SECONDS -c copy out.mp4)",
+        )
     if report.errors:
-        log.warning("%s: ffmpeg reported %d decoder message(s), first: %s (decoded %d frames, continuing)",
-                    info.path, len(report.errors), report.errors[0][:200], decoded)
+        log.warning(
+            "%s: ffmpeg reported %d decoder message(s), first: %s (decoded %d frames, continuing)",
+            info.path,
+            len(report.errors),
+            report.errors[0][:200],
+            decoded,
+        )
 
 
 class VideoWriter:
@@ -276,8 +318,9 @@ class VideoWriter:
         stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
         if (self.width, self.height) != (width, height):
             stream = stream.filter("crop", self.width, self.height, 0, 0)
-        out = ffmpeg.output(stream, str(self.path), vcodec="libx264", pix_fmt="yuv420p", crf=crf,
-                            movflags="+faststart", f="mp4")
+        out = ffmpeg.output(
+            stream, str(self.path), vcodec="libx264", pix_fmt="yuv420p", crf=crf, movflags="+faststart", f="mp4"
+        )
         cmd = [tools.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y"] + ffmpeg.get_args(out)
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         self._shape = (height, width, 3)

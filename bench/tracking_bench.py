@@ -13,6 +13,7 @@ per-subject correspondence; for the synthetic sequences, where lp_d18's correspo
   model's 68 landmarks, and the temporal jitter of the fitted landmarks against the raw ones.
 Figures go to bench/results/tracking.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ SHARED = REPO.parent / "shared"
 from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.config import CropConfig, LandmarksConfig, ModelConfig, TrackingConfig  # noqa: E402
 from avatar_pipeline.models import load_model, prepare_ict  # noqa: E402
-from avatar_pipeline.stages import crop, landmarks, tracking as tracking_stage  # noqa: E402
 from avatar_pipeline.models.correspondence import mediapipe_embedding  # noqa: E402
+from avatar_pipeline.stages import crop, landmarks  # noqa: E402
+from avatar_pipeline.stages import tracking as tracking_stage  # noqa: E402
 from avatar_pipeline.tracking import fit, ibug68_points, mediapipe_points, rotation_difference_deg  # noqa: E402
 from tests.test_tracking import in_sequence_order, synthetic_sequence  # noqa: E402
 
@@ -49,8 +51,13 @@ def main() -> None:
     prepare_ict(ModelConfig(kind="ict", ict_path=str(SHARED / "models/ict-facekit-da5f95a.tar.xz")), work / "_models")
     status = work / "_models" / "ict.json"
     model, _ = load_model(ModelConfig(kind="ict"), status)
-    report = {"command": "python bench/tracking_bench.py", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "settings": {k: v for k, v in vars(TrackingConfig()).items() if k in ("identity_weight", "iterations", "fit_points")}}
+    report = {
+        "command": "python bench/tracking_bench.py",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": {
+            k: v for k, v in vars(TrackingConfig()).items() if k in ("identity_weight", "iterations", "fit_points")
+        },
+    }
     clips = sorted((SHARED / "data/videos").glob("*.mp4"))
     stores = {}
     for clip in clips:
@@ -60,8 +67,10 @@ def main() -> None:
     # the synthetic mediapipe points: where lp_d18's correspondence places them on ICT
     lp = stores[SHARED / "data/videos/lp_d18.mp4"].landmarks()
     embedding = mediapipe_embedding(model, lp["mp478"], lp["valid"])
-    point_sets = {"ibug68": ibug68_points(model, TrackingConfig()),
-                  "mediapipe": mediapipe_points(model, TrackingConfig(), embedding.faces, embedding.bary, embedding.point_ids)}
+    point_sets = {
+        "ibug68": ibug68_points(model, TrackingConfig()),
+        "mediapipe": mediapipe_points(model, TrackingConfig(), embedding.faces, embedding.bary, embedding.point_ids),
+    }
 
     report["speed_500_frames_512px"] = {}
     for name, points in point_sets.items():
@@ -70,11 +79,14 @@ def main() -> None:
         t = time.perf_counter()
         result = fit(model, uv, np.ones(uv.shape[:2]), 512, TrackingConfig(), points=in_sequence_order(points))
         report["speed_500_frames_512px"][name] = {
-            "points": len(points.columns), "seconds": round(time.perf_counter() - t, 2), "target_seconds": 60,
+            "points": len(points.columns),
+            "seconds": round(time.perf_counter() - t, 2),
+            "target_seconds": 60,
             "iterations": TrackingConfig().rigid_iterations + TrackingConfig().iterations,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024, 1),
-            "mean_error_px": round(float(result.error_px.mean()), 3)}
+            "mean_error_px": round(float(result.error_px.mean()), 3),
+        }
         print(name, report["speed_500_frames_512px"][name], flush=True)
 
     synthetic = []
@@ -83,36 +95,63 @@ def main() -> None:
         for seed in range(3):
             uv, rot, trans = synthetic_sequence(model, n=60, size=256, seed=seed, points=points)
             true_identity = np.random.default_rng(seed).normal(0, 1, (1, 40))[0]  # as synthetic_sequence draws it
-            res = fit(model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2), points=in_sequence_order(points))
+            res = fit(
+                model, uv, np.ones(uv.shape[:2]), 256, TrackingConfig(focal=2.2), points=in_sequence_order(points)
+            )
             angle = rotation_difference_deg(rot, res.rotation)
             size_ratio = face_size(model, res.identity) / face_size(model, true_identity)
-            synthetic.append({
-                "points": name, "seed": seed, "rotation_error_deg_mean": round(float(angle.mean()), 3),
-                "rotation_error_deg_max": round(float(angle.max()), 3),
-                "translation_error_pct_head_width": _pct(np.linalg.norm(res.translation - trans, axis=1), head_width),
-                "lateral_xy_error_pct_head_width": _pct(np.linalg.norm(res.translation[:, :2] - trans[:, :2], axis=1), head_width),
-                "depth_error_pct_head_width": _pct(np.abs(res.translation[:, 2] - trans[:, 2]), head_width),
-                "head_size_error_pct": round((size_ratio - 1) * 100, 3),
-                "translation_error_at_fitted_size_pct_head_width": _pct(
-                    np.linalg.norm(res.translation / size_ratio - trans, axis=1), head_width),
-                "landmark_error_px_256": round(float(res.error_px.mean()), 3)})
+            synthetic.append(
+                {
+                    "points": name,
+                    "seed": seed,
+                    "rotation_error_deg_mean": round(float(angle.mean()), 3),
+                    "rotation_error_deg_max": round(float(angle.max()), 3),
+                    "translation_error_pct_head_width": _pct(
+                        np.linalg.norm(res.translation - trans, axis=1), head_width
+                    ),
+                    "lateral_xy_error_pct_head_width": _pct(
+                        np.linalg.norm(res.translation[:, :2] - trans[:, :2], axis=1), head_width
+                    ),
+                    "depth_error_pct_head_width": _pct(np.abs(res.translation[:, 2] - trans[:, 2]), head_width),
+                    "head_size_error_pct": round((size_ratio - 1) * 100, 3),
+                    "translation_error_at_fitted_size_pct_head_width": _pct(
+                        np.linalg.norm(res.translation / size_ratio - trans, axis=1), head_width
+                    ),
+                    "landmark_error_px_256": round(float(res.error_px.mean()), 3),
+                }
+            )
             print(synthetic[-1], flush=True)
     report["synthetic_ict"] = {
-        "frames": 60, "size": 256, "known_focal": True, "head_width_m": round(head_width, 4),
+        "frames": 60,
+        "size": 256,
+        "known_focal": True,
+        "head_width_m": round(head_width, 4),
         "targets": "rotation < 1.5 deg, translation < 2% of head size, 2D < 1 px",
         "note": "a head s times larger at s times the distance projects to the same image; ICT's first identity "
-                "mode is almost a pure scale (4.5% per unit), so depth follows the fitted head size. "
-                "translation_error_at_fitted_size divides the fitted translation by the fitted/true size ratio",
-        "runs": synthetic}
+        "mode is almost a pure scale (4.5% per unit), so depth follows the fitted head size. "
+        "translation_error_at_fitted_size divides the fitted translation by the fitted/true size ratio",
+        "runs": synthetic,
+    }
 
     real = []
     for clip, store in stores.items():
         for name in point_sets:
-            info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, fit_points=name), ModelConfig(kind="ict"), status)
-            real.append({"clip": clip.name, "points": name, "frames": info["frames"],
-                         "reprojection_error_px_512": info["reprojection_error_px"],
-                         "ibug68_error_px_512": info["ibug68_error_px"], "correspondence": info["correspondence"],
-                         "jitter_px": info["landmark_jitter_px"], "fit_seconds": info["seconds"], "focal_px": info["focal_px"]})
+            info = tracking_stage.run(
+                store, TrackingConfig(overlay_frames=0, fit_points=name), ModelConfig(kind="ict"), status
+            )
+            real.append(
+                {
+                    "clip": clip.name,
+                    "points": name,
+                    "frames": info["frames"],
+                    "reprojection_error_px_512": info["reprojection_error_px"],
+                    "ibug68_error_px_512": info["ibug68_error_px"],
+                    "correspondence": info["correspondence"],
+                    "jitter_px": info["landmark_jitter_px"],
+                    "fit_seconds": info["seconds"],
+                    "focal_px": info["focal_px"],
+                }
+            )
             print(real[-1], flush=True)
     report["real_clips_512px"] = real
     out = REPO / "bench/results/tracking.json"

@@ -1,5 +1,6 @@
 """Shared fixtures. Real media are read in place from ../shared (never copied into the repo); where it
 is absent the tests that need it skip with the reason, except under CI (CI=true), where that fails."""
+
 from __future__ import annotations
 
 import os
@@ -44,16 +45,32 @@ def ffmpeg(*args: str) -> None:
 
 def image_to_video(image: Path, out: Path, frames: int = 12, fps: int = 10, width: int | None = None) -> Path:
     scale = f"scale={width}:-2" if width else "scale=trunc(iw/2)*2:trunc(ih/2)*2"
-    ffmpeg("-loop", "1", "-i", str(image), "-frames:v", str(frames), "-r", str(fps), "-vf", scale,
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(out))
+    ffmpeg(
+        "-loop",
+        "1",
+        "-i",
+        str(image),
+        "-frames:v",
+        str(frames),
+        "-r",
+        str(fps),
+        "-vf",
+        scale,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(out),
+    )
     return out
 
 
 TINY = dict(size=128, max_frames=40)
 
 
-def run_preprocessing(video: Path, results: Path, subject: str, crop_overrides: dict | None = None,
-                      plate: str | None = None) -> cache.SubjectCache:
+def run_preprocessing(
+    video: Path, results: Path, subject: str, crop_overrides: dict | None = None, plate: str | None = None
+) -> cache.SubjectCache:
     """All preprocessing stages, called directly (no Snakemake), at test resolution."""
     from avatar_pipeline.stages import background, crop, landmarks, normals, parsing, qa
 
@@ -76,8 +93,7 @@ def w009(videos_dir, tmp_path_factory) -> cache.SubjectCache:
 @pytest.fixture(scope="session")
 def lp_d18(videos_dir, tmp_path_factory) -> cache.SubjectCache:
     """lp_d18 (head and shoulders, grey studio, strong expressions) preprocessed at 128 px."""
-    return run_preprocessing(videos_dir / "lp_d18.mp4", tmp_path_factory.mktemp("lp_d18"), "lp_d18",
-                             {"max_frames": 60})
+    return run_preprocessing(videos_dir / "lp_d18.mp4", tmp_path_factory.mktemp("lp_d18"), "lp_d18", {"max_frames": 60})
 
 
 @pytest.fixture(scope="session")
@@ -99,12 +115,31 @@ def ict_npz(ict_status) -> Path:
 
 
 CLI = [sys.executable, "-m", "avatar_pipeline"]
-E2E_CONFIG = {"crop": {"size": 128, "max_frames": 40}, "qa": {"sheet_frames": 3, "video_frames": 10},
-              "background": {"max_frames": 20}}
-TINY_AVATAR = {"method": "nerface", "preset": "fast", "size": 32, "steps": 40, "rays": 128, "coarse_samples": 8,
-               "fine_samples": 8, "width": 32, "depth": 2, "colour_width": 16, "checkpoint_every": 20,
-               "validate_every": 20, "learning_rate": 0.005, "latent_steps": 5, "latent_rays": 32, "orbit_frames": 4,
-               "sweep_frames": 4, "video_frames": 6}
+E2E_CONFIG = {
+    "crop": {"size": 128, "max_frames": 40},
+    "qa": {"sheet_frames": 3, "video_frames": 10},
+    "background": {"max_frames": 20},
+}
+TINY_AVATAR = {
+    "method": "nerface",
+    "preset": "fast",
+    "size": 32,
+    "steps": 40,
+    "rays": 128,
+    "coarse_samples": 8,
+    "fine_samples": 8,
+    "width": 32,
+    "depth": 2,
+    "colour_width": 16,
+    "checkpoint_every": 20,
+    "validate_every": 20,
+    "learning_rate": 0.005,
+    "latent_steps": 5,
+    "latent_rays": 32,
+    "orbit_frames": 4,
+    "sweep_frames": 4,
+    "video_frames": 6,
+}
 
 
 def run_cli(args, cwd, **kw):
@@ -121,10 +156,13 @@ def workspace(videos_dir, ict_npz, tmp_path_factory):
     odd = ws / "clips ü" / "vidéo un.mp4"
     odd.parent.mkdir()
     os.symlink(videos_dir / "dt_M030_front_neutral_level1_001.mp4", odd)
-    config = {**E2E_CONFIG, "model": {"ict_path": str(ict_npz)}, "tracking": {"overlay_frames": 5},
-              "avatars": {"tiny": {**TINY_AVATAR, "reenact_from": "d18"}},
-              "subjects": {"m030": {"video": str(odd)},
-                           "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}}}
+    config = {
+        **E2E_CONFIG,
+        "model": {"ict_path": str(ict_npz)},
+        "tracking": {"overlay_frames": 5},
+        "avatars": {"tiny": {**TINY_AVATAR, "reenact_from": "d18"}},
+        "subjects": {"m030": {"video": str(odd)}, "d18": {"video": str(videos_dir / "lp_d18.mp4"), "test": [30, 40]}},
+    }
     (ws / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     proc = run_cli(["workflow", "--cores", "2"], ws)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

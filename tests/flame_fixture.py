@@ -1,6 +1,7 @@
 """Writes a small model file in FLAME's exact pickle layout (chumpy objects, an old-path scipy sparse
 joint regressor, latin-1-readable protocol 2), so the loader and skinning are tested without the
 licensed file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
-JOINTS = np.array([[0, -0.10, 0], [0, -0.05, 0], [0, -0.02, 0.03], [0.03, 0.03, 0.07], [-0.03, 0.03, 0.07]],
-                  np.float64)
+JOINTS = np.array([[0, -0.10, 0], [0, -0.05, 0], [0, -0.02, 0.03], [0.03, 0.03, 0.07], [-0.03, 0.03, 0.07]], np.float64)
 
 
 @contextlib.contextmanager
@@ -60,28 +60,48 @@ def make_flame(folder: Path, seed: int = 0) -> tuple[Path, Path, dict]:
     from scipy import sparse
 
     reg = sparse.csc_matrix(regressor)
-    embedding = {"full_lmk_faces_idx": rng.integers(0, len(faces), (1, 68)),
-                 "full_lmk_bary_coords": rng.dirichlet([1, 1, 1], (1, 68)),
-                 "lmk_face_idx": rng.integers(0, len(faces), 51), "lmk_b_coords": rng.dirichlet([1, 1, 1], 51)}
+    embedding = {
+        "full_lmk_faces_idx": rng.integers(0, len(faces), (1, 68)),
+        "full_lmk_bary_coords": rng.dirichlet([1, 1, 1], (1, 68)),
+        "lmk_face_idx": rng.integers(0, len(faces), 51),
+        "lmk_b_coords": rng.dirichlet([1, 1, 1], 51),
+    }
     with _fake_modules() as (Ch, csc_matrix):
+
         def ch(x):
             obj = Ch()
             obj.__dict__.update({"x": x, "_dirty_vars": set(), "_itr": None, "_parents": {}})
             return obj
 
         sp = csc_matrix()
-        sp.__dict__.update({"data": reg.data, "indices": reg.indices, "indptr": reg.indptr, "_shape": reg.shape,
-                            "maxprint": 50})
-        model = {"f": faces, "v_template": template, "shapedirs": ch(shapedirs), "posedirs": posedirs,
-                 "J_regressor": sp, "weights": weights, "kintree_table": np.array([[4294967295, 0, 1, 1, 1],
-                                                                                   [0, 1, 2, 3, 4]]),
-                 "J": ch(regressor @ template), "bs_style": "lbs", "bs_type": "lrotmin"}
+        sp.__dict__.update(
+            {"data": reg.data, "indices": reg.indices, "indptr": reg.indptr, "_shape": reg.shape, "maxprint": 50}
+        )
+        model = {
+            "f": faces,
+            "v_template": template,
+            "shapedirs": ch(shapedirs),
+            "posedirs": posedirs,
+            "J_regressor": sp,
+            "weights": weights,
+            "kintree_table": np.array([[4294967295, 0, 1, 1, 1], [0, 1, 2, 3, 4]]),
+            "J": ch(regressor @ template),
+            "bs_style": "lbs",
+            "bs_type": "lrotmin",
+        }
         folder.mkdir(parents=True, exist_ok=True)
         model_path = folder / "generic_model.pkl"
         with open(model_path, "wb") as f:
             pickle.dump(model, f, protocol=2)
     lmk_path = folder / "landmark_embedding.npy"
     np.save(lmk_path, embedding, allow_pickle=True)
-    raw = {"template": template, "faces": faces, "shapedirs": shapedirs, "posedirs": posedirs, "weights": weights,
-           "regressor": regressor, "embedding": embedding}
+    raw = {
+        "template": template,
+        "faces": faces,
+        "shapedirs": shapedirs,
+        "posedirs": posedirs,
+        "weights": weights,
+        "regressor": regressor,
+        "embedding": embedding,
+    }
     return model_path, lmk_path, raw

@@ -1,5 +1,6 @@
 """A one-node SLURM cluster on localhost for the cluster tests (Debian's slurm-wlm and munge, started
 by hand: no systemd). Every daemon it starts is stopped again by process id, also when a test fails."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,33 +31,35 @@ def missing_requirements() -> str | None:
 
 
 def _config(folder: Path, host: str) -> str:
-    return "\n".join([
-        "ClusterName=avatar-test",
-        f"SlurmctldHost={host}(127.0.0.1)",
-        "SlurmUser=slurm",
-        "AuthType=auth/munge",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "MpiDefault=none",
-        "ReturnToService=2",
-        "SchedulerType=sched/backfill",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core_Memory",
-        "AccountingStorageType=accounting_storage/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "JobCompType=jobcomp/none",
-        f"StateSaveLocation={folder}/state",
-        f"SlurmdSpoolDir={folder}/spool",
-        f"SlurmctldPidFile={folder}/slurmctld.pid",
-        f"SlurmdPidFile={folder}/slurmd.pid",
-        f"SlurmctldLogFile={folder}/slurmctld.log",
-        f"SlurmdLogFile={folder}/slurmd.log",
-        "SlurmctldPort=6817",
-        "SlurmdPort=6818",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 State=UNKNOWN",
-        "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ])
+    return "\n".join(
+        [
+            "ClusterName=avatar-test",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            "SlurmUser=slurm",
+            "AuthType=auth/munge",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/none",
+            f"StateSaveLocation={folder}/state",
+            f"SlurmdSpoolDir={folder}/spool",
+            f"SlurmctldPidFile={folder}/slurmctld.pid",
+            f"SlurmdPidFile={folder}/slurmd.pid",
+            f"SlurmctldLogFile={folder}/slurmctld.log",
+            f"SlurmdLogFile={folder}/slurmd.log",
+            "SlurmctldPort=6817",
+            "SlurmdPort=6818",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
 
 
 def _pid(path: Path) -> int | None:
@@ -112,8 +115,22 @@ def local_cluster(timeout: float = 60.0):
         system_conf.rename(saved)
     system_conf.symlink_to(conf)
     try:
-        subprocess.run([tool("runuser"), "-u", "munge", "--", tool("munged"), "--pid-file", str(munge_pidfile),
-                        "--socket", str(munge_socket), "--force"], check=True, timeout=30)
+        subprocess.run(
+            [
+                tool("runuser"),
+                "-u",
+                "munge",
+                "--",
+                tool("munged"),
+                "--pid-file",
+                str(munge_pidfile),
+                "--socket",
+                str(munge_socket),
+                "--force",
+            ],
+            check=True,
+            timeout=30,
+        )
         pids["munged"] = _pid(munge_pidfile)
         subprocess.run([tool("slurmctld"), "-f", str(conf)], check=True, timeout=30, env=env)
         subprocess.run([tool("slurmd"), "-f", str(conf)], check=True, timeout=30, env=env)
@@ -122,12 +139,16 @@ def local_cluster(timeout: float = 60.0):
         while time.time() < deadline:
             pids["slurmctld"] = _pid(folder / "slurmctld.pid")
             pids["slurmd"] = _pid(folder / "slurmd.pid")
-            state = subprocess.run([tool("sinfo"), "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+            state = subprocess.run(
+                [tool("sinfo"), "-h", "-o", "%T"], capture_output=True, text=True, env=env
+            ).stdout.strip()
             if state in ("idle", "mixed", "allocated"):
                 break
             time.sleep(0.5)
         else:
-            logs = "\n".join((folder / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (folder / f).exists())
+            logs = "\n".join(
+                (folder / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (folder / f).exists()
+            )
             raise RuntimeError(f"the local SLURM node did not come up (state {state!r}):\n{logs}")
         yield env
     finally:

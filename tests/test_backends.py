@@ -1,5 +1,6 @@
 """Backends whose weights users fetch themselves: real code paths, exercised with weights the tests make,
 and clear errors when the weights are absent."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_fan_decodes_heatmaps_back_to_image_pixels(tmp_path):
     fan = FanLandmarker.from_config(LandmarksConfig(backend="fan", fan_weights_dir=str(tmp_path)))
     for spot, box in [((210, 160), (150, 100, 290, 260)), ((60, 75), (20, 30, 110, 140))]:
         img = np.zeros((320, 320, 3), np.uint8)
-        img[spot[1] - 2:spot[1] + 3, spot[0] - 2:spot[0] + 3] = 255
+        img[spot[1] - 2 : spot[1] + 3, spot[0] - 2 : spot[0] + 3] = 255
         pts = fan.predict(img, box)
         assert pts.shape == (68, 2)
         side = 200 * ((box[2] - box[0]) + (box[3] - box[1])) / 195

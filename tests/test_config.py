@@ -2,8 +2,14 @@ import dataclasses
 
 import pytest
 
-from avatar_pipeline.config import (STAGE_CONFIGS, load_config, load_schema, load_subjects, stage_config,
-                                    stage_config_from_settings)
+from avatar_pipeline.config import (
+    STAGE_CONFIGS,
+    load_config,
+    load_schema,
+    load_subjects,
+    stage_config,
+    stage_config_from_settings,
+)
 from avatar_pipeline.errors import InputError
 
 from .conftest import REPO
@@ -57,11 +63,14 @@ def test_stage_settings_are_validated_too():
 
 def test_subjects_from_config_and_sheet(tmp_path):
     sheet = tmp_path / "subjects.tsv"
-    sheet.write_text("subject\tvideo\tbackground\ttrain\tval\ttest\n"
-                     "bob\tvids/bob one.mp4\t\t0-80\t\t90-100\n"
-                     "carl\tcarl.mov\tplate.png\t\t\t\n")
-    config = load_config(overrides={"subjects": {"alice": {"video": "a.mp4", "test": [10, 20]}},
-                                    "subjects_sheet": "subjects.tsv"})
+    sheet.write_text(
+        "subject\tvideo\tbackground\ttrain\tval\ttest\n"
+        "bob\tvids/bob one.mp4\t\t0-80\t\t90-100\n"
+        "carl\tcarl.mov\tplate.png\t\t\t\n"
+    )
+    config = load_config(
+        overrides={"subjects": {"alice": {"video": "a.mp4", "test": [10, 20]}}, "subjects_sheet": "subjects.tsv"}
+    )
     subjects = load_subjects(config, tmp_path)
     assert set(subjects) == {"alice", "bob", "carl"}
     assert subjects["alice"].test == (10, 20)
@@ -102,14 +111,27 @@ def test_presets_fill_every_key_and_explicit_keys_win():
     assert method.name == "nerface" and fast.steps == 7 and fast.size == 256 and fast.width == 128
     assert fast.plane_resolutions == (64, 256) and fast.error_sampling == 0.5
     # the paper preset is Gafni et al. 2021 as written
-    assert (paper.size, paper.steps, paper.rays, paper.coarse_samples, paper.fine_samples) == (512, 400000, 2048, 64, 64)
+    assert (paper.size, paper.steps, paper.rays, paper.coarse_samples, paper.fine_samples) == (
+        512,
+        400000,
+        2048,
+        64,
+        64,
+    )
     assert (paper.width, paper.depth, paper.colour_width, paper.colour_depth) == (256, 8, 128, 4)
-    assert (paper.learning_rate, paper.final_learning_rate, paper.latent_dim, paper.latent_weight) == (5e-4, 5e-4, 32, 0.05)
+    assert (paper.learning_rate, paper.final_learning_rate, paper.latent_dim, paper.latent_weight) == (
+        5e-4,
+        5e-4,
+        32,
+        0.05,
+    )
     assert paper.head_fraction == 0.95 and paper.protocols[1] == "first_train_frame"
     # none of our additions: uniform ray draws, no feature planes, no mask loss
     assert (paper.error_sampling, paper.plane_resolutions, paper.mask_weight) == (0.0, (), 0.0)
     # YAML lists become the frozen config's tuples
-    _, planes = avatar_method(load_config(overrides={"avatars": {"c": {"plane_resolutions": [16, 32]}}})["avatars"]["c"])
+    _, planes = avatar_method(
+        load_config(overrides={"avatars": {"c": {"plane_resolutions": [16, 32]}}})["avatars"]["c"]
+    )
     assert planes.plane_resolutions == (16, 32) and planes.field(53).plane_resolutions == (16, 32)
 
 

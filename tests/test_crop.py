@@ -1,4 +1,5 @@
 """Crop stage: window geometry, face tracking, frame selection, splits, and bad input on real media."""
+
 import numpy as np
 import pytest
 
@@ -110,15 +111,27 @@ def test_several_faces_track_the_largest_and_warn(images_dir, tmp_path):
     tracked = meta["frames"][0]["face_box"]
     tracked_size = max(tracked[2] - tracked[0], tracked[3] - tracked[1]) * meta["window"]["side"] / 96
     # the detection pass runs on a downscaled frame, so sizes agree to a few percent
-    assert abs(tracked_size - sizes[0]) < abs(tracked_size - sizes[1]) and tracked_size == pytest.approx(sizes[0], rel=0.05)
+    assert abs(tracked_size - sizes[0]) < abs(tracked_size - sizes[1]) and tracked_size == pytest.approx(
+        sizes[0], rel=0.05
+    )
 
 
 def test_face_leaving_the_frame_is_flagged_and_kept_out_of_splits(videos_dir, tmp_path):
     clip = tmp_path / "pan.mp4"
     # a virtual camera panning right until the face has left the picture
-    ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "40",
-           "-vf", "pad=960:480:0:0,crop=300:300:x='if(lt(n,10),90,min(600,90+(n-10)*40))':y=90",
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip))
+    ffmpeg(
+        "-i",
+        str(videos_dir / "lp_d18.mp4"),
+        "-frames:v",
+        "40",
+        "-vf",
+        "pad=960:480:0:0,crop=300:300:x='if(lt(n,10),90,min(600,90+(n-10)*40))':y=90",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(clip),
+    )
     store = cache.SubjectCache(tmp_path, "pan")
     meta = crop.run(store, clip, CropConfig(size=64, min_test_frames=0))  # every test frame has lost the face
     excluded = {int(k) for k in store.split()["excluded"]}
@@ -165,14 +178,33 @@ def upright_crop(videos_dir, tmp_path_factory):
     return store
 
 
-@pytest.mark.parametrize("turn_filter, expected_turn, words", [("hflip,vflip", 180, "upside down"),
-                                                                ("transpose=clock", 270, "on its side"),
-                                                                ("transpose=cclock", 90, "on its side")])
-def test_a_face_upside_down_or_on_its_side_is_turned_upright_and_said(videos_dir, tmp_path, upright_crop, turn_filter,
-                                                                      expected_turn, words):
+@pytest.mark.parametrize(
+    "turn_filter, expected_turn, words",
+    [
+        ("hflip,vflip", 180, "upside down"),
+        ("transpose=clock", 270, "on its side"),
+        ("transpose=cclock", 90, "on its side"),
+    ],
+)
+def test_a_face_upside_down_or_on_its_side_is_turned_upright_and_said(
+    videos_dir, tmp_path, upright_crop, turn_filter, expected_turn, words
+):
     clip = tmp_path / "turned.mp4"  # pixels turned, no rotation metadata: as when a phone's tag is lost
-    ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "20", "-vf", turn_filter, "-c:v", "libx264",
-           "-pix_fmt", "yuv420p", "-crf", "12", str(clip))
+    ffmpeg(
+        "-i",
+        str(videos_dir / "lp_d18.mp4"),
+        "-frames:v",
+        "20",
+        "-vf",
+        turn_filter,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        "12",
+        str(clip),
+    )
     store = cache.SubjectCache(tmp_path, "turned")
     meta = crop.run(store, clip, CropConfig(size=64))
     assert meta["source"]["rotation"] == 0 and meta["source"]["upright_rotation"] == expected_turn
@@ -184,6 +216,9 @@ def test_a_face_upside_down_or_on_its_side_is_turned_upright_and_said(videos_dir
 
 
 def test_crop_rotate_setting_overrides_the_check(videos_dir, tmp_path):
-    meta = crop.run(cache.SubjectCache(tmp_path, "forced"), videos_dir / "lp_d18.mp4",
-                    CropConfig(size=64, max_frames=20, rotate=180))
+    meta = crop.run(
+        cache.SubjectCache(tmp_path, "forced"),
+        videos_dir / "lp_d18.mp4",
+        CropConfig(size=64, max_frames=20, rotate=180),
+    )
     assert meta["source"]["upright_rotation"] == 180 and not any("upside" in w for w in meta["warnings"])

@@ -1,4 +1,5 @@
 """Face-mesh topology: triangles, contours and the iBUG-68 subset."""
+
 import numpy as np
 
 from avatar_pipeline import facemesh

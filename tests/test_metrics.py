@@ -1,4 +1,5 @@
 """Image metrics on a real photograph: known answers, masks, and LPIPS/CSIM availability said plainly."""
+
 import math
 
 import cv2
@@ -25,7 +26,7 @@ def test_psnr_of_known_noise(photo):
     rng = np.random.default_rng(0)
     sigma = 0.05
     noisy = photo + rng.normal(0, sigma, photo.shape).astype(np.float32)  # unclipped: the MSE is sigma^2
-    assert metrics.psnr(noisy, photo) == pytest.approx(-10 * math.log10(sigma ** 2), abs=0.1)
+    assert metrics.psnr(noisy, photo) == pytest.approx(-10 * math.log10(sigma**2), abs=0.1)
     assert metrics.l1(noisy, photo) == pytest.approx(sigma * math.sqrt(2 / math.pi), rel=0.02)
 
 
@@ -65,8 +66,9 @@ def test_lpips_without_weights_is_unavailable_with_the_fix(monkeypatch, tmp_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     model = metrics.Lpips()
     assert not model.available and "alexnet-owt" in model.reason and "load_state_dict_from_url" in model.reason
-    row = metrics.frame_metrics(np.zeros((32, 32, 3), np.float32), np.zeros((32, 32, 3), np.float32),
-                                np.ones((32, 32), bool), model)
+    row = metrics.frame_metrics(
+        np.zeros((32, 32, 3), np.float32), np.zeros((32, 32, 3), np.float32), np.ones((32, 32), bool), model
+    )
     assert "lpips" not in row  # never a number from a missing backbone
 
 

@@ -1,4 +1,5 @@
 """Morphable models: FLAME from a file in its exact layout, ICT FaceKit from the real release."""
+
 import pickle
 
 import numpy as np
@@ -37,8 +38,11 @@ def test_flame_shape_and_expression_are_linear(flame_files):
     model = flame.load(*flame_files[:2], num_identity=20, num_expression=10)
     beta, psi = torch.randn(2, 20), torch.randn(2, 10)
     v = model.vertices(beta, psi, torch.zeros(2, 5, 3))
-    expected = model.template + np.einsum("vck,k->vc", model.identity_basis, beta[1].numpy()) \
+    expected = (
+        model.template
+        + np.einsum("vck,k->vc", model.identity_basis, beta[1].numpy())
         + np.einsum("vck,k->vc", model.expression_basis, psi[1].numpy())
+    )
     assert np.allclose(v[1].numpy(), expected, atol=1e-5)
 
 
@@ -77,8 +81,11 @@ def test_flame_static_embedding_and_bad_files(flame_files, tmp_path):
     model_path, _, raw = flame_files
     static = tmp_path / "flame_static_embedding.pkl"
     with open(static, "wb") as f:
-        pickle.dump({"lmk_face_idx": raw["embedding"]["lmk_face_idx"], "lmk_b_coords": raw["embedding"]["lmk_b_coords"]},
-                    f, protocol=2)
+        pickle.dump(
+            {"lmk_face_idx": raw["embedding"]["lmk_face_idx"], "lmk_b_coords": raw["embedding"]["lmk_b_coords"]},
+            f,
+            protocol=2,
+        )
     model = flame.load(model_path, static)
     assert model.landmark_ids.tolist() == list(range(17, 68))
     with pytest.raises(InputError, match="FLAME model file not found"):

@@ -1,8 +1,16 @@
 """NeRFace building blocks: encoding, field, sampling and compositing over the background."""
+
 import torch
 
-from avatar_pipeline.avatars.nerface import (ConditionedField, FeaturePlanes, FieldConfig, composite,
-                                             importance_depths, positional_encoding, stratified_depths)
+from avatar_pipeline.avatars.nerface import (
+    ConditionedField,
+    FeaturePlanes,
+    FieldConfig,
+    composite,
+    importance_depths,
+    positional_encoding,
+    stratified_depths,
+)
 
 
 def test_positional_encoding_matches_the_paper_sizes():
@@ -10,7 +18,9 @@ def test_positional_encoding_matches_the_paper_sizes():
     assert positional_encoding(x, 10).shape == (5, 63) and positional_encoding(x, 4).shape == (5, 27)
     enc = positional_encoding(torch.tensor([[0.5, 0.0, 0.0]]), 2)
     # layout: x, then sin of (2^0 x, 2^1 x, ...) per frequency, then the cosines
-    assert torch.allclose(enc[0, 3], torch.sin(torch.tensor(0.5))) and torch.allclose(enc[0, 6], torch.sin(torch.tensor(1.0)))
+    assert torch.allclose(enc[0, 3], torch.sin(torch.tensor(0.5))) and torch.allclose(
+        enc[0, 6], torch.sin(torch.tensor(1.0))
+    )
 
 
 def test_field_is_the_paper_architecture_and_uses_its_conditioning():
@@ -55,7 +65,11 @@ def test_positions_are_scaled_into_the_unit_ball_before_the_encoding():
     metres = ConditionedField(small)
     scaled = ConditionedField(FieldConfig(**{**small.__dict__, "position_scale": 4.0}))
     scaled.load_state_dict(metres.state_dict())
-    pts, dirs, cond = torch.randn(3, 5, 3) * 0.2, torch.nn.functional.normalize(torch.randn(3, 3), dim=-1), torch.randn(85)
+    pts, dirs, cond = (
+        torch.randn(3, 5, 3) * 0.2,
+        torch.nn.functional.normalize(torch.randn(3, 3), dim=-1),
+        torch.randn(85),
+    )
     # a point at 0.2 m through the scaled field is the point at 0.8 through the unscaled one
     assert torch.allclose(scaled(pts, dirs, cond)[1], metres(pts * 4.0, dirs, cond)[1], atol=1e-6)
     assert not torch.allclose(scaled(pts, dirs, cond)[1], metres(pts, dirs, cond)[1], atol=1e-3)
@@ -104,7 +118,9 @@ def test_empty_space_shows_the_background_and_opaque_space_hides_it():
     dense = torch.zeros(2, 64)
     dense[:, 10] = 1e4
     colour, weights, alpha = composite(dense, rgb, depths, background)
-    assert torch.allclose(colour, torch.full((2, 3), 0.5), atol=1e-4) and torch.allclose(alpha, torch.ones(2), atol=1e-4)
+    assert torch.allclose(colour, torch.full((2, 3), 0.5), atol=1e-4) and torch.allclose(
+        alpha, torch.ones(2), atol=1e-4
+    )
     assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-5)  # every ray ends somewhere
 
 
@@ -141,16 +157,21 @@ def test_a_tiny_nerface_fits_a_frame_over_its_background():
     c2h = torch.eye(4)
     c2h[2, 3] = 1.0
     origins, dirs = camera_rays(c2h, 20.0, size, pixels)
-    inside = ((pixels - size / 2 + 0.5).norm(dim=1) < 4)  # a disc "head" in front of a grey background
+    inside = (pixels - size / 2 + 0.5).norm(dim=1) < 4  # a disc "head" in front of a grey background
     target = torch.where(inside[:, None], torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.4, 0.4, 0.4]))
     background = torch.tensor([0.4, 0.4, 0.4]).expand(len(pixels), 3)
-    renderer = NeRFaceRenderer(FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1, expression_dim=4,
-                                           latent_dim=2), coarse_samples=16, fine_samples=16)
+    renderer = NeRFaceRenderer(
+        FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1, expression_dim=4, latent_dim=2),
+        coarse_samples=16,
+        fine_samples=16,
+    )
     optimizer = torch.optim.Adam(renderer.parameters(), lr=2e-3)
     condition = torch.zeros(6)
     losses = []
     for _ in range(300):
-        out = renderer(origins, dirs, torch.full((len(pixels),), 0.5), torch.full((len(pixels),), 1.5), condition, background)
+        out = renderer(
+            origins, dirs, torch.full((len(pixels),), 0.5), torch.full((len(pixels),), 1.5), condition, background
+        )
         loss = ((out["coarse"] - target) ** 2).mean() + ((out["fine"] - target) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -179,8 +200,9 @@ def test_feature_planes_read_each_projection_of_a_point_and_feed_the_backbone():
 
     field = ConditionedField(FieldConfig(width=16, depth=2, colour_width=8, colour_depth=1, plane_resolutions=(4, 8)))
     assert field.position_in.in_features == 63 + 3 * 8 * 2  # 8 channels by default
-    density, rgb = field(torch.rand(3, 5, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(3, 3), dim=-1),
-                         torch.randn(85))
+    density, rgb = field(
+        torch.rand(3, 5, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(3, 3), dim=-1), torch.randn(85)
+    )
     (density.sum() + rgb.sum()).backward()
     # every resolution is learned: the rendered colour and density reach every plane
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.planes.planes)

@@ -1,7 +1,7 @@
 """NeRFace training and evaluation from a real subject's cache: it learns, checkpoints, resumes after an
 interruption, measures held-out frames under both latent protocols, and refuses bad inputs clearly."""
+
 import csv
-import json
 import shutil
 
 import cv2
@@ -17,10 +17,27 @@ from avatar_pipeline.config import ModelConfig, TrackingConfig
 from avatar_pipeline.errors import CacheError, InputError
 from avatar_pipeline.stages import tracking as tracking_stage
 
-TINY = {"preset": "fast", "size": 32, "rays": 256, "coarse_samples": 12, "fine_samples": 12, "learning_rate": 5e-3,
-        "final_learning_rate": 5e-3, "checkpoint_every": 10, "validate_every": 25, "width": 64, "depth": 3,
-        "colour_width": 32, "colour_depth": 1, "latent_dim": 8, "latent_steps": 15, "latent_rays": 64,
-        "orbit_frames": 4, "sweep_frames": 4, "video_frames": 6}
+TINY = {
+    "preset": "fast",
+    "size": 32,
+    "rays": 256,
+    "coarse_samples": 12,
+    "fine_samples": 12,
+    "learning_rate": 5e-3,
+    "final_learning_rate": 5e-3,
+    "checkpoint_every": 10,
+    "validate_every": 25,
+    "width": 64,
+    "depth": 3,
+    "colour_width": 32,
+    "colour_depth": 1,
+    "latent_dim": 8,
+    "latent_steps": 15,
+    "latent_rays": 64,
+    "orbit_frames": 4,
+    "sweep_frames": 4,
+    "video_frames": 6,
+}
 
 
 def tiny(**overrides):
@@ -100,8 +117,14 @@ def test_held_out_frames_are_measured_under_both_protocols(tracked, trained, tmp
     for key in ("ssim", "ms_ssim", "head_ssim"):
         assert 0 < optimised[key] <= 1
     assert not summary["lpips_available"] or "lpips" in optimised
-    for name in ("metrics_optimised.csv", "metrics_first_train_frame.csv", "test.mp4", "orbit.mp4", "sweep.mp4",
-                 "metrics.json"):
+    for name in (
+        "metrics_optimised.csv",
+        "metrics_first_train_frame.csv",
+        "test.mp4",
+        "orbit.mp4",
+        "sweep.mp4",
+        "metrics.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "test").glob("*.png"))) == len(test_frames)
     rows = _log(out / "metrics_optimised.csv")
@@ -133,12 +156,22 @@ def test_the_mask_loss_makes_the_rendered_alpha_follow_the_person_matte(tracked,
     train(tracked, tiny(steps=150, mask_weight=1.0), tmp_path / "train")
     data = SubjectFrames(tracked, TINY["size"], "train", with_images=False, with_mattes=True)
     errors = {}
-    for name, folder, cfg in (("rgb only", trained, tiny(steps=150)),
-                              ("with mask", tmp_path / "train", tiny(steps=150, mask_weight=1.0))):
+    for name, folder, cfg in (
+        ("rgb only", trained, tiny(steps=150)),
+        ("with mask", tmp_path / "train", tiny(steps=150, mask_weight=1.0)),
+    ):
         renderer, latents = load_trained(folder, cfg, data.conditions.shape[1], torch.device("cpu"))
         condition = torch.cat([data.conditions[0], latents[0]])
-        _, alpha = render_image(renderer, data.camera_to_head[0], data.focal, data.size, condition, data.background,
-                                float(data.near[0]), float(data.far[0]))
+        _, alpha = render_image(
+            renderer,
+            data.camera_to_head[0],
+            data.focal,
+            data.size,
+            condition,
+            data.background,
+            float(data.near[0]),
+            float(data.far[0]),
+        )
         errors[name] = float((alpha - data.mattes[0]).abs().mean())
     assert errors["with mask"] < 0.7 * errors["rgb only"], errors  # measured: 0.16 against 0.33
 
@@ -181,8 +214,10 @@ def test_too_few_tracked_training_frames_are_refused_before_training(tracked, tm
     cache.write_json(store.root / "crop" / "split.json", {**split, "minimums": {"train": usable + 1, "test": 1}})
     for stage in ("background", "tracking"):
         (store.root / stage).symlink_to(tracked.stage_dir(stage).resolve())
-    with pytest.raises(InputError, match=f"only {usable} of the {usable} train frames were tracked; an avatar needs "
-                                         f"at least {usable + 1}"):
+    with pytest.raises(
+        InputError,
+        match=f"only {usable} of the {usable} train frames were tracked; an avatar needs at least {usable + 1}",
+    ):
         train(store, tiny(steps=5), tmp_path / "train")
     assert not (tmp_path / "train" / "log.csv").exists()
 
@@ -194,7 +229,15 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
     data = SubjectFrames(tracked, cfg.size, "test")
     renderer, latents = load_trained(trained, cfg, data.conditions.shape[1], torch_device())
     condition = torch.cat([data.conditions[0], latents[0]])
-    args = (data.camera_to_head[0], data.focal, cfg.size, condition, data.background, float(data.near[0]), float(data.far[0]))
+    args = (
+        data.camera_to_head[0],
+        data.focal,
+        cfg.size,
+        condition,
+        data.background,
+        float(data.near[0]),
+        float(data.far[0]),
+    )
     expected, _ = render_image(renderer, *args)
     real_forward = renderer.forward
 

@@ -1,6 +1,7 @@
 """The reports of a tiny end-to-end run, opened in a real browser (headless Chromium, served over
 localhost): every image and video on the pages loads, every video plays, videos are shown at a size a
 person can see, and each subject's page starts with its summary."""
+
 import functools
 import http.server
 import os
@@ -10,9 +11,17 @@ import threading
 import pytest
 
 # Chromium's background services try the network at start; this machine has none, so they are switched off
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
 PAGES = ["index.html", "m030/report/index.html", "d18/report/index.html", "m030/qa/report.html"]
 
 
@@ -41,7 +50,9 @@ def served_results(workspace):
 @pytest.fixture(scope="module")
 def browser():
     executable = _chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (pip install -e .[test])")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is a test dependency (pip install -e .[test])"
+    )
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
@@ -72,7 +83,9 @@ def test_every_image_and_video_of_the_report_loads_and_plays(browser, served_res
     page.on("requestfailed", lambda request: failed.append(f"{request.url}: {request.failure}"))
     page.on("response", lambda response: response.status >= 400 and failed.append(f"{response.url}: {response.status}"))
     page.goto(f"{served_results}/{page_path}", wait_until="networkidle")
-    images = page.eval_on_selector_all("img", "els => els.map(e => ({src: e.src, ok: e.complete && e.naturalWidth > 0}))")
+    images = page.eval_on_selector_all(
+        "img", "els => els.map(e => ({src: e.src, ok: e.complete && e.naturalWidth > 0}))"
+    )
     assert all(image["ok"] for image in images), [image["src"] for image in images if not image["ok"]]
     links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
     for link in links:  # every link on the page leads somewhere

@@ -1,5 +1,6 @@
 """The terminal view of a run: Snakemake's lines pass through, running jobs are followed, and each one's
 progress is read from the bars in its log file."""
+
 import io
 
 from avatar_pipeline.run_monitor import RunMonitor, last_bar
@@ -15,9 +16,11 @@ localrule avatar_train:
     threads: 2
 Shell command: "python" -m avatar_pipeline avatar-train --settings '{"a very long": "json"}' > log 2>&1
 """
-TRAIN_LOG = ("12:00:00 INFO nerface: 40 training frames\n"
-             "nerface: train:   0%|          | 0/1500 [00:00<?, ?step/s]"
-             "nerface: train:  35%|███▌      | 523/1500 [01:40<03:07,  5.20step/s, loss=0.0123, psnr=21.3]")
+TRAIN_LOG = (
+    "12:00:00 INFO nerface: 40 training frames\n"
+    "nerface: train:   0%|          | 0/1500 [00:00<?, ?step/s]"
+    "nerface: train:  35%|███▌      | 523/1500 [01:40<03:07,  5.20step/s, loss=0.0123, psnr=21.3]"
+)
 
 
 def _monitor(tmp_path, **kw):
@@ -61,8 +64,13 @@ def test_a_job_without_a_bar_yet_and_a_failed_job(tmp_path):
     for line in ["localrule crop:", "    log: results/x/logs/crop.log", "    jobid: 2", "    wildcards: subject=x", ""]:
         monitor.feed(line)
     assert monitor.status().startswith("running 1: crop[x] started (")
-    for line in ["Error in rule crop:", "    message: None", "    jobid: 2",
-                 "    log: results/x/logs/crop.log (check log file(s) for error details)", ""]:
+    for line in [
+        "Error in rule crop:",
+        "    message: None",
+        "    jobid: 2",
+        "    log: results/x/logs/crop.log (check log file(s) for error details)",
+        "",
+    ]:
         monitor.feed(line)
     assert monitor.running == {} and "Error in rule crop:" in out.getvalue()
 
@@ -76,6 +84,8 @@ def test_on_a_terminal_the_status_line_is_redrawn_under_the_output(tmp_path):
     monitor.feed("Select jobs to execute...")
     text = out.getvalue()
     # every Snakemake line first clears the status line, then the status line is drawn again below it
-    assert text.endswith("\r\033[KSelect jobs to execute...\nrunning 1: crop[x] crop: write frames 20/40 00:01 left (0:00)")
+    assert text.endswith(
+        "\r\033[KSelect jobs to execute...\nrunning 1: crop[x] crop: write frames 20/40 00:01 left (0:00)"
+    )
     monitor.stop()
     assert out.getvalue().endswith("\r\033[K")  # the terminal is left clean

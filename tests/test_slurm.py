@@ -1,4 +1,5 @@
 """Two subjects through Snakemake's SLURM executor on a real one-node cluster on localhost."""
+
 import os
 import re
 import signal
@@ -22,19 +23,55 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
         pytest.skip(reason)
     ws = tmp_path / "ws"
     ws.mkdir()
-    config = {"crop": {"size": 64, "max_frames": 10, "min_train_frames": 5}, "qa": {"sheet_frames": 2, "video_frames": 4},
-              "background": {"max_frames": 10}, "model": {"kind": "builtin"},
-              "tracking": {"iterations": 50, "rigid_iterations": 20, "overlay_frames": 0},
-              "avatars": {"tiny": {"preset": "fast", "size": 16, "steps": 10, "rays": 64, "coarse_samples": 4,
-                                   "fine_samples": 4, "width": 16, "depth": 2, "colour_width": 8, "validate_every": 10,
-                                   "latent_steps": 2, "latent_rays": 16, "orbit_frames": 2, "sweep_frames": 2}},
-              "subjects": {"w9": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
-                           "m30": {"video": str(videos_dir / "dt_M030_front_neutral_level1_001.mp4")}}}
+    config = {
+        "crop": {"size": 64, "max_frames": 10, "min_train_frames": 5},
+        "qa": {"sheet_frames": 2, "video_frames": 4},
+        "background": {"max_frames": 10},
+        "model": {"kind": "builtin"},
+        "tracking": {"iterations": 50, "rigid_iterations": 20, "overlay_frames": 0},
+        "avatars": {
+            "tiny": {
+                "preset": "fast",
+                "size": 16,
+                "steps": 10,
+                "rays": 64,
+                "coarse_samples": 4,
+                "fine_samples": 4,
+                "width": 16,
+                "depth": 2,
+                "colour_width": 8,
+                "validate_every": 10,
+                "latent_steps": 2,
+                "latent_rays": 16,
+                "orbit_frames": 2,
+                "sweep_frames": 2,
+            }
+        },
+        "subjects": {
+            "w9": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
+            "m30": {"video": str(videos_dir / "dt_M030_front_neutral_level1_001.mp4")},
+        },
+    }
     (ws / "config.yaml").write_text(yaml.safe_dump(config))
     with local_cluster() as env:
-        proc = subprocess.Popen([sys.executable, "-m", "avatar_pipeline", "workflow", "--profile",
-                                 str(REPO / "workflow/profiles/slurm"), "--cores", "2"], cwd=ws, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "avatar_pipeline",
+                "workflow",
+                "--profile",
+                str(REPO / "workflow/profiles/slurm"),
+                "--cores",
+                "2",
+            ],
+            cwd=ws,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             output, _ = proc.communicate(timeout=900)  # hard limit: Snakemake can wait forever on a lost job
         except subprocess.TimeoutExpired:
@@ -54,6 +91,8 @@ def test_two_subjects_run_through_slurm(videos_dir, tmp_path):
         for stage in stages:
             assert store.stage_dir(stage).is_dir(), (subject, stage)
         assert store.landmarks()["valid"].mean() > 0.9
-        assert cache.read_json(store.stage_dir("tracking") / "meta.json", "tracking")["reprojection_error_px"]["mean"] < 3
+        assert (
+            cache.read_json(store.stage_dir("tracking") / "meta.json", "tracking")["reprojection_error_px"]["mean"] < 3
+        )
         assert (store.avatar_dir("tiny") / "eval" / "metrics.json").exists()  # training ran as a SLURM job too
     assert (ws / "results" / "index.html").exists()

@@ -1,4 +1,5 @@
 """Landmarks, parsing, background and normals checked for correctness on real clips and photos."""
+
 import cv2
 import numpy as np
 import pytest
@@ -29,8 +30,10 @@ def test_landmarks_agree_with_the_independent_face_detector(clip, request):
         p = lms["ibug68"][i, :, :2]
         right_eye, left_eye = p[facemesh.IBUG68_RIGHT_EYE].mean(0), p[facemesh.IBUG68_LEFT_EYE].mean(0)
         mouth = p[facemesh.IBUG68_OUTER_LIPS].mean(0)
-        errors.append([np.linalg.norm(right_eye - kp[0]), np.linalg.norm(left_eye - kp[1]),
-                       np.linalg.norm(mouth - kp[3])] / np.float32(size))
+        errors.append(
+            [np.linalg.norm(right_eye - kp[0]), np.linalg.norm(left_eye - kp[1]), np.linalg.norm(mouth - kp[3])]
+            / np.float32(size)
+        )
     errors = np.array(errors)
     assert np.median(errors) < 0.06 and np.percentile(errors, 95) < 0.12, errors.max(0)
 
@@ -81,8 +84,11 @@ def _align(moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def test_matte_separates_person_from_background(images_dir):
     """bgm_0001: the same scene with and without the person; where they differ is the person."""
-    load = lambda name: cv2.resize(cv2.cvtColor(cv2.imread(str(images_dir / name)), cv2.COLOR_BGR2RGB),  # noqa: E731
-                                   (640, 360), interpolation=cv2.INTER_AREA)
+
+    def load(name):
+        image = cv2.cvtColor(cv2.imread(str(images_dir / name)), cv2.COLOR_BGR2RGB)
+        return cv2.resize(image, (640, 360), interpolation=cv2.INTER_AREA)
+
     img, back = load("bgm_0001_img.png"), load("bgm_0001_back.png")
     aligned, inside = _align(back, img)
     diff = cv2.GaussianBlur(np.abs(img.astype(np.float32) - aligned).max(-1), (9, 9), 0)
@@ -125,8 +131,9 @@ def test_background_from_a_plate(images_dir, tmp_path):
     assert info["source"] == "plate" and info["covered_fraction"] == 1.0
     w = store.crop_meta()["window"]
     plate = cv2.cvtColor(cv2.imread(str(back)), cv2.COLOR_BGR2RGB)
-    expected = cv2.resize(plate[w["y0"]:w["y0"] + w["side"], w["x0"]:w["x0"] + w["side"]], (96, 96),
-                          interpolation=cv2.INTER_AREA)
+    expected = cv2.resize(
+        plate[w["y0"] : w["y0"] + w["side"], w["x0"] : w["x0"] + w["side"]], (96, 96), interpolation=cv2.INTER_AREA
+    )
     assert np.abs(store.read_background().astype(int) - expected).mean() < 2
 
     wrong = tmp_path / "small plate.png"

@@ -1,4 +1,5 @@
 """Tracking: accuracy on synthetic ICT sequences with known ground truth, real clips, exports, fallbacks."""
+
 import dataclasses
 import json
 
@@ -12,9 +13,14 @@ from avatar_pipeline.models import load_model
 from avatar_pipeline.models.base import barycentric_points
 from avatar_pipeline.models.flame import axis_angle_to_matrix
 from avatar_pipeline.stages import tracking as tracking_stage
-from avatar_pipeline.tracking import (FLIP, TrackingError, fit, interpolate_invalid, mediapipe_points,
-                                     rotation_difference_deg)
-
+from avatar_pipeline.tracking import (
+    FLIP,
+    TrackingError,
+    fit,
+    interpolate_invalid,
+    mediapipe_points,
+    rotation_difference_deg,
+)
 
 
 def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1, points=None):
@@ -22,7 +28,9 @@ def synthetic_sequence(model, n=40, size=256, focal=2.2, seed=1, points=None):
     `points` (a LandmarkSet; default the model's 68 landmarks) as (N, L, 2), in the set's order."""
     rng = np.random.default_rng(seed)
     ident = torch.as_tensor(rng.normal(0, 1, (1, 40)), dtype=torch.float32)
-    expr = np.clip(rng.uniform(-0.3, 0.9, (n, model.num_expression)), 0, 1) * (rng.random((n, model.num_expression)) < 0.15)
+    expr = np.clip(rng.uniform(-0.3, 0.9, (n, model.num_expression)), 0, 1) * (
+        rng.random((n, model.num_expression)) < 0.15
+    )
     expr = torch.as_tensor(expr, dtype=torch.float32)
     rot = np.stack([np.deg2rad(8 * np.sin(np.linspace(0, 3, n))), np.deg2rad(np.linspace(-30, 30, n)), np.zeros(n)], 1)
     trans = np.stack([0.01 * np.sin(np.linspace(0, 5, n)), 0.005 * np.cos(np.linspace(0, 4, n)), np.full(n, 0.9)], 1)
@@ -106,7 +114,10 @@ def test_mediapipe_points_are_placed_where_they_were_taken_from(lp_d18, ict_stat
     at_truth = barycentric_points(mean_head, model.faces[truth.faces[i_truth]], truth.bary[i_truth])[0].numpy()
     at_found = barycentric_points(mean_head, model.faces[found.faces[i_found]], found.bary[i_found])[0].numpy()
     error_mm = np.linalg.norm(at_truth - at_found, axis=1) * 1e3
-    assert np.median(error_mm) < 1.0 and np.percentile(error_mm, 95) < 3.0, (np.median(error_mm), np.percentile(error_mm, 95))
+    assert np.median(error_mm) < 1.0 and np.percentile(error_mm, 95) < 3.0, (
+        np.median(error_mm),
+        np.percentile(error_mm, 95),
+    )
     assert np.median(found.distance_m) < 0.5e-3  # the points lie on the model: the fit finds a surface through them
 
 
@@ -148,8 +159,9 @@ def test_auto_falls_back_to_the_builtin_model_loudly(lp_d18, tmp_path):
     store.root.mkdir(parents=True)
     for stage in ("crop", "landmarks"):
         (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
-    info = tracking_stage.run(store, TrackingConfig(overlay_frames=0, iterations=200, export_meshes=True),
-                              ModelConfig(kind="auto"), status)
+    info = tracking_stage.run(
+        store, TrackingConfig(overlay_frames=0, iterations=200, export_meshes=True), ModelConfig(kind="auto"), status
+    )
     assert info["model"] == "builtin" and info["fit_landmarks"] == "mediapipe" and info["fit_points"] == 478
     import trimesh
 
@@ -173,11 +185,23 @@ def test_interpolation_and_bad_input():
     pts = np.random.default_rng(0).normal(0, 50, (5, 478, 3)) + 200
     model = builtin.learn(pts, np.ones(5, bool), num_expression=3)
     with pytest.raises(TrackingError, match="no frame has landmarks"):
-        fit(model, np.zeros((3, 478, 2)), np.zeros((3, 478)), 128, TrackingConfig(),
-            points=mediapipe_points(model, TrackingConfig()))
+        fit(
+            model,
+            np.zeros((3, 478, 2)),
+            np.zeros((3, 478)),
+            128,
+            TrackingConfig(),
+            points=mediapipe_points(model, TrackingConfig()),
+        )
     with pytest.raises(TrackingError, match="non-finite"):
-        fit(model, pts[:3, :, :2], np.ones((3, 478)), 128, TrackingConfig(learning_rate=float("inf"), iterations=3),
-            points=mediapipe_points(model, TrackingConfig()))
+        fit(
+            model,
+            pts[:3, :, :2],
+            np.ones((3, 478)),
+            128,
+            TrackingConfig(learning_rate=float("inf"), iterations=3),
+            points=mediapipe_points(model, TrackingConfig()),
+        )
 
 
 def test_flame_needs_both_files():
@@ -228,11 +252,16 @@ def test_photometric_refinement_through_the_differentiable_renderer(lp_d18, ict_
         (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
     base = dict(overlay_frames=0, iterations=200)
     plain = tracking_stage.run(store, TrackingConfig(**base), ModelConfig(kind="ict"), ict_status)
-    refined = tracking_stage.run(store, TrackingConfig(**base, refine="photometric", refine_iterations=40, refine_size=64),
-                                 ModelConfig(kind="ict"), ict_status)
+    refined = tracking_stage.run(
+        store,
+        TrackingConfig(**base, refine="photometric", refine_iterations=40, refine_size=64),
+        ModelConfig(kind="ict"),
+        ict_status,
+    )
     photo = refined["refinement"]
     try:
         import pytorch3d  # noqa: F401
+
         assert photo["rasterizer"] == "pytorch3d"
     except ImportError:  # tracking.rasterizer: auto says it fell back
         assert photo["rasterizer"] == "own"
@@ -281,12 +310,16 @@ def test_rasterizer_choice_says_what_it_uses():
 
 def test_pytorch3d_and_own_rasterizer_render_the_same_image():
     """Same pixel convention, visibility and barycentrics, and gradients in the same direction."""
-    pytest.importorskip("pytorch3d", reason="PyTorch3D is optional (no Linux wheel on PyPI); the own rasterizer is used")
+    pytest.importorskip(
+        "pytorch3d", reason="PyTorch3D is optional (no Linux wheel on PyPI); the own rasterizer is used"
+    )
     from avatar_pipeline.render import render_attributes
 
     # two overlapping quads at different depths: the nearer one must hide the farther one in both
-    uv = torch.tensor([[6.0, 5.0], [40.0, 7.0], [38.0, 41.0], [5.0, 37.0],
-                       [20.0, 18.0], [60.0, 20.0], [58.0, 58.0], [22.0, 60.0]], requires_grad=True)
+    uv = torch.tensor(
+        [[6.0, 5.0], [40.0, 7.0], [38.0, 41.0], [5.0, 37.0], [20.0, 18.0], [60.0, 20.0], [58.0, 58.0], [22.0, 60.0]],
+        requires_grad=True,
+    )
     depth = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0])
     faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
     colours = torch.rand(8, 3, generator=torch.Generator().manual_seed(0))

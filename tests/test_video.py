@@ -1,4 +1,5 @@
 """Video I/O through both ffmpeg builds: probing, rotation, variable frame rate, bad files."""
+
 import shutil
 
 import numpy as np
@@ -9,8 +10,16 @@ from avatar_pipeline.errors import InputError
 
 from .conftest import ffmpeg
 
-BACKENDS = ["bundled", pytest.param("system", marks=pytest.mark.skipif(
-    shutil.which("ffmpeg") is None, reason="no system ffmpeg on PATH (scripts/setup.sh --test installs it as root)"))]
+BACKENDS = [
+    "bundled",
+    pytest.param(
+        "system",
+        marks=pytest.mark.skipif(
+            shutil.which("ffmpeg") is None,
+            reason="no system ffmpeg on PATH (scripts/setup.sh --test installs it as root)",
+        ),
+    ),
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -40,8 +49,19 @@ def rotated_clip(videos_dir, tmp_path_factory):
     """Pixels turned 90 degrees counter-clockwise, plus metadata telling players to turn them back."""
     d = tmp_path_factory.mktemp("rot")
     sideways = d / "sideways.mp4"
-    ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "20", "-vf", "crop=480:320:0:80,transpose=2",
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(sideways))
+    ffmpeg(
+        "-i",
+        str(videos_dir / "lp_d18.mp4"),
+        "-frames:v",
+        "20",
+        "-vf",
+        "crop=480:320:0:80,transpose=2",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        str(sideways),
+    )
     out = d / "phone rotated.mp4"
     try:  # ffmpeg >= 6 sets the display matrix with an input option
         ffmpeg("-display_rotation", "-90", "-i", str(sideways), "-c", "copy", str(out))
@@ -75,9 +95,23 @@ def test_variable_frame_rate_timestamps(backend, videos_dir, tmp_path):
     vfr = tmp_path / "vfr.mkv"
     for encoder_time_base in ("filter", "-1"):  # ffmpeg >= 7 spells it "filter", older "-1"
         try:
-            ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "40",
-                   "-vf", "settb=1/1000,setpts='if(lt(N,20),N*0.04,0.8+(N-20)*0.1)/TB'", "-fps_mode", "vfr",
-                   "-enc_time_base", encoder_time_base, "-c:v", "libx264", "-pix_fmt", "yuv420p", str(vfr))
+            ffmpeg(
+                "-i",
+                str(videos_dir / "lp_d18.mp4"),
+                "-frames:v",
+                "40",
+                "-vf",
+                "settb=1/1000,setpts='if(lt(N,20),N*0.04,0.8+(N-20)*0.1)/TB'",
+                "-fps_mode",
+                "vfr",
+                "-enc_time_base",
+                encoder_time_base,
+                "-c:v",
+                "libx264",
+                "-pix_fmt",
+                "yuv420p",
+                str(vfr),
+            )
             break
         except Exception:
             continue
@@ -104,12 +138,15 @@ def _file(path, content: bytes):
     return path
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda d: d / "missing.mp4", "does not exist"),
-    (lambda d: d, "is a folder"),
-    (lambda d: _file(d / "empty.mp4", b""), "empty"),
-    (lambda d: _file(d / "notes.mp4", b"not a video at all"), "not a readable video"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "missing.mp4", "does not exist"),
+        (lambda d: d, "is a folder"),
+        (lambda d: _file(d / "empty.mp4", b""), "empty"),
+        (lambda d: _file(d / "notes.mp4", b"not a video at all"), "not a readable video"),
+    ],
+)
 def test_bad_files_get_clear_errors(backend, tmp_path, make, expected):
     path = make(tmp_path)
     with pytest.raises(InputError) as err:
@@ -159,8 +196,21 @@ def test_video_writer_roundtrip(backend, tmp_path):
 def test_clip_without_decodable_frames(backend, tmp_path):
     """A header that promises a video stream, with the frame data cut off."""
     whole = tmp_path / "one.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10", "-t", "1", "-c:v", "libx264", "-pix_fmt", "yuv420p",
-           "-movflags", "+faststart", str(whole))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x64:rate=10",
+        "-t",
+        "1",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        str(whole),
+    )
     data = whole.read_bytes()
     empty = tmp_path / "no frames.mp4"
     empty.write_bytes(data[: data.find(b"mdat") + 8])

@@ -1,7 +1,8 @@
 """End to end through Snakemake on real clips at low resolution, as a user runs it."""
+
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -73,8 +74,9 @@ def _planned_jobs(workspace, config_overrides) -> set[str]:
 
     config = deep_merge(yaml.safe_load((workspace / "config.yaml").read_text()), config_overrides)
     (workspace / "changed.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    proc = run_cli(["workflow", "--config", "changed.yaml", "--cores", "2", "--", "--dry-run", "--quiet", "rules"],
-                workspace)
+    proc = run_cli(
+        ["workflow", "--config", "changed.yaml", "--cores", "2", "--", "--dry-run", "--quiet", "rules"], workspace
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     return {rule for rule in cache.STAGES + AVATAR_RULES if f"\n{rule} " in out or f"\n{rule}\t" in out}
@@ -105,9 +107,24 @@ def test_a_second_avatar_shares_the_preprocessing_caches(workspace):
     config = yaml.safe_load((workspace / "config.yaml").read_text())
     config["avatars"]["wider"] = {**TINY_AVATAR, "width": 48}
     (workspace / "two.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--configfile",
-                           "two.yaml", "--cores", "1", "--dry-run"], cwd=workspace, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--configfile",
+            "two.yaml",
+            "--cores",
+            "1",
+            "--dry-run",
+        ],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = set(re.findall(r"\nrule (\w+):\n(?:    .*\n)*?    wildcards: subject=([^,\s]+), avatar=(\S+)", proc.stdout))
     assert jobs == {(rule, subject, "wider") for rule in ("avatar_train", "avatar_eval") for subject in ("m030", "d18")}
@@ -128,15 +145,21 @@ def test_a_killed_training_job_resumes_from_its_checkpoint(workspace):
     config["subjects"] = {"d18": config["subjects"]["d18"]}
     (workspace / "long.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     target = "results/d18/avatars/long/train/done.json"
-    runner = subprocess.Popen(CLI + ["workflow", "--config", "long.yaml", "--cores", "2", "--", target], cwd=workspace,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner = subprocess.Popen(
+        CLI + ["workflow", "--config", "long.yaml", "--cores", "2", "--", target],
+        cwd=workspace,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = workspace / "results" / "d18" / "avatars" / "long" / "train" / "checkpoint.pt"
     deadline = time.time() + 300
     while time.time() < deadline and not checkpoint.exists():
         time.sleep(0.2)
     assert checkpoint.exists(), "training never wrote a checkpoint"
     time.sleep(1.0)
-    trainers = [p for p in psutil.Process(runner.pid).children(recursive=True) if "avatar-train" in " ".join(p.cmdline())]
+    trainers = [
+        p for p in psutil.Process(runner.pid).children(recursive=True) if "avatar-train" in " ".join(p.cmdline())
+    ]
     assert trainers, "the training process was not found"
     for p in trainers:
         p.send_signal(signal.SIGKILL)
@@ -160,11 +183,26 @@ def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
     base["model"] = {"kind": "ict", "ict_path": str(ict_npz)}  # no download: tests never use the network
     base["avatars"] = {"nerface_fast": {**TINY_AVATAR, "orbit_frames": 0, "sweep_frames": 0}}
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(base))
-    proc = run_cli(["run", str(videos_dir / "dt_W009_front_happy_level3_001.mp4"), "--subject", "w9", "--cores", "2",
-                 "--config", "small.yaml", "--progress-every", "0.5"], tmp_path)
+    proc = run_cli(
+        [
+            "run",
+            str(videos_dir / "dt_W009_front_happy_level3_001.mp4"),
+            "--subject",
+            "w9",
+            "--cores",
+            "2",
+            "--config",
+            "small.yaml",
+            "--progress-every",
+            "0.5",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # the terminal showed the running jobs' progress and, at the end, where the report is
-    assert re.search(r"\[progress [\d:]+\] running 1: avatar_train\[w9/nerface_fast\] nerface: train \d+/40", proc.stderr)
+    assert re.search(
+        r"\[progress [\d:]+\] running 1: avatar_train\[w9/nerface_fast\] nerface: train \d+/40", proc.stderr
+    )
     assert "Shell command:" not in proc.stderr
     assert proc.stderr.rstrip().endswith(f"file://{tmp_path / 'results' / 'w9' / 'report' / 'index.html'})")
     meta = json.loads((tmp_path / "results" / "w9" / "crop" / "meta.json").read_text())
@@ -175,7 +213,9 @@ def test_run_one_video_with_the_cli(videos_dir, ict_npz, tmp_path):
 
 
 def test_bad_config_key_stops_before_anything_runs(tmp_path, videos_dir):
-    (tmp_path / "config.yaml").write_text(f"crop:\n  sizee: 128\nsubjects:\n  x: {{video: {videos_dir / 'lp_d18.mp4'}}}\n")
+    (tmp_path / "config.yaml").write_text(
+        f"crop:\n  sizee: 128\nsubjects:\n  x: {{video: {videos_dir / 'lp_d18.mp4'}}}\n"
+    )
     proc = run_cli(["workflow", "--cores", "1"], tmp_path)
     assert proc.returncode != 0
     assert "sizee" in proc.stderr and "allowed keys" in proc.stderr
@@ -192,8 +232,17 @@ def test_a_killed_stage_leaves_nothing_that_looks_complete(videos_dir, tmp_path)
     import signal
     import time
 
-    cmd = CLI + ["crop", "--results", str(tmp_path), "--subject", "k", "--video", str(videos_dir / "lp_d18.mp4"),
-                 "--settings", '{"size": 512, "png_compression": 9}']
+    cmd = CLI + [
+        "crop",
+        "--results",
+        str(tmp_path),
+        "--subject",
+        "k",
+        "--video",
+        str(videos_dir / "lp_d18.mp4"),
+        "--settings",
+        '{"size": 512, "png_compression": 9}',
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -215,10 +264,17 @@ def test_a_killed_stage_leaves_nothing_that_looks_complete(videos_dir, tmp_path)
 
 def test_a_failing_subject_does_not_stop_the_others(videos_dir, tmp_path):
     (tmp_path / "broken.mp4").write_text("this is not a video")
-    config = {"crop": {"size": 64, "max_frames": 12}, "qa": {"sheet_frames": 2, "video_frames": 4},
-              "model": {"kind": "builtin"}, "tracking": {"iterations": 50, "overlay_frames": 0}, "avatars": {},
-              "subjects": {"good": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
-                           "bad": {"video": str(tmp_path / "broken.mp4")}}}
+    config = {
+        "crop": {"size": 64, "max_frames": 12},
+        "qa": {"sheet_frames": 2, "video_frames": 4},
+        "model": {"kind": "builtin"},
+        "tracking": {"iterations": 50, "overlay_frames": 0},
+        "avatars": {},
+        "subjects": {
+            "good": {"video": str(videos_dir / "dt_W009_front_happy_level3_001.mp4")},
+            "bad": {"video": str(tmp_path / "broken.mp4")},
+        },
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = run_cli(["workflow", "--cores", "2"], tmp_path)
     assert proc.returncode != 0
@@ -228,11 +284,23 @@ def test_a_failing_subject_does_not_stop_the_others(videos_dir, tmp_path):
     assert "not a readable video" in proc.stderr
 
 
-def _planned(workspace, config_file: str, extra_env: dict | None = None, snakefile: str | None = None) -> set[tuple[str, str]]:
+def _planned(
+    workspace, config_file: str, extra_env: dict | None = None, snakefile: str | None = None
+) -> set[tuple[str, str]]:
     """(rule, subject) pairs a dry run would execute."""
     env = {**os.environ, **(extra_env or {})}
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", snakefile or str(REPO / "Snakefile"), "--configfile",
-           config_file, "--cores", "1", "--dry-run"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        snakefile or str(REPO / "Snakefile"),
+        "--configfile",
+        config_file,
+        "--cores",
+        "1",
+        "--dry-run",
+    ]
     proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = re.findall(r"\nrule (\w+):\n(?:    .*\n)*?    wildcards: subject=([^,\s]+)", proc.stdout)

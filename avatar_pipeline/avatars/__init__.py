@@ -1,6 +1,7 @@
 """Avatar methods, by the name a config's `avatars.<name>.method` gives: each has one typed config (built
 from the validated section, preset first), a training function and an evaluation function, all reading
 the subject's shared preprocessing and tracking caches."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def _nerface() -> AvatarMethod:
     from .nerface_config import nerface_config
     from .train_nerface import train
 
-    return AvatarMethod("nerface", nerface_config, train, evaluate,
-                        f"{__name__}.train_nerface", f"{__name__}.evaluate_nerface")
+    return AvatarMethod(
+        "nerface", nerface_config, train, evaluate, f"{__name__}.train_nerface", f"{__name__}.evaluate_nerface"
+    )
 
 
 METHODS: dict[str, Callable[[], AvatarMethod]] = {"nerface": _nerface}

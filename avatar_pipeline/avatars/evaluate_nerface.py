@@ -12,6 +12,7 @@ protocol, the metric definitions, LPIPS/CSIM availability), test/ side-by-side P
 render | error) and test.mp4 for the headline protocol, orbit.mp4 (novel poses), sweep.mp4 (one
 expression coefficient swept), reenact.mp4 (driven by another subject) when asked.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,8 @@ from ..models.flame import axis_angle_to_matrix
 from ..runtime import progress, torch_device
 from ..stages.tracking import camera_to_head_gl
 from ..video import VideoWriter
-from .nerface_config import NeRFaceConfig
 from .nerface import camera_rays
+from .nerface_config import NeRFaceConfig
 from .train_nerface import SubjectFrames, build_renderer, frame_conditions, read_tracking, render_image
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,11 @@ def load_trained(train_dir: Path, cfg: NeRFaceConfig, condition_dim: int, device
         raise InputError(str(path), "no trained checkpoint", "run the avatar_train rule of this avatar first")
     state = torch.load(path, map_location=device, weights_only=False)
     if state.get("config") != cfg.digest():
-        raise InputError(str(path), "was trained with other settings than this avatar's current config",
-                         "rerun training (Snakemake does so when the settings change) or restore the settings")
+        raise InputError(
+            str(path),
+            "was trained with other settings than this avatar's current config",
+            "rerun training (Snakemake does so when the settings change) or restore the settings",
+        )
     renderer = build_renderer(cfg, condition_dim, device)
     renderer.load_state_dict(state["renderer"])
     latents = state["latents"]["weight"].to(device)
@@ -88,20 +92,29 @@ def optimise_test_latents(renderer, test: SubjectFrames, cfg: NeRFaceConfig, ini
             near.append(test.near[k].expand(len(d)).to(device))
             far.append(test.far[k].expand(len(d)).to(device))
         target = torch.cat(target)
-        out = renderer(torch.cat(origins), torch.cat(dirs), torch.cat(near), torch.cat(far), torch.cat(conditions),
-                       torch.cat(background))
+        out = renderer(
+            torch.cat(origins),
+            torch.cat(dirs),
+            torch.cat(near),
+            torch.cat(far),
+            torch.cat(conditions),
+            torch.cat(background),
+        )
         mse = ((out["fine"] - target) ** 2).mean()
-        loss = ((out["coarse"] - target) ** 2).mean() + mse + cfg.latent_weight * (latents ** 2).sum(1).mean()
+        loss = ((out["coarse"] - target) ** 2).mean() + mse + cfg.latent_weight * (latents**2).sum(1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse.item(), 1e-10)):.1f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse.item(), 1e-10)):.1f}", refresh=False
+        )
     bar.close()
     return latents.detach(), pose_corrected(test.camera_to_head.to(device), correction.detach()).cpu()
 
 
-def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out: Path,
-             driver: cache.SubjectCache | None = None) -> dict:
+def evaluate(
+    store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out: Path, driver: cache.SubjectCache | None = None
+) -> dict:
     """Everything in the module docstring, written into `out` (a staged folder the caller renames)."""
     device = torch_device()
     size = cfg.render_size
@@ -114,13 +127,20 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
     for name, model in (("LPIPS", lpips_model), ("CSIM", csim_model)):
         if model is not None and not model.available:
             log.warning("%s unavailable: %s", name, model.reason)
-    summary: dict = {"size": size, "test_frames": [int(i) for i in test.frames], "protocols": {},
-                     "headline_protocol": cfg.protocols[0], "metrics_doc": metrics.__doc__.strip(),
-                     "ms_ssim_scales": metrics.ms_ssim_scales(size),
-                     "lpips": "disabled in config" if lpips_model is None else lpips_model.reason,
-                     "lpips_available": bool(lpips_model and lpips_model.available),
-                     "csim": csim_model.reason, "csim_available": csim_model.available,
-                     "precision": renderer.precision, "device": str(device)}
+    summary: dict = {
+        "size": size,
+        "test_frames": [int(i) for i in test.frames],
+        "protocols": {},
+        "headline_protocol": cfg.protocols[0],
+        "metrics_doc": metrics.__doc__.strip(),
+        "ms_ssim_scales": metrics.ms_ssim_scales(size),
+        "lpips": "disabled in config" if lpips_model is None else lpips_model.reason,
+        "lpips_available": bool(lpips_model and lpips_model.available),
+        "csim": csim_model.reason,
+        "csim_available": csim_model.available,
+        "precision": renderer.precision,
+        "device": str(device),
+    }
     for protocol in cfg.protocols:
         cameras = test.camera_to_head
         if protocol == "optimised":
@@ -133,11 +153,22 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
         video = VideoWriter(out / "test.mp4", 3 * size, size) if headline else None
         for k, frame in enumerate(progress(test.frames, len(test.frames), f"nerface: render test ({protocol})")):
             condition = torch.cat([test.conditions[k].to(device), latents[k]])
-            image, _ = render_image(renderer, cameras[k], test.focal, size, condition, test.background,
-                                    float(test.near[k]), float(test.far[k]))
+            image, _ = render_image(
+                renderer,
+                cameras[k],
+                test.focal,
+                size,
+                condition,
+                test.background,
+                float(test.near[k]),
+                float(test.far[k]),
+            )
             render, truth = image.clamp(0, 1).numpy(), test.images[k].numpy()
-            row = {"frame": int(frame), **metrics.frame_metrics(render, truth, test.head_masks[k], lpips_model, csim_model),
-                   "psnr_background_only": metrics.psnr(test.background.numpy(), truth)}
+            row = {
+                "frame": int(frame),
+                **metrics.frame_metrics(render, truth, test.head_masks[k], lpips_model, csim_model),
+                "psnr_background_only": metrics.psnr(test.background.numpy(), truth),
+            }
             rows.append(row)
             if headline:
                 side = side_by_side(truth, render)
@@ -150,10 +181,17 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        summary["protocols"][protocol] = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0] if key != "frame"}
-        log.info("nerface test (%s latents): PSNR %.2f dB, SSIM %.3f, L1 %.4f over %d frames", protocol,
-                 summary["protocols"][protocol]["psnr"], summary["protocols"][protocol]["ssim"],
-                 summary["protocols"][protocol]["l1"], len(rows))
+        summary["protocols"][protocol] = {
+            key: float(np.nanmean([r[key] for r in rows])) for key in rows[0] if key != "frame"
+        }
+        log.info(
+            "nerface test (%s latents): PSNR %.2f dB, SSIM %.3f, L1 %.4f over %d frames",
+            protocol,
+            summary["protocols"][protocol]["psnr"],
+            summary["protocols"][protocol]["ssim"],
+            summary["protocols"][protocol]["l1"],
+            len(rows),
+        )
     neutral = torch.cat([train_data.conditions[0].to(device), train_latents[0]])
     if cfg.orbit_frames:
         render_orbit(out / "orbit.mp4", renderer, train_data, neutral, cfg)
@@ -162,7 +200,9 @@ def evaluate(store: cache.SubjectCache, cfg: NeRFaceConfig, train_dir: Path, out
     if driver is not None and driver.subject == store.subject:
         log.info("reenact_from names this subject itself: no reenactment video for it")
     elif driver is not None:
-        summary["reenactment"] = render_reenactment(out / "reenact.mp4", renderer, train_data, train_latents[0], driver, cfg)
+        summary["reenactment"] = render_reenactment(
+            out / "reenact.mp4", renderer, train_data, train_latents[0], driver, cfg
+        )
     cache.write_json(out / "metrics.json", summary)
     return summary
 
@@ -181,14 +221,24 @@ def _write_video(path: Path, frames, size: int, total: int, desc: str) -> None:
 
 def render_orbit(path: Path, renderer, data: SubjectFrames, condition, cfg: NeRFaceConfig) -> None:
     """The first training frame's head turned left and right (yaw about the head's vertical axis)."""
+
     def frames():
         for i in range(cfg.orbit_frames):
             yaw = math.radians(cfg.orbit_degrees) * math.sin(2 * math.pi * i / cfg.orbit_frames)
             turn = torch.eye(4)
             turn[:3, :3] = axis_angle_to_matrix(torch.tensor([[0.0, yaw, 0.0]]))[0]
-            image, _ = render_image(renderer, turn @ data.camera_to_head[0], data.focal, data.size, condition,
-                                    data.background, float(data.near[0]), float(data.far[0]))
+            image, _ = render_image(
+                renderer,
+                turn @ data.camera_to_head[0],
+                data.focal,
+                data.size,
+                condition,
+                data.background,
+                float(data.near[0]),
+                float(data.far[0]),
+            )
             yield image
+
     _write_video(path, frames(), data.size, cfg.orbit_frames, "nerface: orbit")
 
 
@@ -197,8 +247,12 @@ def render_sweep(path: Path, renderer, data: SubjectFrames, latent, cfg: NeRFace
     names = [str(n) for n in data.tracking["expression_names"]]
     name = cfg.sweep_expression if cfg.sweep_expression in names else names[0]
     if name != cfg.sweep_expression:
-        log.warning("expression %r is not in the %s model; sweeping %r instead", cfg.sweep_expression,
-                    str(data.tracking["model"]), name)
+        log.warning(
+            "expression %r is not in the %s model; sweeping %r instead",
+            cfg.sweep_expression,
+            str(data.tracking["model"]),
+            name,
+        )
     index = names.index(name)
     low, high = float(data.conditions[:, index].min()), float(data.conditions[:, index].max())
 
@@ -206,25 +260,39 @@ def render_sweep(path: Path, renderer, data: SubjectFrames, latent, cfg: NeRFace
         for i in range(cfg.sweep_frames):
             condition = data.conditions[0].clone()
             condition[index] = low + (high - low) * 0.5 * (1 - math.cos(2 * math.pi * i / cfg.sweep_frames))
-            image, _ = render_image(renderer, data.camera_to_head[0], data.focal, data.size,
-                                    torch.cat([condition.to(latent.device), latent]), data.background,
-                                    float(data.near[0]), float(data.far[0]))
+            image, _ = render_image(
+                renderer,
+                data.camera_to_head[0],
+                data.focal,
+                data.size,
+                torch.cat([condition.to(latent.device), latent]),
+                data.background,
+                float(data.near[0]),
+                float(data.far[0]),
+            )
             yield image
+
     _write_video(path, frames(), data.size, cfg.sweep_frames, "nerface: expression sweep")
     return {"expression": name, "range": [low, high]}
 
 
-def render_reenactment(path: Path, renderer, data: SubjectFrames, latent, driver: cache.SubjectCache,
-                       cfg: NeRFaceConfig) -> dict:
+def render_reenactment(
+    path: Path, renderer, data: SubjectFrames, latent, driver: cache.SubjectCache, cfg: NeRFaceConfig
+) -> dict:
     """This avatar driven by another subject's tracked expressions and head poses (same head model needed)."""
     own, theirs = data.tracking, read_tracking(driver)
-    same = (str(own["model"]) == str(theirs["model"]) and list(own["expression_names"]) == list(theirs["expression_names"])
-            and str(own["model"]) != "builtin")
+    same = (
+        str(own["model"]) == str(theirs["model"])
+        and list(own["expression_names"]) == list(theirs["expression_names"])
+        and str(own["model"]) != "builtin"
+    )
     if not same:
-        raise InputError(f"reenact_from: {driver.subject}",
-                         f"the two subjects were tracked with different expression spaces ({own['model']} vs "
-                         f"{theirs['model']}; the built-in model is fitted per subject)",
-                         "track both subjects with the same shared model (model.kind: ict or flame)")
+        raise InputError(
+            f"reenact_from: {driver.subject}",
+            f"the two subjects were tracked with different expression spaces ({own['model']} vs "
+            f"{theirs['model']}; the built-in model is fitted per subject)",
+            "track both subjects with the same shared model (model.kind: ict or flame)",
+        )
     frames = np.flatnonzero(theirs["fitted"])[: cfg.video_frames]
     conditions = frame_conditions(theirs, frames)
     cameras = torch.as_tensor(camera_to_head_gl(theirs["head_to_camera"][frames]), dtype=torch.float32)
@@ -233,9 +301,17 @@ def render_reenactment(path: Path, renderer, data: SubjectFrames, latent, driver
 
     def images():
         for k in range(len(frames)):
-            image, _ = render_image(renderer, cameras[k], data.focal, data.size,
-                                    torch.cat([conditions[k].to(latent.device), latent]), data.background,
-                                    float(data.near[0]), float(data.far[0]))
+            image, _ = render_image(
+                renderer,
+                cameras[k],
+                data.focal,
+                data.size,
+                torch.cat([conditions[k].to(latent.device), latent]),
+                data.background,
+                float(data.near[0]),
+                float(data.far[0]),
+            )
             yield image
+
     _write_video(path, images(), data.size, len(frames), f"nerface: reenactment by {driver.subject}")
     return {"driver": driver.subject, "frames": len(frames)}

@@ -11,6 +11,7 @@ The first backbone layer is split into a position part and a conditioning part: 
 one layer on their concatenation, but the conditioning (constant over a frame's samples) is multiplied
 once per ray instead of once per sample.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,10 @@ class FeaturePlanes(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N, dim)"""
         grid = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None]  # (3, N, 1, 2)
-        reads = [torch.nn.functional.grid_sample(plane, grid, align_corners=True, padding_mode="border")
-                 for plane in self.planes]  # each (3, C, N, 1)
+        reads = [
+            torch.nn.functional.grid_sample(plane, grid, align_corners=True, padding_mode="border")
+            for plane in self.planes
+        ]  # each (3, C, N, 1)
         return torch.cat(reads, 1)[..., 0].permute(2, 0, 1).reshape(len(x), -1)
 
 
@@ -113,8 +116,9 @@ class ConditionedField(nn.Module):
         raw = self.density(features)[:, 0]
         # a ReLU density can die everywhere in the first steps (it did for vr_face2's coarse field: the render
         # stayed the background); the shifted softplus always has a gradient and starts as thin fog
-        density = (torch.relu(raw) if self.cfg.density_activation == "relu" else
-                   torch.nn.functional.softplus(raw - 1.0)).view(rays, samples)
+        density = (
+            torch.relu(raw) if self.cfg.density_activation == "relu" else torch.nn.functional.softplus(raw - 1.0)
+        ).view(rays, samples)
         view = positional_encoding(directions, self.cfg.direction_frequencies)
         view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
         rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
@@ -125,7 +129,11 @@ def stratified_depths(near: torch.Tensor, far: torch.Tensor, count: int, jitter:
     """(R,) near/far -> (R, count) depths, one per equal bin (uniformly jittered within it when training)."""
     bins = torch.linspace(0.0, 1.0, count + 1, device=near.device)
     lower, width = bins[:-1], bins[1:] - bins[:-1]
-    offsets = torch.rand(near.shape[0], count, device=near.device) if jitter else torch.full((near.shape[0], count), 0.5, device=near.device)
+    offsets = (
+        torch.rand(near.shape[0], count, device=near.device)
+        if jitter
+        else torch.full((near.shape[0], count), 0.5, device=near.device)
+    )
     t = lower + offsets * width
     return near[:, None] + (far - near)[:, None] * t
 
@@ -137,8 +145,11 @@ def importance_depths(depths: torch.Tensor, weights: torch.Tensor, count: int, j
     w = weights[:, 1:-1].detach() + 1e-5
     pdf = w / w.sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)
-    u = torch.rand(depths.shape[0], count, device=depths.device) if jitter else \
-        torch.linspace(0.0, 1.0, count, device=depths.device).expand(depths.shape[0], count)
+    u = (
+        torch.rand(depths.shape[0], count, device=depths.device)
+        if jitter
+        else torch.linspace(0.0, 1.0, count, device=depths.device).expand(depths.shape[0], count)
+    )
     idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(1, cdf.shape[-1] - 1)
     lo, hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
     t_lo, t_hi = mids.gather(-1, idx - 1), mids.gather(-1, idx)
@@ -180,8 +191,14 @@ class NeRFaceRenderer(nn.Module):
     """Coarse and fine fields rendering rays of one frame: stratified samples for the coarse field,
     importance samples from its weights (plus the coarse ones) for the fine field."""
 
-    def __init__(self, cfg: FieldConfig = FieldConfig(), coarse_samples: int = 64, fine_samples: int = 64,
-                 precision: str = "fp32", chunk_samples: int = 8192):
+    def __init__(
+        self,
+        cfg: FieldConfig = FieldConfig(),
+        coarse_samples: int = 64,
+        fine_samples: int = 64,
+        precision: str = "fp32",
+        chunk_samples: int = 8192,
+    ):
         super().__init__()
         self.coarse, self.fine = ConditionedField(cfg), ConditionedField(cfg)
         self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
@@ -202,8 +219,9 @@ class NeRFaceRenderer(nn.Module):
             colours.append(rgb.float())
         return torch.cat(densities), torch.cat(colours)
 
-    def forward(self, origins, directions, near, far, condition, background, jitter: bool = True,
-                skip_empty: float = 0.0):
+    def forward(
+        self, origins, directions, near, far, condition, background, jitter: bool = True, skip_empty: float = 0.0
+    ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
         dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,).
 
@@ -227,7 +245,9 @@ class NeRFaceRenderer(nn.Module):
             density, rgb = self._field(self.fine, points, directions[sel], cond)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
             depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
-            fine, fine_alpha, fine_depth = (whole.index_put((sel,), part) if not isinstance(sel, slice) else part
-                                            for whole, part in ((fine, colour), (fine_alpha, alpha), (fine_depth, depth)))
+            fine, fine_alpha, fine_depth = (
+                whole.index_put((sel,), part) if not isinstance(sel, slice) else part
+                for whole, part in ((fine, colour), (fine_alpha, alpha), (fine_depth, depth))
+            )
         out.update(fine=fine, fine_alpha=fine_alpha, fine_depth=fine_depth)
         return out

@@ -9,6 +9,7 @@ An avatar section of config.yaml names a preset and may override any key of it:
 `paper` is Gafni et al. 2021 as written (512 px, 8x256 backbone, 4x128 colour branch, 64 + 64 samples,
 2048 rays, Adam 5e-4, 400k steps); `fast` is what fits in 20 to 40 minutes on two CPU cores.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,10 +74,18 @@ class NeRFaceConfig:
     lpips: bool = True
 
     def field(self, expression_dim: int) -> FieldConfig:
-        return FieldConfig(expression_dim=expression_dim, latent_dim=self.latent_dim, width=self.width,
-                           depth=self.depth, colour_width=self.colour_width, colour_depth=self.colour_depth,
-                           position_scale=1.0 / self.scene_radius, density_activation=self.density_activation,
-                           plane_resolutions=tuple(self.plane_resolutions), plane_channels=self.plane_channels)
+        return FieldConfig(
+            expression_dim=expression_dim,
+            latent_dim=self.latent_dim,
+            width=self.width,
+            depth=self.depth,
+            colour_width=self.colour_width,
+            colour_depth=self.colour_depth,
+            position_scale=1.0 / self.scene_radius,
+            density_activation=self.density_activation,
+            plane_resolutions=tuple(self.plane_resolutions),
+            plane_channels=self.plane_channels,
+        )
 
     def training_settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in TRAINING_KEYS}
@@ -85,8 +94,15 @@ class NeRFaceConfig:
         """What a checkpoint must match to be resumed: the training settings but the step budget and the
         bookkeeping intervals (so raising `steps` continues a finished run)."""
         d = self.training_settings()
-        for key in ("steps", "final_learning_rate", "checkpoint_every", "validate_every", "precision", "chunk_samples",
-                    "max_minutes"):
+        for key in (
+            "steps",
+            "final_learning_rate",
+            "checkpoint_every",
+            "validate_every",
+            "precision",
+            "chunk_samples",
+            "max_minutes",
+        ):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,21 +118,60 @@ class NeRFaceConfig:
         return self.eval_size or self.size
 
 
-TRAINING_KEYS = ("size", "steps", "rays", "head_fraction", "coarse_samples", "fine_samples", "learning_rate",
-                 "final_learning_rate", "latent_weight", "mask_weight", "error_sampling", "latent_dim", "width",
-                 "depth", "colour_width", "colour_depth", "plane_resolutions", "plane_channels", "scene_radius",
-                 "density_activation", "precision", "chunk_samples", "checkpoint_every", "validate_every", "seed",
-                 "max_minutes")
+TRAINING_KEYS = (
+    "size",
+    "steps",
+    "rays",
+    "head_fraction",
+    "coarse_samples",
+    "fine_samples",
+    "learning_rate",
+    "final_learning_rate",
+    "latent_weight",
+    "mask_weight",
+    "error_sampling",
+    "latent_dim",
+    "width",
+    "depth",
+    "colour_width",
+    "colour_depth",
+    "plane_resolutions",
+    "plane_channels",
+    "scene_radius",
+    "density_activation",
+    "precision",
+    "chunk_samples",
+    "checkpoint_every",
+    "validate_every",
+    "seed",
+    "max_minutes",
+)
 
 PRESETS: dict[str, dict] = {
     "paper": {},
     # smaller networks, fewer samples and rays, a decaying learning rate, feature planes beside the encoding
     # and half the head rays drawn where the error is: a recognizable avatar of a 5-20 s clip at 256 px in
     # 21 minutes on 2 CPU cores with native bf16, about 40 in fp32 (bench/nerface_bench.py measures it)
-    "fast": {"size": 256, "steps": 5000, "rays": 1024, "coarse_samples": 32, "fine_samples": 32,
-             "learning_rate": 2e-3, "final_learning_rate": 2e-4, "width": 128, "depth": 4, "colour_width": 64,
-             "colour_depth": 1, "plane_resolutions": (64, 256), "error_sampling": 0.5, "checkpoint_every": 250,
-             "validate_every": 500, "latent_steps": 60, "video_frames": 60, "orbit_frames": 24},
+    "fast": {
+        "size": 256,
+        "steps": 5000,
+        "rays": 1024,
+        "coarse_samples": 32,
+        "fine_samples": 32,
+        "learning_rate": 2e-3,
+        "final_learning_rate": 2e-4,
+        "width": 128,
+        "depth": 4,
+        "colour_width": 64,
+        "colour_depth": 1,
+        "plane_resolutions": (64, 256),
+        "error_sampling": 0.5,
+        "checkpoint_every": 250,
+        "validate_every": 500,
+        "latent_steps": 60,
+        "video_frames": 60,
+        "orbit_frames": 24,
+    },
 }
 
 

@@ -4,6 +4,7 @@ survive a kill, fixed seeds, a progress bar with loss and PSNR, a CSV log, valid
 Per the paper: per-frame learnable latent codes (32-d) regularised with an l2 penalty (weight 0.05),
 Adam, rays sampled 95% inside the head's bounding box, the loss on both coarse and fine colours.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,39 +42,60 @@ def frame_conditions(data: dict, frames: np.ndarray) -> torch.Tensor:
 
 
 def read_tracking(store: cache.SubjectCache) -> dict:
-    return cache.read_npz(store.stage_dir("tracking") / "tracking.npz", "tracking",
-                          ("head_to_camera", "expression", "focal", "fitted", "image_size", "expression_names", "model"))
+    return cache.read_npz(
+        store.stage_dir("tracking") / "tracking.npz",
+        "tracking",
+        ("head_to_camera", "expression", "focal", "fitted", "image_size", "expression_names", "model"),
+    )
 
 
 class SubjectFrames:
     """One split of a subject at a given resolution: images, background, cameras, conditions, head boxes."""
 
-    def __init__(self, store: cache.SubjectCache, size: int, split: str = "train", with_masks: bool = False,
-                 with_images: bool = True, scene_radius: float = NeRFaceConfig.scene_radius, with_mattes: bool = False):
+    def __init__(
+        self,
+        store: cache.SubjectCache,
+        size: int,
+        split: str = "train",
+        with_masks: bool = False,
+        with_images: bool = True,
+        scene_radius: float = NeRFaceConfig.scene_radius,
+        with_mattes: bool = False,
+    ):
         data = read_tracking(store)
         self.tracking = data
         crop_size = int(data["image_size"])
         splits = store.split()
         frames = [i for i in splits[split] if data["fitted"][i]]
         if not frames:
-            raise CacheError(store.stage_dir("tracking") / "tracking.npz",
-                             f"no successfully tracked frame in the {split} split", "tracking")
+            raise CacheError(
+                store.stage_dir("tracking") / "tracking.npz",
+                f"no successfully tracked frame in the {split} split",
+                "tracking",
+            )
         minimum = splits.get("minimums", {}).get(split, 1)
         if len(frames) < minimum:
-            raise InputError(f"subject {store.subject}", f"only {len(frames)} of the {len(splits[split])} {split} "
-                             f"frames were tracked; an avatar needs at least {minimum}",
-                             "see the tracking log and overlay for the frames that failed; use a longer clip or "
-                             f"lower crop.min_{split}_frames")
+            raise InputError(
+                f"subject {store.subject}",
+                f"only {len(frames)} of the {len(splits[split])} {split} "
+                f"frames were tracked; an avatar needs at least {minimum}",
+                "see the tracking log and overlay for the frames that failed; use a longer clip or "
+                f"lower crop.min_{split}_frames",
+            )
         self.frames = np.array(frames)
         self.size, self.focal = size, float(data["focal"]) * size / crop_size
         self.images = torch.stack([_load_rgb(store.read_frame(i), size) for i in frames]) if with_images else None
         background = store.read_background()
         if background.shape[:2] != (crop_size, crop_size):
-            raise InputError(str(store.stage_dir("background") / "background.png"),
-                             f"is {background.shape[1]}x{background.shape[0]} but the frames are {crop_size}x{crop_size}",
-                             "rerun the background rule (or give a background plate of the video's size)")
+            raise InputError(
+                str(store.stage_dir("background") / "background.png"),
+                f"is {background.shape[1]}x{background.shape[0]} but the frames are {crop_size}x{crop_size}",
+                "rerun the background rule (or give a background plate of the video's size)",
+            )
         self.background = _load_rgb(background, size)
-        self.camera_to_head = torch.as_tensor(camera_to_head_gl(data["head_to_camera"][self.frames]), dtype=torch.float32)
+        self.camera_to_head = torch.as_tensor(
+            camera_to_head_gl(data["head_to_camera"][self.frames]), dtype=torch.float32
+        )
         self.conditions = frame_conditions(data, self.frames)
         meta = cache.read_json(store.stage_dir("tracking") / "nerface" / f"transforms_{split}.json", "tracking")
         boxes = {f["frame_index"]: f["bbox"] for f in meta["frames"]}
@@ -88,8 +110,9 @@ class SubjectFrames:
 
             not_head = [CLASS_ID["background"], CLASS_ID["cloth"]]
             masks = [~np.isin(store.read_labels(i), not_head) for i in frames]
-            self.head_masks = np.stack([cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
-                                        for m in masks])
+            self.head_masks = np.stack(
+                [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0 for m in masks]
+            )
 
     def sample_pixels(self, k: int, count: int, head_fraction: float, rng: np.random.Generator) -> torch.Tensor:
         """`count` pixels (x, y) of frame k, `head_fraction` of them inside the head box."""
@@ -103,8 +126,9 @@ class SubjectFrames:
         """Frame k's and the background's colours at the pixels."""
         return _at_pixels(self.images[k], pixels), _at_pixels(self.background, pixels)
 
-    def sample(self, k: int, count: int, head_fraction: float, rng: np.random.Generator,
-               errors: "ErrorMap | None" = None):
+    def sample(
+        self, k: int, count: int, head_fraction: float, rng: np.random.Generator, errors: "ErrorMap | None" = None
+    ):
         """Rays through sampled pixels of frame k, their pixels, colours, the background behind them and the
         person matte there (None without mattes). With an error map, its share of the head rays follows it."""
         pixels = self.sample_pixels(k, count, head_fraction, rng)
@@ -134,7 +158,7 @@ class ErrorMap:
     def sample(self, k: int, box: np.ndarray, count: int, rng: np.random.Generator) -> torch.Tensor:
         """`count` pixels (x, y) of frame k inside the cells that overlap its head box (y0, y1, x0, x1)."""
         y0, y1, x0, x1 = np.clip((np.asarray(box) // self.CELL).astype(int), 0, self.cells - 1)
-        errors = self.error[k, y0:y1 + 1, x0:x1 + 1]
+        errors = self.error[k, y0 : y1 + 1, x0 : x1 + 1]
         chosen = rng.choice(errors.size, count, p=(errors / errors.sum()).ravel())
         cy, cx = np.unravel_index(chosen, errors.shape)
         corner = np.stack([cx + x0, cy + y0], 1) * self.CELL
@@ -143,10 +167,10 @@ class ErrorMap:
 
     def update(self, k: int, pixels: torch.Tensor, squared_error: torch.Tensor) -> None:
         """Blend the mean squared error of the rays that fell in each cell into that cell's estimate."""
-        index = (pixels.numpy().astype(int) // self.CELL)
+        index = pixels.numpy().astype(int) // self.CELL
         flat = index[:, 1] * self.cells + index[:, 0]
-        sums = np.bincount(flat, squared_error.numpy().astype(np.float64), self.cells ** 2)
-        counts = np.bincount(flat, minlength=self.cells ** 2)
+        sums = np.bincount(flat, squared_error.numpy().astype(np.float64), self.cells**2)
+        counts = np.bincount(flat, minlength=self.cells**2)
         seen = counts > 0
         grid = self.error[k].reshape(-1)
         grid[seen] += self.RATE * (sums[seen] / counts[seen] - grid[seen])
@@ -172,8 +196,13 @@ def psnr(mse: float) -> float:
 
 
 def build_renderer(cfg: NeRFaceConfig, condition_dim: int, device: torch.device) -> NeRFaceRenderer:
-    renderer = NeRFaceRenderer(cfg.field(condition_dim), cfg.coarse_samples, cfg.fine_samples,
-                               cfg.resolved_precision(device), cfg.chunk_samples)
+    renderer = NeRFaceRenderer(
+        cfg.field(condition_dim),
+        cfg.coarse_samples,
+        cfg.fine_samples,
+        cfg.resolved_precision(device),
+        cfg.chunk_samples,
+    )
     return renderer.to(device)
 
 
@@ -200,8 +229,11 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             # the settings changed (that is why Snakemake reran this job): keep the old run aside, start afresh
             aside = out_dir / f"checkpoint-{state.get('config', 'unknown')}.pt"
             os.replace(checkpoint, aside)
-            log.warning("%s was trained with other settings; moved it to %s and training starts from step 0",
-                        checkpoint, aside.name)
+            log.warning(
+                "%s was trained with other settings; moved it to %s and training starts from step 0",
+                checkpoint,
+                aside.name,
+            )
         else:
             renderer.load_state_dict(state["renderer"])
             latents.load_state_dict(state["latents"])
@@ -212,14 +244,32 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             if errors is not None:
                 errors.error = state["error_map"]
             log.info("resuming %s from step %d", checkpoint, step)
-    log.info("nerface: %d training frames at %d px on %s (%s), %d rays x (%d + %d) samples, %d steps",
-             len(data.frames), cfg.size, device, renderer.precision, cfg.rays, cfg.coarse_samples, cfg.fine_samples, cfg.steps)
+    log.info(
+        "nerface: %d training frames at %d px on %s (%s), %d rays x (%d + %d) samples, %d steps",
+        len(data.frames),
+        cfg.size,
+        device,
+        renderer.precision,
+        cfg.rays,
+        cfg.coarse_samples,
+        cfg.fine_samples,
+        cfg.steps,
+    )
+
     def checkpoint_state(done_steps: int) -> dict:
-        return {"config": cfg.digest(), "step": done_steps, "renderer": renderer.state_dict(),
-                "latents": latents.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-                "torch_rng": torch.get_rng_state(), "seconds": time.perf_counter() - started,
-                "condition_dim": data.conditions.shape[1], "frames": data.frames.tolist(),
-                "error_map": None if errors is None else errors.error}
+        return {
+            "config": cfg.digest(),
+            "step": done_steps,
+            "renderer": renderer.state_dict(),
+            "latents": latents.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "torch_rng": torch.get_rng_state(),
+            "seconds": time.perf_counter() - started,
+            "condition_dim": data.conditions.shape[1],
+            "frames": data.frames.tolist(),
+            "error_map": None if errors is None else errors.error,
+        }
 
     log_path = out_dir / "log.csv"
     _truncate_log(log_path, step)
@@ -254,43 +304,71 @@ def train(store: cache.SubjectCache, cfg: NeRFaceConfig, out_dir: Path) -> dict:
             try:
                 out = renderer(origins, dirs, near, far, condition, background)
                 mse_fine = ((out["fine"] - target) ** 2).mean()
-                loss = ((out["coarse"] - target) ** 2).mean() + mse_fine + cfg.latent_weight * (latents.weight[k] ** 2).sum()
+                loss = (
+                    ((out["coarse"] - target) ** 2).mean()
+                    + mse_fine
+                    + cfg.latent_weight * (latents.weight[k] ** 2).sum()
+                )
                 if matte is not None:
-                    loss = loss + cfg.mask_weight * (((out["coarse_alpha"] - matte) ** 2).mean() +
-                                                     ((out["fine_alpha"] - matte) ** 2).mean())
+                    loss = loss + cfg.mask_weight * (
+                        ((out["coarse_alpha"] - matte) ** 2).mean() + ((out["fine_alpha"] - matte) ** 2).mean()
+                    )
                 optimizer.zero_grad()
                 loss.backward()
                 if errors is not None:
                     errors.update(k, pixels, ((out["fine"].detach() - target) ** 2).mean(-1).cpu())
             except RuntimeError as e:
                 if is_out_of_memory(e):
-                    raise InputError("avatar settings", f"training ran out of memory with {cfg.rays} rays x "
-                                     f"{cfg.coarse_samples + cfg.fine_samples} samples per step on {device}",
-                                     "lower `rays` (or the network width) of this avatar in config.yaml") from e
+                    raise InputError(
+                        "avatar settings",
+                        f"training ran out of memory with {cfg.rays} rays x "
+                        f"{cfg.coarse_samples + cfg.fine_samples} samples per step on {device}",
+                        "lower `rays` (or the network width) of this avatar in config.yaml",
+                    ) from e
                 raise
             optimizer.step()
             val_psnr = ""
             if (step + 1) % cfg.validate_every == 0 or step + 1 == cfg.steps or _budget_ends(cfg, started):
                 val_psnr = f"{validate(renderer, val, data, latents, out_dir / 'validation', step + 1, device):.3f}"
-            writer.writerow([step + 1, f"{loss.item():.6f}", f"{psnr(mse_fine.item()):.3f}", f"{lr:.3g}",
-                             f"{time.perf_counter() - started:.2f}", val_psnr])
-            budget = {} if cfg.max_minutes is None else \
-                {"budget": clock(60 * cfg.max_minutes - (time.perf_counter() - started))}  # time left of it
+            writer.writerow(
+                [
+                    step + 1,
+                    f"{loss.item():.6f}",
+                    f"{psnr(mse_fine.item()):.3f}",
+                    f"{lr:.3g}",
+                    f"{time.perf_counter() - started:.2f}",
+                    val_psnr,
+                ]
+            )
+            budget = (
+                {}
+                if cfg.max_minutes is None
+                else {"budget": clock(60 * cfg.max_minutes - (time.perf_counter() - started))}
+            )  # time left of it
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(mse_fine.item()):.1f}", **budget, refresh=False)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 f.flush()
                 save_checkpoint(checkpoint, checkpoint_state(step + 1))
         bar.close()
     rows = _read_log(log_path)
-    summary = {"method": "nerface", "steps": int(rows[-1]["step"]) if rows else 0, "planned_steps": cfg.steps,
-               "stopped_by_time_budget": stopped_early, "frames": len(data.frames), "size": cfg.size, "device": str(device),
-               "cpu": cpu_info()["model"],
-               # beside the wall time: the same settings take 2x longer on some of these machines than others
-               "matmul_gflops": None if device.type != "cpu" else
-               round(matmul_gflops(torch.bfloat16 if renderer.precision == "bf16" else torch.float32), 1),
-               "precision": renderer.precision, "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
-               "final_train_psnr": float(np.mean([float(r["psnr_fine"]) for r in rows[-100:]])) if rows else None,
-               "settings": cfg.training_settings()}
+    summary = {
+        "method": "nerface",
+        "steps": int(rows[-1]["step"]) if rows else 0,
+        "planned_steps": cfg.steps,
+        "stopped_by_time_budget": stopped_early,
+        "frames": len(data.frames),
+        "size": cfg.size,
+        "device": str(device),
+        "cpu": cpu_info()["model"],
+        # beside the wall time: the same settings take 2x longer on some of these machines than others
+        "matmul_gflops": None
+        if device.type != "cpu"
+        else round(matmul_gflops(torch.bfloat16 if renderer.precision == "bf16" else torch.float32), 1),
+        "precision": renderer.precision,
+        "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
+        "final_train_psnr": float(np.mean([float(r["psnr_fine"]) for r in rows[-100:]])) if rows else None,
+        "settings": cfg.training_settings(),
+    }
     cache.write_json(out_dir / "done.json", summary)
     return summary
 
@@ -342,8 +420,16 @@ def validate(renderer, val: SubjectFrames, data: SubjectFrames, latents, folder:
     """Render the first validation frame with the first training frame's latent code: ground truth | render."""
     renderer.eval()
     condition = torch.cat([val.conditions[0], latents.weight[0].cpu()]).to(device)
-    image, _ = render_image(renderer, val.camera_to_head[0], val.focal, val.size, condition, val.background,
-                            float(val.near[0]), float(val.far[0]))
+    image, _ = render_image(
+        renderer,
+        val.camera_to_head[0],
+        val.focal,
+        val.size,
+        condition,
+        val.background,
+        float(val.near[0]),
+        float(val.far[0]),
+    )
     renderer.train()
     folder.mkdir(exist_ok=True)
     side = torch.cat([val.images[0], image.clamp(0, 1)], 1)
@@ -352,8 +438,17 @@ def validate(renderer, val: SubjectFrames, data: SubjectFrames, latents, folder:
 
 
 @torch.no_grad()
-def render_image(renderer: NeRFaceRenderer, camera_to_head: torch.Tensor, focal: float, size: int,
-                 condition: torch.Tensor, background: torch.Tensor, near: float, far: float, rays_per_call: int = 8192):
+def render_image(
+    renderer: NeRFaceRenderer,
+    camera_to_head: torch.Tensor,
+    focal: float,
+    size: int,
+    condition: torch.Tensor,
+    background: torch.Tensor,
+    near: float,
+    far: float,
+    rays_per_call: int = 8192,
+):
     """Full image (size, size, 3) and foreground alpha (size, size), on the CPU. Running out of memory
     halves the rays per call (and the renderer's sample chunk) and tries again."""
     device = next(renderer.parameters()).device
@@ -367,16 +462,26 @@ def render_image(renderer: NeRFaceRenderer, camera_to_head: torch.Tensor, focal:
         sl = slice(a, a + rays_per_call)
         n = len(pixels[sl])
         try:
-            out = renderer(origins[sl].to(device), dirs[sl].to(device), torch.full((n,), near, device=device),
-                           torch.full((n,), far, device=device), condition.to(device), bg[sl].to(device), jitter=False,
-                           skip_empty=SKIP_EMPTY)
+            out = renderer(
+                origins[sl].to(device),
+                dirs[sl].to(device),
+                torch.full((n,), near, device=device),
+                torch.full((n,), far, device=device),
+                condition.to(device),
+                bg[sl].to(device),
+                jitter=False,
+                skip_empty=SKIP_EMPTY,
+            )
         except RuntimeError as e:
             if not is_out_of_memory(e) or rays_per_call <= 64:
                 raise
             rays_per_call //= 2
             renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
-            log.warning("rendering ran out of memory: retrying with %d rays per call and %d samples per chunk",
-                        rays_per_call, renderer.chunk_samples)
+            log.warning(
+                "rendering ran out of memory: retrying with %d rays per call and %d samples per chunk",
+                rays_per_call,
+                renderer.chunk_samples,
+            )
             continue
         colour.append(out["fine"].cpu())
         alpha.append(out["fine_alpha"].cpu())

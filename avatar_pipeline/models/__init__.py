@@ -1,4 +1,5 @@
 """Registry of morphable models: `kind` -> how to obtain it (see base.MorphableModel for the interface)."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def prepare_ict(cfg: ModelConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "ict.npz"
     try:
-        source = Path(cfg.ict_path) if cfg.ict_path else ict.download(out_dir / f"ICT-FaceKit-{ict.RELEASE_COMMIT}.tar.gz")
+        source = (
+            Path(cfg.ict_path) if cfg.ict_path else ict.download(out_dir / f"ICT-FaceKit-{ict.RELEASE_COMMIT}.tar.gz")
+        )
         tmp = out_dir / "ict.partial.npz"
         if source.suffix == ".npz":  # an earlier run's ict.npz: checked and copied, not converted again
             ict.check_converted(source)
@@ -54,19 +57,29 @@ def load_model(cfg: ModelConfig, ict_status: Path | None, landmarks=None) -> tup
         from . import flame
 
         if not cfg.flame_path or not cfg.flame_landmarks:
-            raise InputError("model.kind: flame", "needs model.flame_path and model.flame_landmarks",
-                             "download FLAME (registration required) and set both paths, or use model.kind: auto")
+            raise InputError(
+                "model.kind: flame",
+                "needs model.flame_path and model.flame_landmarks",
+                "download FLAME (registration required) and set both paths, or use model.kind: auto",
+            )
         return flame.load(cfg.flame_path, cfg.flame_landmarks), warnings
     if kind in ("auto", "ict"):
-        status = json.loads(ict_status.read_text()) if ict_status and ict_status.exists() else \
-            {"available": False, "reason": "the ict_model step did not run"}
+        status = (
+            json.loads(ict_status.read_text())
+            if ict_status and ict_status.exists()
+            else {"available": False, "reason": "the ict_model step did not run"}
+        )
         if status["available"]:
             return MorphableModel.load(status["model"]), warnings
         if kind == "ict":
-            raise InputError("model.kind: ict", status["reason"], "set model.ict_path to the ICT-FaceKit folder or archive")
-        warnings.append(f"FALLBACK: ICT FaceKit unavailable ({status['reason'].splitlines()[0]}); "
-                        "using the built-in face-only model learned from this subject's landmarks. To use ICT, set "
-                        "model.ict_path or rerun with `-- --forcerun ict_model` once online")
+            raise InputError(
+                "model.kind: ict", status["reason"], "set model.ict_path to the ICT-FaceKit folder or archive"
+            )
+        warnings.append(
+            f"FALLBACK: ICT FaceKit unavailable ({status['reason'].splitlines()[0]}); "
+            "using the built-in face-only model learned from this subject's landmarks. To use ICT, set "
+            "model.ict_path or rerun with `-- --forcerun ict_model` once online"
+        )
     from . import builtin
 
     if landmarks is None:

@@ -6,6 +6,7 @@ pose (rotation, translation into camera space) is applied by the caller, the sam
 Landmarks are given as barycentric points on triangles, so vertex landmarks and FLAME's embedding are
 one format.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,7 @@ class MorphableModel:
         return self.faces[self.landmark_faces], self.landmark_bary
 
     def save(self, path: str | Path) -> None:
-        arrays = {k: v for k, v in dataclasses.asdict(self).items()
-                  if isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray)}
         arrays["expression_names"] = np.array(self.expression_names)
         arrays["name"] = np.array(self.name)
         arrays["expression_prior"] = np.array(self.expression_prior)
@@ -76,18 +76,26 @@ class MorphableModel:
     def load(cls, path: str | Path) -> "MorphableModel":
         with np.load(path, allow_pickle=False) as d:
             data = {k: d[k] for k in d.files}
-        regions = {k[len("region_"):]: v for k, v in data.items() if k.startswith("region_")}
-        skin = {k[len("skin_"):]: v for k, v in data.items() if k.startswith("skin_")}
+        regions = {k[len("region_") :]: v for k, v in data.items() if k.startswith("region_")}
+        skin = {k[len("skin_") :]: v for k, v in data.items() if k.startswith("skin_")}
         skinning = None
         if skin:
             skin["joint_names"] = [str(n) for n in skin["joint_names"]]
             skinning = Skinning(**skin)
-        return cls(name=str(data["name"]), template=data["template"], faces=data["faces"],
-                   identity_basis=data["identity_basis"], expression_basis=data["expression_basis"],
-                   expression_names=[str(n) for n in data["expression_names"]],
-                   landmark_faces=data["landmark_faces"], landmark_bary=data["landmark_bary"],
-                   landmark_ids=data["landmark_ids"], regions=regions, skinning=skinning,
-                   expression_prior=str(data["expression_prior"]))
+        return cls(
+            name=str(data["name"]),
+            template=data["template"],
+            faces=data["faces"],
+            identity_basis=data["identity_basis"],
+            expression_basis=data["expression_basis"],
+            expression_names=[str(n) for n in data["expression_names"]],
+            landmark_faces=data["landmark_faces"],
+            landmark_bary=data["landmark_bary"],
+            landmark_ids=data["landmark_ids"],
+            regions=regions,
+            skinning=skinning,
+            expression_prior=str(data["expression_prior"]),
+        )
 
     def vertices(self, identity=None, expression=None, joint_rotations=None, subset: np.ndarray | None = None):
         """Vertices (B, V, 3) as a torch tensor; coefficients are torch tensors (B, K) or None.
@@ -103,9 +111,11 @@ class MorphableModel:
         sel = slice(None) if subset is None else torch.as_tensor(subset, device=device)
         verts = cache["template"][sel].unsqueeze(0).expand(batch, -1, -1)
         if identity is not None and self.num_identity:
-            verts = verts + torch.einsum("vck,bk->bvc", cache["identity"][sel][..., :identity.shape[1]], identity)
+            verts = verts + torch.einsum("vck,bk->bvc", cache["identity"][sel][..., : identity.shape[1]], identity)
         if expression is not None and self.num_expression:
-            verts = verts + torch.einsum("vck,bk->bvc", cache["expression"][sel][..., :expression.shape[1]], expression)
+            verts = verts + torch.einsum(
+                "vck,bk->bvc", cache["expression"][sel][..., : expression.shape[1]], expression
+            )
         if self.skinning is not None and joint_rotations is not None:
             from .flame import skin_vertices
 

@@ -5,6 +5,7 @@ template is the mean of the rigidly aligned meshes (scaled to metres from a typi
 expression basis the principal components of what remains after rigid alignment (scaled so the
 coefficients have a unit Gaussian prior). There is no identity basis: the template is the identity.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,7 @@ def similarity(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarra
     u, sig, vt = np.linalg.svd(s.T @ t)
     fix = np.diag([1, 1, np.sign(np.linalg.det(u @ vt))])
     rotation = u @ fix @ vt
-    scale = (sig * np.diag(fix)).sum() / (s ** 2).sum()
+    scale = (sig * np.diag(fix)).sum() / (s**2).sum()
     return scale, rotation, mu_t - scale * mu_s @ rotation
 
 
@@ -62,10 +63,21 @@ def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> Mor
     lmk_faces, lmk_bary = vertex_landmarks(tris, facemesh.IBUG68_FROM_MP478)
     eyes = np.array(facemesh.RIGHT_EYE + facemesh.LEFT_EYE + facemesh.RIGHT_IRIS + facemesh.LEFT_IRIS)
     return MorphableModel(
-        name="builtin", template=mean.astype(np.float32), faces=tris,
+        name="builtin",
+        template=mean.astype(np.float32),
+        faces=tris,
         identity_basis=np.zeros((facemesh.NUM_POINTS, 3, 0), np.float32),
-        expression_basis=basis.astype(np.float32), expression_names=[f"pca{k:02d}" for k in range(k)],
-        landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=np.arange(68),
-        regions={"face": np.arange(facemesh.NUM_POINTS), "scalp": np.zeros(0, np.int64), "neck": np.zeros(0, np.int64),
-                 "eyes": eyes, "mouth_interior": np.zeros(0, np.int64)},
-        expression_prior="gaussian")
+        expression_basis=basis.astype(np.float32),
+        expression_names=[f"pca{k:02d}" for k in range(k)],
+        landmark_faces=lmk_faces,
+        landmark_bary=lmk_bary,
+        landmark_ids=np.arange(68),
+        regions={
+            "face": np.arange(facemesh.NUM_POINTS),
+            "scalp": np.zeros(0, np.int64),
+            "neck": np.zeros(0, np.int64),
+            "eyes": eyes,
+            "mouth_interior": np.zeros(0, np.int64),
+        },
+        expression_prior="gaussian",
+    )

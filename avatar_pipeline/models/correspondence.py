@@ -11,6 +11,7 @@ face surface. Every mediapipe point is then embedded at its closest point on the
 Left out: the iris points (they move with the gaze, which the models do not fit) and points farther
 than `max_distance` from the surface (where the two meshes disagree, e.g. beyond the model's face).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,7 @@ def _closest_on_triangles(p: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, n
     d = p - a
     g11, g12, g22 = (e1 * e1).sum(1), (e1 * e2).sum(1), (e2 * e2).sum(1)
     r1, r2 = (d * e1).sum(1), (d * e2).sum(1)
-    det = np.maximum(g11 * g22 - g12 ** 2, 1e-30)
+    det = np.maximum(g11 * g22 - g12**2, 1e-30)
     v = (g22 * r1 - g12 * r2) / det
     w = (g11 * r2 - g12 * r1) / det
     bary = np.stack([1 - v - w, v, w], 1)
@@ -96,9 +97,15 @@ def _closest_on_triangles(p: np.ndarray, tri: np.ndarray) -> tuple[np.ndarray, n
     return best_bary, best_dist
 
 
-def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndarray, num_identity: int = 40,
-                        noise_m: float = 0.002, iterations: int = 6,
-                        max_distance: float = 0.005) -> MediapipeEmbedding:
+def mediapipe_embedding(
+    model: MorphableModel,
+    mp478: np.ndarray,
+    valid: np.ndarray,
+    num_identity: int = 40,
+    noise_m: float = 0.002,
+    iterations: int = 6,
+    max_distance: float = 0.005,
+) -> MediapipeEmbedding:
     """Embed mediapipe's points on `model` from a subject's landmarks (N, 478, 3) (pixels, relative depth)."""
     _, face = aligned_meshes(mp478, valid)
     surface_ids = np.flatnonzero(np.isin(model.faces, model.regions["face"]).all(1))
@@ -125,7 +132,7 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
         # points onto the moved mediapipe points - a ridge regression
         design = (basis[tri] * bary[..., None, None]).sum(1).reshape(-1, ki)  # (3P, K)
         rest = (template[tri] * bary[..., None]).sum(1).reshape(-1)
-        lhs = design.T @ design + noise_m ** 2 * np.eye(ki)
+        lhs = design.T @ design + noise_m**2 * np.eye(ki)
         identity = np.linalg.solve(lhs, design.T @ (target[mesh_points].reshape(-1) - rest))
         vertices = template + basis @ identity
         matched = (vertices[tri] * bary[..., None]).sum(1)
@@ -133,14 +140,22 @@ def mediapipe_embedding(model: MorphableModel, mp478: np.ndarray, valid: np.ndar
     # closest points can pull the face onto a small patch of surface by shrinking it: the 68 shared
     # points fix the size well enough to tell (on real clips the two sizes agree within a few percent)
     if abs(np.log(scale / anchor_scale)) > MAX_SCALE_CHANGE:
-        raise CorrespondenceError(f"the face shrank or grew by {scale / anchor_scale:.2f}x while matching "
-                                  f"mediapipe's mesh to the {model.name} surface")
+        raise CorrespondenceError(
+            f"the face shrank or grew by {scale / anchor_scale:.2f}x while matching "
+            f"mediapipe's mesh to the {model.name} surface"
+        )
     target = scale * face @ rotation + shift
     tri_ids, bary, dist = closest_points(target[mesh_points], vertices, surface)
     close = dist <= max_distance
     if close.sum() < MIN_POINTS:
-        raise CorrespondenceError(f"only {close.sum()} of mediapipe's points lie within {max_distance * 1e3:.0f} mm "
-                                  f"of the {model.name} face surface")
-    return MediapipeEmbedding(point_ids=mesh_points[close], faces=surface_ids[tri_ids[close]], bary=bary[close],
-                              distance_m=dist[close].astype(np.float32), left_out=int(facemesh.NUM_POINTS - close.sum()))
-
+        raise CorrespondenceError(
+            f"only {close.sum()} of mediapipe's points lie within {max_distance * 1e3:.0f} mm "
+            f"of the {model.name} face surface"
+        )
+    return MediapipeEmbedding(
+        point_ids=mesh_points[close],
+        faces=surface_ids[tri_ids[close]],
+        bary=bary[close],
+        distance_m=dist[close].astype(np.float32),
+        left_out=int(facemesh.NUM_POINTS - close.sum()),
+    )

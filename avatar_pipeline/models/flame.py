@@ -7,6 +7,7 @@ classes are replaced by a stand-in that keeps the pickled state, from which the 
 Landmarks: DECA/EMOCA's `landmark_embedding.npy` (`full_lmk_faces_idx`, `full_lmk_bary_coords`: all 68
 points) or RingNet's `flame_static_embedding.pkl` (`lmk_face_idx`, `lmk_b_coords`: iBUG points 17-67).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -59,8 +60,11 @@ def read_pickle(path: Path) -> dict:
 
 def _load_embedding(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.exists():
-        raise InputError(str(path), "FLAME landmark embedding not found",
-                         "set model.flame_landmarks to landmark_embedding.npy (DECA) or flame_static_embedding.pkl")
+        raise InputError(
+            str(path),
+            "FLAME landmark embedding not found",
+            "set model.flame_landmarks to landmark_embedding.npy (DECA) or flame_static_embedding.pkl",
+        )
     if path.suffix == ".npy":
         data = np.load(path, allow_pickle=True, encoding="latin1")
         data = data.item() if data.dtype == object else data
@@ -75,17 +79,24 @@ def _load_embedding(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bary = _array(data["lmk_b_coords"]).reshape(-1, 3).astype(np.float32)
         ids = np.arange(68 - len(faces), 68)  # the static embedding leaves out the jaw line
     else:
-        raise InputError(str(path), "no landmark arrays (full_lmk_faces_idx or lmk_face_idx) in the embedding",
-                         "use DECA's landmark_embedding.npy or RingNet's flame_static_embedding.pkl")
+        raise InputError(
+            str(path),
+            "no landmark arrays (full_lmk_faces_idx or lmk_face_idx) in the embedding",
+            "use DECA's landmark_embedding.npy or RingNet's flame_static_embedding.pkl",
+        )
     return faces, bary, ids
 
 
-def load(model_path: str | Path, landmarks_path: str | Path, num_identity: int = 100,
-         num_expression: int = 50) -> MorphableModel:
+def load(
+    model_path: str | Path, landmarks_path: str | Path, num_identity: int = 100, num_expression: int = 50
+) -> MorphableModel:
     model_path, landmarks_path = Path(model_path), Path(landmarks_path)
     if not model_path.exists():
-        raise InputError(str(model_path), "FLAME model file not found",
-                         "download FLAME (registration required) and set model.flame_path to generic_model.pkl")
+        raise InputError(
+            str(model_path),
+            "FLAME model file not found",
+            "download FLAME (registration required) and set model.flame_path to generic_model.pkl",
+        )
     try:
         raw = read_pickle(model_path)
         template = _array(raw["v_template"]).astype(np.float32)
@@ -96,19 +107,33 @@ def load(model_path: str | Path, landmarks_path: str | Path, num_identity: int =
         weights = _array(raw["weights"]).astype(np.float32)
         parents = _array(raw["kintree_table"])[0].astype(np.int64)
     except (KeyError, ValueError, pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise InputError(str(model_path), f"not a FLAME model pickle ({type(e).__name__}: {e})",
-                         "point model.flame_path at FLAME's generic_model.pkl / flame2023.pkl") from None
+        raise InputError(
+            str(model_path),
+            f"not a FLAME model pickle ({type(e).__name__}: {e})",
+            "point model.flame_path at FLAME's generic_model.pkl / flame2023.pkl",
+        ) from None
     num_vertices = len(template)
     if shapedirs.shape[:2] != (num_vertices, 3) or shapedirs.shape[2] <= NUM_SHAPE:
-        raise InputError(str(model_path), f"shapedirs has shape {shapedirs.shape}, expected ({num_vertices}, 3, 400)",
-                         "use the FLAME 2020 or 2023 model file")
+        raise InputError(
+            str(model_path),
+            f"shapedirs has shape {shapedirs.shape}, expected ({num_vertices}, 3, 400)",
+            "use the FLAME 2020 or 2023 model file",
+        )
     parents[0] = -1
     lmk_faces, lmk_bary, lmk_ids = _load_embedding(landmarks_path)
     if lmk_faces.max() >= len(faces):
-        raise InputError(str(landmarks_path), "landmark triangles beyond the model's faces",
-                         "use the embedding that belongs to this FLAME version")
-    skinning = Skinning(joint_names=JOINT_NAMES[:len(parents)], parents=parents, joint_regressor=regressor,
-                        weights=weights, pose_basis=posedirs)
+        raise InputError(
+            str(landmarks_path),
+            "landmark triangles beyond the model's faces",
+            "use the embedding that belongs to this FLAME version",
+        )
+    skinning = Skinning(
+        joint_names=JOINT_NAMES[: len(parents)],
+        parents=parents,
+        joint_regressor=regressor,
+        weights=weights,
+        pose_basis=posedirs,
+    )
     # FLAME publishes no region list: eyes from the skinning weights, neck below the chin, face in front
     # of the ears; FLAME 2020 has no mouth interior (the mouth is a hole)
     dominant = weights.argmax(1)
@@ -116,14 +141,27 @@ def load(model_path: str | Path, landmarks_path: str | Path, num_identity: int =
     eyes = dominant >= 3
     neck = (template[:, 1] < chin_y) & ~eyes
     front = template[:, 2] > np.percentile(template[:, 2], 55)
-    regions = {"face": np.flatnonzero(front & ~neck & ~eyes), "scalp": np.flatnonzero(~front & ~neck & ~eyes),
-               "neck": np.flatnonzero(neck), "eyes": np.flatnonzero(eyes), "mouth_interior": np.zeros(0, np.int64)}
-    return MorphableModel(name="flame", template=template, faces=faces,
-                          identity_basis=shapedirs[:, :, :min(num_identity, NUM_SHAPE)],
-                          expression_basis=shapedirs[:, :, NUM_SHAPE:NUM_SHAPE + num_expression],
-                          expression_names=[f"exp{k:02d}" for k in range(min(num_expression, shapedirs.shape[2] - NUM_SHAPE))],
-                          landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=lmk_ids,
-                          regions=regions, skinning=skinning, expression_prior="gaussian")
+    regions = {
+        "face": np.flatnonzero(front & ~neck & ~eyes),
+        "scalp": np.flatnonzero(~front & ~neck & ~eyes),
+        "neck": np.flatnonzero(neck),
+        "eyes": np.flatnonzero(eyes),
+        "mouth_interior": np.zeros(0, np.int64),
+    }
+    return MorphableModel(
+        name="flame",
+        template=template,
+        faces=faces,
+        identity_basis=shapedirs[:, :, : min(num_identity, NUM_SHAPE)],
+        expression_basis=shapedirs[:, :, NUM_SHAPE : NUM_SHAPE + num_expression],
+        expression_names=[f"exp{k:02d}" for k in range(min(num_expression, shapedirs.shape[2] - NUM_SHAPE))],
+        landmark_faces=lmk_faces,
+        landmark_bary=lmk_bary,
+        landmark_ids=lmk_ids,
+        regions=regions,
+        skinning=skinning,
+        expression_prior="gaussian",
+    )
 
 
 def axis_angle_to_matrix(aa):
@@ -154,8 +192,12 @@ def skin_vertices(model: MorphableModel, verts, joint_rotations, subset, cache, 
         reg = skin.joint_regressor
         cache[key] = {
             "j_template": torch.as_tensor(reg @ model.template, dtype=torch.float32, device=device),
-            "j_identity": torch.as_tensor(np.einsum("jv,vck->jck", reg, model.identity_basis), dtype=torch.float32, device=device),
-            "j_expression": torch.as_tensor(np.einsum("jv,vck->jck", reg, model.expression_basis), dtype=torch.float32, device=device),
+            "j_identity": torch.as_tensor(
+                np.einsum("jv,vck->jck", reg, model.identity_basis), dtype=torch.float32, device=device
+            ),
+            "j_expression": torch.as_tensor(
+                np.einsum("jv,vck->jck", reg, model.expression_basis), dtype=torch.float32, device=device
+            ),
             "pose_basis": torch.as_tensor(skin.pose_basis, dtype=torch.float32, device=device),
             "weights": torch.as_tensor(skin.weights, dtype=torch.float32, device=device),
         }
@@ -163,9 +205,9 @@ def skin_vertices(model: MorphableModel, verts, joint_rotations, subset, cache, 
     batch = verts.shape[0]
     joints = c["j_template"].expand(batch, -1, -1)
     if identity is not None:
-        joints = joints + torch.einsum("jck,bk->bjc", c["j_identity"][..., :identity.shape[1]], identity)
+        joints = joints + torch.einsum("jck,bk->bjc", c["j_identity"][..., : identity.shape[1]], identity)
     if expression is not None:  # FLAME regresses joints from the shaped mesh, expression included
-        joints = joints + torch.einsum("jck,bk->bjc", c["j_expression"][..., :expression.shape[1]], expression)
+        joints = joints + torch.einsum("jck,bk->bjc", c["j_expression"][..., : expression.shape[1]], expression)
     sel = slice(None) if subset is None else torch.as_tensor(subset, device=device)
     rot = axis_angle_to_matrix(joint_rotations)  # (B, J, 3, 3)
     eye = torch.eye(3, device=device)
@@ -175,8 +217,13 @@ def skin_vertices(model: MorphableModel, verts, joint_rotations, subset, cache, 
     transforms = []
     for j, parent in enumerate(skin.parents.tolist()):
         local_t = joints[:, j] - (joints[:, parent] if parent >= 0 else 0)
-        local = torch.cat([torch.cat([rot[:, j], local_t[..., None]], -1),
-                           torch.tensor([0, 0, 0, 1.0], device=device).expand(batch, 1, 4)], 1)
+        local = torch.cat(
+            [
+                torch.cat([rot[:, j], local_t[..., None]], -1),
+                torch.tensor([0, 0, 0, 1.0], device=device).expand(batch, 1, 4),
+            ],
+            1,
+        )
         transforms.append(local if parent < 0 else transforms[parent] @ local)
     world = torch.stack(transforms, 1)  # (B, J, 4, 4)
     # remove the rest pose: a vertex at rest follows joint j's motion relative to its rest position

@@ -5,6 +5,7 @@ The release is a folder `FaceXModel/` of OBJs (neutral mesh, identity000-099, on
 plus `vertex_indices.json`. `convert()` reads it once - from the folder, or straight from a .tar.xz /
 .tar.gz / .zip of the repository - and the result is cached as one compressed .npz (MorphableModel.save).
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,11 @@ def _iter_release(source: Path) -> Iterator[tuple[str, bytes]]:
                 if "FaceXModel/" in info.filename and not info.is_dir():
                     yield Path(info.filename).name, zf.read(info)
         return
-    raise InputError(str(source), "not a folder or a .tar.xz/.tar.gz/.zip of ICT FaceKit",
-                     "point model.ict_path at the repository folder or its archive")
+    raise InputError(
+        str(source),
+        "not a folder or a .tar.xz/.tar.gz/.zip of ICT FaceKit",
+        "point model.ict_path at the repository folder or its archive",
+    )
 
 
 def check_converted(path: Path) -> MorphableModel:
@@ -85,20 +89,29 @@ def check_converted(path: Path) -> MorphableModel:
     try:
         model = MorphableModel.load(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(str(path), f"not a converted ICT FaceKit model ({e})",
-                         "point model.ict_path at the ICT-FaceKit folder or archive, or at the ict.npz an earlier "
-                         "run wrote in results/_models") from None
+        raise InputError(
+            str(path),
+            f"not a converted ICT FaceKit model ({e})",
+            "point model.ict_path at the ICT-FaceKit folder or archive, or at the ict.npz an earlier "
+            "run wrote in results/_models",
+        ) from None
     if model.name != "ict" or model.template.shape != (NUM_VERTICES, 3):
-        raise InputError(str(path), f"holds the {model.name} model with {len(model.template)} vertices, not ICT FaceKit",
-                         "point model.ict_path at the ICT-FaceKit release or at an ict.npz written by the ict_model rule")
+        raise InputError(
+            str(path),
+            f"holds the {model.name} model with {len(model.template)} vertices, not ICT FaceKit",
+            "point model.ict_path at the ICT-FaceKit release or at an ict.npz written by the ict_model rule",
+        )
     return model
 
 
 def convert(source: str | Path) -> MorphableModel:
     source = Path(source)
     if not source.exists():
-        raise InputError(str(source), "ICT FaceKit release not found",
-                         "run the pipeline's `ict_model` rule to download it, or set model.ict_path")
+        raise InputError(
+            str(source),
+            "ICT FaceKit release not found",
+            "run the pipeline's `ict_model` rule to download it, or set model.ict_path",
+        )
     objs: dict[str, np.ndarray] = {}
     neutral = faces = None
     meta = None
@@ -118,14 +131,20 @@ def convert(source: str | Path) -> MorphableModel:
     expressions = meta["expressions"] if meta else []
     missing += [f"{n}.obj" for n in identities + expressions if n not in objs]
     if missing:
-        raise InputError(str(source), f"not a complete ICT FaceKit release: missing {', '.join(missing[:5])}"
-                         + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""),
-                         "re-download it (the `ict_model` rule) or fix model.ict_path")
+        raise InputError(
+            str(source),
+            f"not a complete ICT FaceKit release: missing {', '.join(missing[:5])}"
+            + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""),
+            "re-download it (the `ict_model` rule) or fix model.ict_path",
+        )
     for name in ["generic_neutral_mesh"] + identities + expressions:
         shape = neutral.shape if name == "generic_neutral_mesh" else objs[name].shape
         if shape != (NUM_VERTICES, 3):
-            raise InputError(str(source), f"{name}.obj has {shape[0]} vertices, expected {NUM_VERTICES}",
-                             "the release is damaged or a different version; re-download it")
+            raise InputError(
+                str(source),
+                f"{name}.obj has {shape[0]} vertices, expected {NUM_VERTICES}",
+                "the release is damaged or a different version; re-download it",
+            )
     identity = np.stack([objs[n] - neutral for n in identities], 2) * CM
     expression = np.stack([objs[n] - neutral for n in expressions], 2) * CM
     lmk_vertices = np.array(meta["idx_to_landmark_verts"], np.int64)
@@ -139,10 +158,19 @@ def convert(source: str | Path) -> MorphableModel:
         "eyes": np.concatenate([_range(a, b) for a, b in EYES]),
         "mouth_interior": np.concatenate([_range(a, b) for a, b in MOUTH]),
     }
-    return MorphableModel(name="ict", template=neutral * CM, faces=faces, identity_basis=identity.astype(np.float32),
-                          expression_basis=expression.astype(np.float32), expression_names=list(expressions),
-                          landmark_faces=lmk_faces, landmark_bary=lmk_bary, landmark_ids=np.arange(68),
-                          regions=regions, expression_prior="unit")
+    return MorphableModel(
+        name="ict",
+        template=neutral * CM,
+        faces=faces,
+        identity_basis=identity.astype(np.float32),
+        expression_basis=expression.astype(np.float32),
+        expression_names=list(expressions),
+        landmark_faces=lmk_faces,
+        landmark_bary=lmk_bary,
+        landmark_ids=np.arange(68),
+        regions=regions,
+        expression_prior="unit",
+    )
 
 
 def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
@@ -154,8 +182,11 @@ def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
         with urllib.request.urlopen(url, timeout=20) as response:
             data = response.read()
     except OSError as e:
-        raise InputError(url, f"download failed ({e})",
-                         "download the ICT-FaceKit repository archive by hand and set model.ict_path to it") from None
+        raise InputError(
+            url,
+            f"download failed ({e})",
+            "download the ICT-FaceKit repository archive by hand and set model.ict_path to it",
+        ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     tmp.write_bytes(data)
@@ -164,6 +195,3 @@ def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
         if not any(m.name.endswith("FaceXModel/vertex_indices.json") for m in tar):
             raise InputError(str(dest), "the downloaded archive has no FaceXModel/", "check the URL or commit")
     return dest
-
-
-

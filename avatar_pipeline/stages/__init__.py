@@ -1,4 +1,5 @@
 """The stages, in DAG order; each module has `run(store, cfg, ...)`."""
+
 from . import background, crop, landmarks, normals, parsing, qa, tracking
 
 STAGES = {

@@ -5,6 +5,7 @@ window; otherwise estimated from the clip: the per-pixel temporal median over th
 that pixel is outside the dilated person matte. Pixels never seen are inpainted and marked in the
 coverage mask. Memory is bounded by `background.max_frames`, whatever the clip length.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,18 +27,23 @@ def crop_plate(plate_path: str | Path, crop_meta: dict) -> np.ndarray:
     """Apply the clip's crop window (with the same black padding) to a full-size plate."""
     img = cv2.imread(str(plate_path), cv2.IMREAD_COLOR)
     if img is None:
-        raise InputError(str(plate_path), "background plate is missing or not a readable image",
-                         "give a PNG/JPEG of the empty scene, or remove the subject's background entry")
+        raise InputError(
+            str(plate_path),
+            "background plate is missing or not a readable image",
+            "give a PNG/JPEG of the empty scene, or remove the subject's background entry",
+        )
     src = crop_meta["source"]
     if img.shape[:2] != (src["height"], src["width"]):
-        raise InputError(str(plate_path),
-                         f"plate is {img.shape[1]}x{img.shape[0]} but the video is {src['width']}x{src['height']}",
-                         "use a plate taken with the same camera framing at the video's resolution")
+        raise InputError(
+            str(plate_path),
+            f"plate is {img.shape[1]}x{img.shape[0]} but the video is {src['width']}x{src['height']}",
+            "use a plate taken with the same camera framing at the video's resolution",
+        )
     rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     w = crop_meta["window"]
     left, top, right, bottom = crop_meta["padding_ltrb"]
     padded = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-    window = padded[w["y0"] + top: w["y0"] + top + w["side"], w["x0"] + left: w["x0"] + left + w["side"]]
+    window = padded[w["y0"] + top : w["y0"] + top + w["side"], w["x0"] + left : w["x0"] + left + w["side"]]
     size = crop_meta["size"]
     interp = cv2.INTER_AREA if size < w["side"] else cv2.INTER_CUBIC
     return cv2.resize(window, (size, size), interpolation=interp)
@@ -48,16 +54,17 @@ def masked_median(stack: np.ndarray, usable: np.ndarray, rows_per_chunk: int = 3
     k, h, w, _ = stack.shape
     out = np.empty((h, w, 3), np.float32)
     for r in range(0, h, rows_per_chunk):
-        chunk = stack[:, r:r + rows_per_chunk].astype(np.float32)
-        chunk[~usable[:, r:r + rows_per_chunk]] = np.nan
+        chunk = stack[:, r : r + rows_per_chunk].astype(np.float32)
+        chunk[~usable[:, r : r + rows_per_chunk]] = np.nan
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels are expected
-            out[r:r + rows_per_chunk] = np.nanmedian(chunk, axis=0)
+            out[r : r + rows_per_chunk] = np.nanmedian(chunk, axis=0)
     return out
 
 
-def estimate(store: cache.SubjectCache, cfg: BackgroundConfig, frame_ids: list[int] | None = None
-             ) -> tuple[np.ndarray, np.ndarray, int]:
+def estimate(
+    store: cache.SubjectCache, cfg: BackgroundConfig, frame_ids: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Median background over `frame_ids` (default: up to max_frames evenly spaced frames).
 
     Returns the RGB background (uint8, inpainted where never seen), the coverage mask and the number
@@ -94,14 +101,21 @@ def run(store: cache.SubjectCache, cfg: BackgroundConfig, plate: str | None = No
         source = "estimated"
     fraction = float(covered.mean())
     if fraction < 0.5:
-        log.warning("background: only %.0f%% of pixels were ever seen without the person; the rest is "
-                    "inpainted. A background plate (subjects.<name>.background) gives a better result.",
-                    100 * fraction)
+        log.warning(
+            "background: only %.0f%% of pixels were ever seen without the person; the rest is "
+            "inpainted. A background plate (subjects.<name>.background) gives a better result.",
+            100 * fraction,
+        )
     with cache.staged_dir(store.stage_dir("background")) as stage:
         cache.write_png(stage / "background.png", background)
         cache.write_png(stage / "coverage.png", covered.astype(np.uint8) * 255)
-        info = {"version": cache.CACHE_VERSION, "source": source, "plate": plate,
-                "covered_fraction": round(fraction, 5), "frames_used": frames_used}
+        info = {
+            "version": cache.CACHE_VERSION,
+            "source": source,
+            "plate": plate,
+            "covered_fraction": round(fraction, 5),
+            "frames_used": frames_used,
+        }
         cache.write_json(stage / "background.json", info)
     log.info("background: %s, %.1f%% of pixels observed, %d frames", source, 100 * fraction, frames_used)
     return info

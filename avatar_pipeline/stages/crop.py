@@ -5,6 +5,7 @@ sized from the median face and placed to contain every detected face box (paddin
 it must extend past the frame). Two decoding passes: a small one to detect faces on every kept
 frame, and one at full resolution in which ffmpeg pads, crops and resizes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,15 +41,25 @@ class CropWindow:
 
     def pads(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) padding needed to keep the window inside the frame."""
-        return (max(0, -self.x0), max(0, -self.y0),
-                max(0, self.x0 + self.side - width), max(0, self.y0 + self.side - height))
+        return (
+            max(0, -self.x0),
+            max(0, -self.y0),
+            max(0, self.x0 + self.side - width),
+            max(0, self.y0 + self.side - height),
+        )
 
     def to_crop(self, box: FaceBox, size: int) -> FaceBox:
         s = size / self.side
         offset = np.array([self.x0, self.y0], np.float32)
         keypoints = (box.keypoints - offset) * s if box.keypoints is not None else None
-        return FaceBox((box.x0 - self.x0) * s, (box.y0 - self.y0) * s, (box.x1 - self.x0) * s,
-                       (box.y1 - self.y0) * s, box.score, keypoints)
+        return FaceBox(
+            (box.x0 - self.x0) * s,
+            (box.y0 - self.y0) * s,
+            (box.x1 - self.x0) * s,
+            (box.y1 - self.y0) * s,
+            box.score,
+            keypoints,
+        )
 
 
 def select_frames(index: int, kept: int, cfg: CropConfig) -> bool:
@@ -161,8 +172,12 @@ def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
             kept_time.append(t)
             sx, sy = info.width / dw, info.height / dh
             to_source = np.array([sx, sy], np.float32)
-            detections.append([FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.keypoints * to_source)
-                               for b in detector.detect(frame)])
+            detections.append(
+                [
+                    FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.keypoints * to_source)
+                    for b in detector.detect(frame)
+                ]
+            )
     video.check_decode(info, report, decoded)
     # showinfo timestamps arrive asynchronously; re-read them now that decoding is over
     if len(report.timestamps) >= decoded:
@@ -181,8 +196,9 @@ def upright_turn(samples: list[np.ndarray], cfg: CropConfig) -> tuple[int, str]:
     The sampled frames are tried in all four orientations. BlazeFace's keypoints tell a face on its
     side (rolled by about 90 degrees) from an upright one, but it places them as if upright on an
     upside-down face too; its confidence is what tells those two apart (0.89-0.96 upright against
-    0.65-0.81 upside down on the shared clips and the demo clip, either way up). So each orientation scores the mean confidence of
-    its upright-looking detections, and a turn must beat the frames as they are by a clear margin."""
+    0.65-0.81 upside down on the shared clips and the demo clip, either way up). So each orientation
+    scores the mean confidence of its upright-looking detections, and a turn must beat the frames as
+    they are by a clear margin."""
     scores = {}
     with FaceDetector(cfg.min_face_confidence) as detector:
         for turn in (0, 90, 180, 270):
@@ -193,13 +209,15 @@ def upright_turn(samples: list[np.ndarray], cfg: CropConfig) -> tuple[int, str]:
                     total += boxes[0].score
             scores[turn] = total / max(1, len(samples))
     best = max(scores, key=scores.get)
-    evidence = (f"mean face confidence over {len(samples)} sampled frames per clockwise turn: "
-                + ", ".join(f"{turn}: {score:.2f}" for turn, score in scores.items()))
+    evidence = f"mean face confidence over {len(samples)} sampled frames per clockwise turn: " + ", ".join(
+        f"{turn}: {score:.2f}" for turn, score in scores.items()
+    )
     return (best if scores[best] > scores[0] + UPRIGHT_MARGIN else 0), evidence
 
 
-def default_split(n: int, valid: list[bool], test_fraction: float, val_fraction: float,
-                  subject: Subject | None) -> dict:
+def default_split(
+    n: int, valid: list[bool], test_fraction: float, val_fraction: float, subject: Subject | None
+) -> dict:
     """Last `test_fraction` of frames as test (the papers' protocol), `val_fraction` before it as val;
     explicit ranges of the subject override. Invalid frames are left out of every split."""
     n_test = int(round(n * test_fraction))
@@ -212,8 +230,11 @@ def default_split(n: int, valid: list[bool], test_fraction: float, val_fraction:
                 ranges[name] = explicit
     for name, (a, b) in ranges.items():
         if a > b or b > n:
-            raise InputError(f"subject {subject.name if subject else '?'} {name} range {a}-{b}",
-                             f"outside the {n} cropped frames", "give ranges within 0-%d (end exclusive)" % n)
+            raise InputError(
+                f"subject {subject.name if subject else '?'} {name} range {a}-{b}",
+                f"outside the {n} cropped frames",
+                "give ranges within 0-%d (end exclusive)" % n,
+            )
     return {name: [i for i in range(a, b) if valid[i]] for name, (a, b) in ranges.items()}
 
 
@@ -222,13 +243,18 @@ def check_split_sizes(split: dict, kept: int, cfg: CropConfig, video_path: str) 
     a warning (returned and logged) when the training frames are few for an avatar."""
     n_train, n_test = len(split["train"]), len(split["test"])
     if n_train < cfg.min_train_frames or n_test < cfg.min_test_frames:
-        raise InputError(video_path, f"too short: {n_train} usable training and {n_test} test frames (of {kept} "
-                         f"kept); an avatar needs at least {cfg.min_train_frames} and {cfg.min_test_frames}",
-                         "use a longer clip (the papers use 1-3 minutes), keep more of its frames (crop.fps, "
-                         "crop.every_nth, crop.max_frames), or lower crop.min_train_frames / crop.min_test_frames")
+        raise InputError(
+            video_path,
+            f"too short: {n_train} usable training and {n_test} test frames (of {kept} "
+            f"kept); an avatar needs at least {cfg.min_train_frames} and {cfg.min_test_frames}",
+            "use a longer clip (the papers use 1-3 minutes), keep more of its frames (crop.fps, "
+            "crop.every_nth, crop.max_frames), or lower crop.min_train_frames / crop.min_test_frames",
+        )
     if n_train < FEW_TRAIN_FRAMES:
-        msg = (f"only {n_train} training frames: an avatar trained on so few will not generalise to new "
-               "expressions and poses (the papers train on thousands)")
+        msg = (
+            f"only {n_train} training frames: an avatar trained on so few will not generalise to new "
+            "expressions and poses (the papers train on thousands)"
+        )
         log.warning("%s: %s", video_path, msg)
         return [msg]
     return []
@@ -238,8 +264,13 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
     info = video.probe(video_path)
     warnings = []
     if info.rotation:
-        log.info("%s: rotation metadata %d deg, frames are rotated to %dx%d", video_path, info.rotation,
-                 info.width, info.height)
+        log.info(
+            "%s: rotation metadata %d deg, frames are rotated to %dx%d",
+            video_path,
+            info.rotation,
+            info.width,
+            info.height,
+        )
     if cfg.rotate != "auto" and int(cfg.rotate):
         info = video.turned(info, int(cfg.rotate))
         log.info("%s: frames turned %s degrees clockwise (crop.rotate)", video_path, cfg.rotate)
@@ -251,24 +282,34 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         log.info("%s: orientation check: %s", video_path, found)
         if turn:
             info = video.turned(info, turn)
-            msg = (f"the face is {'upside down' if turn == 180 else 'on its side'} in the video (rotation metadata "
-                   f"missing or wrong?): frames turned {turn} degrees clockwise to make it upright ({found}); "
-                   "set crop.rotate to a fixed value (0 keeps the frames as they are) to override")
+            msg = (
+                f"the face is {'upside down' if turn == 180 else 'on its side'} in the video (rotation metadata "
+                f"missing or wrong?): frames turned {turn} degrees clockwise to make it upright ({found}); "
+                "set crop.rotate to a fixed value (0 keeps the frames as they are) to override"
+            )
             log.warning("%s: %s", video_path, msg)
             warnings.append(msg)
             kept_index, kept_time, detections, decoded, _ = _detect_pass(info, cfg)
     if not kept_index:
-        raise InputError(str(video_path), f"frame selection kept no frames out of {decoded}",
-                         "check crop.start / crop.end / crop.every_nth / crop.fps / crop.max_frames")
+        raise InputError(
+            str(video_path),
+            f"frame selection kept no frames out of {decoded}",
+            "check crop.start / crop.end / crop.every_nth / crop.fps / crop.max_frames",
+        )
     track = track_main_face(detections)
     boxes = [b for b in track if b is not None]
     if not boxes:
-        raise InputError(str(video_path), f"no face detected in any of {len(kept_index)} frames",
-                         "use a clip showing one face, frontal-ish and not too small; or lower crop.min_face_confidence")
+        raise InputError(
+            str(video_path),
+            f"no face detected in any of {len(kept_index)} frames",
+            "use a clip showing one face, frontal-ish and not too small; or lower crop.min_face_confidence",
+        )
     most = max(len(d) for d in detections)
     if most > 1:
-        msg = (f"several faces detected (up to {most} in one frame): tracking the largest consistent one "
-               f"(median face size {np.median([b.size for b in boxes]):.0f} px)")
+        msg = (
+            f"several faces detected (up to {most} in one frame): tracking the largest consistent one "
+            f"(median face size {np.median([b.size for b in boxes]):.0f} px)"
+        )
         log.warning("%s: %s", video_path, msg)
         warnings.append(msg)
     window = compute_window(boxes, info.width, info.height, cfg)
@@ -283,16 +324,26 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         reason = None
         if box is None:
             reason = "no face detected"
-        elif box.x0 < -0.1 * box.size or box.y0 < -0.1 * box.size or box.x1 > info.width + 0.1 * box.size \
-                or box.y1 > info.height + 0.1 * box.size:
+        elif (
+            box.x0 < -0.1 * box.size
+            or box.y0 < -0.1 * box.size
+            or box.x1 > info.width + 0.1 * box.size
+            or box.y1 > info.height + 0.1 * box.size
+        ):
             reason = "face partly outside the video frame"
         valid.append(reason is None)
         crop_box = window.to_crop(box, cfg.size) if box is not None else None
-        frames_meta.append({"index": out_i, "source_frame": src_i, "time": round(t, 6),
-                            "face_box": crop_box.as_list() if crop_box else None,
-                            "face_score": round(box.score, 4) if box else None,
-                            "face_keypoints": crop_box.keypoints.round(2).tolist() if crop_box else None,
-                            "excluded": reason})
+        frames_meta.append(
+            {
+                "index": out_i,
+                "source_frame": src_i,
+                "time": round(t, 6),
+                "face_box": crop_box.as_list() if crop_box else None,
+                "face_score": round(box.score, 4) if box else None,
+                "face_keypoints": crop_box.keypoints.round(2).tolist() if crop_box else None,
+                "excluded": reason,
+            }
+        )
     n_bad = len(valid) - sum(valid)
     if n_bad:
         msg = f"{n_bad} of {len(valid)} frames have no usable face; they are excluded from the splits"
@@ -319,19 +370,39 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         }
         cache.write_json(stage / "split.json", split)
         cache.write_json(stage / "meta.json", meta)
-    log.info("crop: %d frames at %d px from %s (window x=%d y=%d side=%d); train/val/test = %d/%d/%d",
-             len(kept_index), cfg.size, video_path, window.x0, window.y0, window.side,
-             len(split["train"]), len(split["val"]), len(split["test"]))
+    log.info(
+        "crop: %d frames at %d px from %s (window x=%d y=%d side=%d); train/val/test = %d/%d/%d",
+        len(kept_index),
+        cfg.size,
+        video_path,
+        window.x0,
+        window.y0,
+        window.side,
+        len(split["train"]),
+        len(split["val"]),
+        len(split["test"]),
+    )
     return meta
 
 
-def _write_crops(info: video.VideoInfo, window: CropWindow, kept_index: list[int], cfg: CropConfig,
-                 frames_dir: Path) -> None:
+def _write_crops(
+    info: video.VideoInfo, window: CropWindow, kept_index: list[int], cfg: CropConfig, frames_dir: Path
+) -> None:
     left, top, right, bottom = window.pads(info.width, info.height)
     filters = [("format", {"pix_fmts": "rgb24"})]
     if left or top or right or bottom:
-        filters.append(("pad", {"width": info.width + left + right, "height": info.height + top + bottom,
-                                "x": left, "y": top, "color": "black"}))
+        filters.append(
+            (
+                "pad",
+                {
+                    "width": info.width + left + right,
+                    "height": info.height + top + bottom,
+                    "x": left,
+                    "y": top,
+                    "color": "black",
+                },
+            )
+        )
     filters.append(("crop", (window.side, window.side, window.x0 + left, window.y0 + top)))
     flags = "area" if cfg.size < window.side else "bicubic"
     filters.append(("scale", {"width": cfg.size, "height": cfg.size, "flags": flags}))
@@ -345,5 +416,9 @@ def _write_crops(info: video.VideoInfo, window: CropWindow, kept_index: list[int
                 writer.write(frames_dir / cache.frame_name(out_i), frame.copy())
                 out_i += 1
     if out_i != len(kept_index):
-        raise InputError(info.path, f"second decoding pass gave {out_i} of {len(kept_index)} frames "
-                         "(file changed while reading, or non-deterministic decoding)", "rerun; re-export the clip if it repeats")
+        raise InputError(
+            info.path,
+            f"second decoding pass gave {out_i} of {len(kept_index)} frames "
+            "(file changed while reading, or non-deterministic decoding)",
+            "rerun; re-export the clip if it repeats",
+        )

@@ -4,9 +4,11 @@ Backends:
   mediapipe  the dense mesh and the 68 points derived from it (default, weights ship with the wheel)
   fan        the dense mesh from mediapipe, the 68 points from face-alignment's 2D-FAN (user weights)
 """
+
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 
 from .. import cache, facemesh
@@ -89,13 +91,17 @@ def run(store: cache.SubjectCache, cfg: LandmarksConfig) -> dict:
                     ibug68[i, :, :2] = fan.predict(frame, _box_of(ibug68[i]))
         ibug68 = smooth_valid_runs(ibug68, valid, cfg.smoothing_sigma)
     if len(reasons):
-        log.warning("landmarks: no usable face mesh in %d of %d frames: %s", len(reasons), n,
-                    _summarise(reasons))
+        log.warning("landmarks: no usable face mesh in %d of %d frames: %s", len(reasons), n, _summarise(reasons))
     with cache.staged_dir(store.stage_dir("landmarks")) as stage:
         cache.write_npz(stage / "landmarks.npz", mp478=mp478, ibug68=ibug68, valid=valid)
-        info = {"version": cache.CACHE_VERSION, "backend": cfg.backend, "smoothing_sigma": cfg.smoothing_sigma,
-                "frames": n, "valid_frames": int(valid.sum()),
-                "invalid": {str(k): v for k, v in sorted(reasons.items())}}
+        info = {
+            "version": cache.CACHE_VERSION,
+            "backend": cfg.backend,
+            "smoothing_sigma": cfg.smoothing_sigma,
+            "frames": n,
+            "valid_frames": int(valid.sum()),
+            "invalid": {str(k): v for k, v in sorted(reasons.items())},
+        }
         cache.write_json(stage / "meta.json", info)
     log.info("landmarks: %d/%d frames valid (%s backend)", valid.sum(), n, cfg.backend)
     return info

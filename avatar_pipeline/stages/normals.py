@@ -6,6 +6,7 @@ Backends:
   network  a user-given TorchScript network mapping an RGB image (1, 3, H, W in [0, 1]) to normals
            (1, 3, H, W) in the documented camera frame; masked to the face region of the mesh
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,11 @@ def mesh_normals(mp478: np.ndarray, height: int, width: int) -> tuple[np.ndarray
 class NetworkNormals:
     def __init__(self, weights: str | None):
         if not weights:
-            raise InputError("normals.network_weights", "the network backend needs a TorchScript file",
-                             "set normals.network_weights to your exported model, or use normals.backend: mesh")
+            raise InputError(
+                "normals.network_weights",
+                "the network backend needs a TorchScript file",
+                "set normals.network_weights to your exported model, or use normals.backend: mesh",
+            )
         if not Path(weights).exists():
             raise InputError(weights, "normal network weights not found", "fix normals.network_weights")
         import torch
@@ -56,7 +60,9 @@ class NetworkNormals:
         from ..runtime import torch_device
 
         self.torch, self.device = torch, torch_device()
-        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format these weights ship in
+        with (
+            warnings.catch_warnings()
+        ):  # TorchScript is deprecated in torch 2.13, but it is the format these weights ship in
             warnings.simplefilter("ignore", DeprecationWarning)
             self.model = torch.jit.load(weights, map_location=self.device).eval()
 
@@ -88,11 +94,18 @@ def run(store: cache.SubjectCache, cfg: NormalsConfig) -> dict:
                 facing.append(float(np.mean(values[:, 2] > 0)) if len(values) else 0.0)
             writer.write(stage / "normals" / cache.frame_name(i), rgb)
             writer.write(stage / "mask" / cache.frame_name(i), mask)
-        info = {"version": cache.CACHE_VERSION, "backend": cfg.backend,
-                "convention": "camera space, x right, y up, z toward the camera; RGB = (n + 1) / 2 * 255",
-                "mean_fraction_facing_camera": round(float(np.mean(facing)), 4) if facing else None,
-                "frames_without_normals": [int(i) for i in np.flatnonzero(~lms["valid"])]}
+        info = {
+            "version": cache.CACHE_VERSION,
+            "backend": cfg.backend,
+            "convention": "camera space, x right, y up, z toward the camera; RGB = (n + 1) / 2 * 255",
+            "mean_fraction_facing_camera": round(float(np.mean(facing)), 4) if facing else None,
+            "frames_without_normals": [int(i) for i in np.flatnonzero(~lms["valid"])],
+        }
         cache.write_json(stage / "meta.json", info)
-    log.info("normals: %d frames (%s backend), %.1f%% of face pixels face the camera", n, cfg.backend,
-             100 * (info["mean_fraction_facing_camera"] or 0))
+    log.info(
+        "normals: %d frames (%s backend), %.1f%% of face pixels face the camera",
+        n,
+        cfg.backend,
+        100 * (info["mean_fraction_facing_camera"] or 0),
+    )
     return info

@@ -10,6 +10,7 @@ Backends:
 Class ids follow the order of the widely used BiSeNet face-parsing weights, so that backend needs no
 remapping. l_* / r_* are the subject's own left / right.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,14 +25,53 @@ from ..runtime import progress
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
-           "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat")
+CLASSES = (
+    "background",
+    "skin",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "eye_g",
+    "l_ear",
+    "r_ear",
+    "ear_r",
+    "nose",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "neck",
+    "neck_l",
+    "cloth",
+    "hair",
+    "hat",
+)
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 # display colours (RGB) for overlays
-PALETTE = np.array([
-    (0, 0, 0), (230, 180, 150), (120, 60, 20), (150, 80, 30), (0, 120, 255), (0, 200, 255), (200, 200, 200),
-    (255, 120, 0), (255, 170, 0), (255, 255, 0), (255, 80, 80), (120, 0, 60), (220, 0, 80), (170, 0, 120),
-    (0, 170, 90), (0, 255, 200), (60, 60, 200), (140, 90, 40), (90, 90, 90)], np.uint8)
+PALETTE = np.array(
+    [
+        (0, 0, 0),
+        (230, 180, 150),
+        (120, 60, 20),
+        (150, 80, 30),
+        (0, 120, 255),
+        (0, 200, 255),
+        (200, 200, 200),
+        (255, 120, 0),
+        (255, 170, 0),
+        (255, 255, 0),
+        (255, 80, 80),
+        (120, 0, 60),
+        (220, 0, 80),
+        (170, 0, 120),
+        (0, 170, 90),
+        (0, 255, 200),
+        (60, 60, 200),
+        (140, 90, 40),
+        (90, 90, 90),
+    ],
+    np.uint8,
+)
 
 MATTE_PERSON = 0.5
 
@@ -59,7 +99,9 @@ def labels_from_mesh(mp478: np.ndarray, matte: np.ndarray) -> np.ndarray:
     height = (rel_x * up[0] + rel_y * up[1]) / face_h  # 0 at the chin, 1 at the forehead top
     centre_across = float(np.dot(pts[facemesh.FACE_OVAL, :2].mean(0) - chin, side))
     across = ((rel_x * side[0] + rel_y * side[1]) - centre_across) / face_h  # 0 on the face midline
-    half_width = float(np.linalg.norm(pts[facemesh.LEFT_CHEEK_EDGE, :2] - pts[facemesh.RIGHT_CHEEK_EDGE, :2])) / face_h / 2
+    half_width = (
+        float(np.linalg.norm(pts[facemesh.LEFT_CHEEK_EDGE, :2] - pts[facemesh.RIGHT_CHEEK_EDGE, :2])) / face_h / 2
+    )
 
     oval = np.zeros((h, w), np.uint8)
     _poly(oval, pts[facemesh.FACE_OVAL], 1)
@@ -72,8 +114,13 @@ def labels_from_mesh(mp478: np.ndarray, matte: np.ndarray) -> np.ndarray:
     neck = outside & (height < mouth_level) & (height > -0.55) & (np.abs(across) < half_width * 0.8)
     labels[neck] = CLASS_ID["neck"]
     labels[outside & (height >= mouth_level)] = CLASS_ID["hair"]
-    ear_band = outside & (height > nose_level - 0.05) & (height < brow_level) & \
-        (np.abs(across) > half_width * 0.85) & (np.abs(across) < half_width * 1.25)
+    ear_band = (
+        outside
+        & (height > nose_level - 0.05)
+        & (height < brow_level)
+        & (np.abs(across) > half_width * 0.85)
+        & (np.abs(across) < half_width * 1.25)
+    )
     labels[ear_band & (across > 0)] = CLASS_ID["l_ear"]
     labels[ear_band & (across < 0)] = CLASS_ID["r_ear"]
 
@@ -103,8 +150,11 @@ def run(store: cache.SubjectCache, cfg: ParsingConfig) -> dict:
         from ..parsing_bisenet import BiSeNetParser
 
         bisenet = BiSeNetParser.from_config(cfg)
-    with SelfieSegmenter(landscape=cfg.matte_model == "landscape") as segmenter, \
-            cache.staged_dir(store.stage_dir("parsing")) as stage, cache.PngWriter() as writer:
+    with (
+        SelfieSegmenter(landscape=cfg.matte_model == "landscape") as segmenter,
+        cache.staged_dir(store.stage_dir("parsing")) as stage,
+        cache.PngWriter() as writer,
+    ):
         (stage / "labels").mkdir()
         (stage / "matte").mkdir()
         for i, frame in progress(store.iter_frames(), n, "parsing"):
@@ -118,9 +168,13 @@ def run(store: cache.SubjectCache, cfg: ParsingConfig) -> dict:
             counts += np.bincount(labels.ravel(), minlength=len(CLASSES))
             writer.write(stage / "labels" / cache.frame_name(i), labels)
             writer.write(stage / "matte" / cache.frame_name(i), np.round(matte * 255).astype(np.uint8))
-        info = {"version": cache.CACHE_VERSION, "backend": cfg.backend, "classes": list(CLASSES),
-                "class_fraction": {c: round(float(v) / max(1, counts.sum()), 5) for c, v in zip(CLASSES, counts)},
-                "frames_without_face_classes": [int(i) for i in np.flatnonzero(~lms["valid"])]}
+        info = {
+            "version": cache.CACHE_VERSION,
+            "backend": cfg.backend,
+            "classes": list(CLASSES),
+            "class_fraction": {c: round(float(v) / max(1, counts.sum()), 5) for c, v in zip(CLASSES, counts)},
+            "frames_without_face_classes": [int(i) for i in np.flatnonzero(~lms["valid"])],
+        }
         cache.write_json(stage / "meta.json", info)
     log.info("parsing: %d frames (%s backend)", n, cfg.backend)
     return info

@@ -3,6 +3,7 @@
 Writes a contact sheet (frames x [landmarks | parsing | normals | matte]), a short overlay video,
 summary.json with every stage's warnings and flagged frames, and report.html gathering them.
 """
+
 from __future__ import annotations
 
 import html
@@ -53,7 +54,9 @@ def panels(store: cache.SubjectCache, index: int, lms: dict, panel_size: int) ->
     normal_rgb = cv2.cvtColor(cv2.imread(str(store.normal_path(index))), cv2.COLOR_BGR2RGB)
     normal_mask = store.read_normals(index)[1]
     normal_rgb = cv2.resize(normal_rgb, (panel_size, panel_size), interpolation=cv2.INTER_AREA)
-    nmask = cv2.resize(normal_mask.astype(np.uint8), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)[..., None]
+    nmask = cv2.resize(normal_mask.astype(np.uint8), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)[
+        ..., None
+    ]
     normals = np.where(nmask > 0, normal_rgb, (small * 0.4).astype(np.uint8))
 
     matte = cv2.resize(store.read_matte(index), (panel_size, panel_size))[..., None]
@@ -85,7 +88,10 @@ def summarise(store: cache.SubjectCache) -> dict:
         "landmarks": {"backend": lm_meta["backend"], "valid_frames": lm_meta["valid_frames"]},
         "parsing": {"backend": parsing["backend"], "class_fraction": parsing["class_fraction"]},
         "background": bg,
-        "normals": {"backend": normals["backend"], "mean_fraction_facing_camera": normals["mean_fraction_facing_camera"]},
+        "normals": {
+            "backend": normals["backend"],
+            "mean_fraction_facing_camera": normals["mean_fraction_facing_camera"],
+        },
     }
 
 
@@ -96,9 +102,13 @@ def run(store: cache.SubjectCache, cfg: QAConfig) -> dict:
     sheet_ids = sorted(set(np.linspace(0, n - 1, min(n, cfg.sheet_frames)).round().astype(int).tolist()))
     panel = 192
     with cache.staged_dir(store.stage_dir("qa")) as stage:
-        bg_row = [_label(cv2.resize(store.read_background(), (panel, panel), interpolation=cv2.INTER_AREA), "background"),
-                  _label(cv2.resize((store.read_coverage() * 255).astype(np.uint8), (panel, panel))[..., None]
-                         .repeat(3, 2), "background coverage")]
+        bg_row = [
+            _label(cv2.resize(store.read_background(), (panel, panel), interpolation=cv2.INTER_AREA), "background"),
+            _label(
+                cv2.resize((store.read_coverage() * 255).astype(np.uint8), (panel, panel))[..., None].repeat(3, 2),
+                "background coverage",
+            ),
+        ]
         bg_row += [np.zeros((panel, panel, 3), np.uint8)] * (len(PANELS) - 2)
         rows = [np.concatenate(bg_row, 1)] + [np.concatenate(panels(store, i, lms, panel), 1) for i in sheet_ids]
         cache.write_png(stage / "contact_sheet.png", np.concatenate(rows, 0), compression=6)
@@ -112,27 +122,34 @@ def run(store: cache.SubjectCache, cfg: QAConfig) -> dict:
                 writer.write(np.concatenate([np.concatenate(p[:2], 1), np.concatenate(p[2:], 1)], 0))
         cache.write_json(stage / "summary.json", summary)
         (stage / "report.html").write_text(_report_html(summary), encoding="utf-8")
-    log.info("qa: contact sheet of %d frames, overlay video of %d frames, %d flagged frames",
-             len(sheet_ids), len(video_ids), len(summary["flagged_frames"]))
+    log.info(
+        "qa: contact sheet of %d frames, overlay video of %d frames, %d flagged frames",
+        len(sheet_ids),
+        len(video_ids),
+        len(summary["flagged_frames"]),
+    )
     return summary
 
 
 def _report_html(summary: dict) -> str:
     esc = html.escape
     warn = "".join(f"<li>{esc(w)}</li>" for w in summary["warnings"]) or "<li>none</li>"
-    flagged = "".join(f"<tr><td>{k}</td><td>{esc(v)}</td></tr>" for k, v in summary["flagged_frames"].items()) \
+    flagged = (
+        "".join(f"<tr><td>{k}</td><td>{esc(v)}</td></tr>" for k, v in summary["flagged_frames"].items())
         or "<tr><td colspan=2>none</td></tr>"
+    )
     bg = summary["background"]
-    return f"""<!doctype html><meta charset="utf-8"><title>{esc(summary['subject'])}: preprocessing</title>
+    source, sizes = summary["source"], summary["split_sizes"]
+    return f"""<!doctype html><meta charset="utf-8"><title>{esc(summary["subject"])}: preprocessing</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}td,th{{padding:2px 8px;text-align:left}}</style>
-<h1>{esc(summary['subject'])}: preprocessing</h1>
-<p>{summary['frames']} frames at {summary['size']} px from {esc(summary['source']['path'])}
-({summary['source']['width']}x{summary['source']['height']}, {summary['source']['fps']:.2f} fps, rotation metadata {summary['source']['rotation']}°,
-turned {summary['source'].get('upright_rotation', 0)}° to make the face upright;
-ffmpeg: {esc(summary['ffmpeg'])}). Split train/val/test: {summary['split_sizes']['train']}/{summary['split_sizes']['val']}/{summary['split_sizes']['test']}.</p>
-<p>Landmarks: {esc(summary['landmarks']['backend'])}, {summary['landmarks']['valid_frames']} valid frames.
-Parsing: {esc(summary['parsing']['backend'])}. Normals: {esc(summary['normals']['backend'])}.
-Background: {esc(bg['source'])}, {100 * bg['covered_fraction']:.1f}% of pixels observed (the rest inpainted).</p>
+<h1>{esc(summary["subject"])}: preprocessing</h1>
+<p>{summary["frames"]} frames at {summary["size"]} px from {esc(summary["source"]["path"])}
+({source["width"]}x{source["height"]}, {source["fps"]:.2f} fps, rotation metadata {source["rotation"]}°,
+turned {source.get("upright_rotation", 0)}° to make the face upright;
+ffmpeg: {esc(summary["ffmpeg"])}). Split train/val/test: {sizes["train"]}/{sizes["val"]}/{sizes["test"]}.</p>
+<p>Landmarks: {esc(summary["landmarks"]["backend"])}, {summary["landmarks"]["valid_frames"]} valid frames.
+Parsing: {esc(summary["parsing"]["backend"])}. Normals: {esc(summary["normals"]["backend"])}.
+Background: {esc(bg["source"])}, {100 * bg["covered_fraction"]:.1f}% of pixels observed (the rest inpainted).</p>
 <h2>Warnings</h2><ul>{warn}</ul>
 <h2>Overlay video</h2><video src="overlay.mp4" controls loop muted width="512"></video>
 <h2>Contact sheet</h2><img src="contact_sheet.png" style="max-width:100%">

@@ -8,6 +8,7 @@ topology; for ICT FaceKit and FLAME the points are placed on the model's surface
 Frames without landmarks get no data term; their parameters are interpolated from their neighbours
 (marked `interpolated`) and they stay out of training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,11 +23,18 @@ from .. import cache, raster, video
 from ..config import ModelConfig, TrackingConfig
 from ..models import load_model
 from ..models.base import MorphableModel
-from ..runtime import progress
 from ..models.correspondence import CorrespondenceError, mediapipe_embedding
 from ..render import pick_rasterizer
-from ..tracking import (TrackingError, fit, head_to_camera, ibug68_points, interpolate_invalid, joint_pose,
-                        mediapipe_points)
+from ..runtime import progress
+from ..tracking import (
+    TrackingError,
+    fit,
+    head_to_camera,
+    ibug68_points,
+    interpolate_invalid,
+    joint_pose,
+    mediapipe_points,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +68,10 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     excluded = {int(k) for k in split["excluded"]}
     usable = lms["valid"] & np.array([i not in excluded for i in range(n)])
     if usable.mean() < 0.5:
-        raise TrackingError(f"{store.root}: only {usable.sum()} of {n} frames have usable landmarks; "
-                            "tracking needs most frames (check the QA report of the preprocessing)")
+        raise TrackingError(
+            f"{store.root}: only {usable.sum()} of {n} frames have usable landmarks; "
+            "tracking needs most frames (check the QA report of the preprocessing)"
+        )
     model, warnings = load_model(model_cfg, ict_status, lms)
     for w in warnings:
         log.warning("tracking: %s", w)
@@ -86,15 +96,29 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
         else:
             log.info("tracking: photometric refinement rasterized by %s", why)
         images, masks = _refinement_inputs(store, n, cfg.refine_size)
-    result = fit(model, targets, weights, size, cfg, points=points, progress=report, images=images, masks=masks,
-                 rasterizer=rasterizer)
+    result = fit(
+        model,
+        targets,
+        weights,
+        size,
+        cfg,
+        points=points,
+        progress=report,
+        images=images,
+        masks=masks,
+        rasterizer=rasterizer,
+    )
     bar.close()
-    face_px = np.linalg.norm(np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1)
+    face_px = np.linalg.norm(
+        np.nanmax(lms["ibug68"][usable, :, :2], 1) - np.nanmin(lms["ibug68"][usable, :, :2], 1), axis=1
+    )
     face_px = float(np.median(face_px))
     bad = usable & (result.error_px > cfg.max_error * face_px)
     if bad.sum() > 0.5 * usable.sum():
-        raise TrackingError(f"{store.root}: the fit failed on {bad.sum()} of {usable.sum()} frames "
-                            f"(mean reprojection error {result.error_px[usable].mean():.1f} px); nothing was written")
+        raise TrackingError(
+            f"{store.root}: the fit failed on {bad.sum()} of {usable.sum()} frames "
+            f"(mean reprojection error {result.error_px[usable].mean():.1f} px); nothing was written"
+        )
     fitted = usable & ~bad
     data = {
         "rotation": interpolate_invalid(result.rotation, fitted),
@@ -115,7 +139,9 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     all_frames = np.arange(n)
     tri, bary = model.landmark_vertices()
     uniq, inverse = np.unique(tri, return_inverse=True)
-    lmk_cam = (model_vertices(model, data, all_frames, uniq)[:, inverse.reshape(tri.shape)] * bary[None, ..., None]).sum(2)
+    lmk_cam = (
+        model_vertices(model, data, all_frames, uniq)[:, inverse.reshape(tri.shape)] * bary[None, ..., None]
+    ).sum(2)
     data["landmarks3d"] = lmk_cam.astype(np.float32)
     data["landmarks2d"] = project(lmk_cam, result.focal, size).astype(np.float32)
     data["landmark_ids"] = model.landmark_ids
@@ -123,7 +149,10 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     if embedding is not None:
         data["mediapipe_faces"], data["mediapipe_bary"] = embedding.faces, embedding.bary
     ibug68_error = np.linalg.norm(data["landmarks2d"] - lms["ibug68"][:, model.landmark_ids, :2], axis=-1)[fitted]
-    jitter_fit, jitter_raw = _jitter(data["landmarks2d"], fitted), _jitter(lms["ibug68"][:, model.landmark_ids, :2], fitted)
+    jitter_fit, jitter_raw = (
+        _jitter(data["landmarks2d"], fitted),
+        _jitter(lms["ibug68"][:, model.landmark_ids, :2], fitted),
+    )
 
     with cache.staged_dir(store.stage_dir("tracking")) as stage:
         cache.write_npz(stage / "tracking.npz", **data)
@@ -134,21 +163,39 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
         if cfg.export_meshes:
             _export_meshes(stage / "meshes", model, data)
         info = {
-            "version": cache.CACHE_VERSION, "model": model.name, "warnings": warnings, "fit_landmarks": points.name,
-            "fit_points": len(points.columns), "correspondence": _embedding_summary(embedding),
-            "focal_px": round(result.focal, 2), "image_size": size, "frames": n, "fitted_frames": int(fitted.sum()),
+            "version": cache.CACHE_VERSION,
+            "model": model.name,
+            "warnings": warnings,
+            "fit_landmarks": points.name,
+            "fit_points": len(points.columns),
+            "correspondence": _embedding_summary(embedding),
+            "focal_px": round(result.focal, 2),
+            "image_size": size,
+            "frames": n,
+            "fitted_frames": int(fitted.sum()),
             "interpolated_frames": [int(i) for i in np.flatnonzero(~fitted)],
-            "reprojection_error_px": {"mean": _r(np.nanmean(data["error_px"])), "median": _r(np.nanmedian(data["error_px"])),
-                                      "p95": _r(np.nanpercentile(data["error_px"], 95))},
+            "reprojection_error_px": {
+                "mean": _r(np.nanmean(data["error_px"])),
+                "median": _r(np.nanmedian(data["error_px"])),
+                "p95": _r(np.nanpercentile(data["error_px"], 95)),
+            },
             "reprojection_error_px_at_512": _r(np.nanmean(data["error_px"]) * 512 / size),
             "ibug68_error_px": _r(np.nanmean(ibug68_error)) if ibug68_error.size else None,
             "landmark_jitter_px": {"fitted": _r(jitter_fit), "raw": _r(jitter_raw)},
-            "seconds": round(result.seconds, 2), "iterations": cfg.rigid_iterations + cfg.iterations,
+            "seconds": round(result.seconds, 2),
+            "iterations": cfg.rigid_iterations + cfg.iterations,
             "refinement": result.photometric or "none",
         }
         cache.write_json(stage / "meta.json", info)
-    log.info("tracking: %s model, %d/%d frames fitted, reprojection error %.2f px (mean), focal %.0f px, %.1f s",
-             model.name, fitted.sum(), n, info["reprojection_error_px"]["mean"], result.focal, result.seconds)
+    log.info(
+        "tracking: %s model, %d/%d frames fitted, reprojection error %.2f px (mean), focal %.0f px, %.1f s",
+        model.name,
+        fitted.sum(),
+        n,
+        info["reprojection_error_px"]["mean"],
+        result.focal,
+        result.seconds,
+    )
     return info
 
 
@@ -162,12 +209,19 @@ def _fit_points(model: MorphableModel, cfg: TrackingConfig, lms: dict, usable: n
     try:
         embedding = mediapipe_embedding(model, lms["mp478"], usable)
     except CorrespondenceError as error:
-        warning = f"FALLBACK: mediapipe's points could not be placed on {model.name} ({error}); fitting its 68 landmarks"
+        warning = (
+            f"FALLBACK: mediapipe's points could not be placed on {model.name} ({error}); fitting its 68 landmarks"
+        )
         log.warning("tracking: %s", warning)
         warnings.append(warning)
         return ibug68_points(model, cfg), None
-    log.info("tracking: %d of mediapipe's points placed on %s (median distance to the surface %.2f mm; %d left out)",
-             len(embedding.point_ids), model.name, np.median(embedding.distance_m) * 1e3, embedding.left_out)
+    log.info(
+        "tracking: %d of mediapipe's points placed on %s (median distance to the surface %.2f mm; %d left out)",
+        len(embedding.point_ids),
+        model.name,
+        np.median(embedding.distance_m) * 1e3,
+        embedding.left_out,
+    )
     return mediapipe_points(model, cfg, embedding.faces, embedding.bary, embedding.point_ids), embedding
 
 
@@ -175,8 +229,11 @@ def _embedding_summary(embedding) -> dict | None:
     if embedding is None:
         return None
     mm = embedding.distance_m * 1e3
-    return {"points": len(embedding.point_ids), "left_out": embedding.left_out,
-            "distance_mm": {"median": _r(np.median(mm)), "p95": _r(np.percentile(mm, 95)), "max": _r(mm.max())}}
+    return {
+        "points": len(embedding.point_ids),
+        "left_out": embedding.left_out,
+        "distance_mm": {"median": _r(np.median(mm)), "p95": _r(np.percentile(mm, 95)), "max": _r(mm.max())},
+    }
 
 
 FACE_CLASSES = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "u_lip", "l_lip")
@@ -229,32 +286,61 @@ def _export_nerface(stage: Path, store: cache.SubjectCache, data: dict, model: M
     focal = float(data["focal"])
     c2h = camera_to_head_gl(data["head_to_camera"])
     for name in ("train", "val", "test"):
-        frames = [{
-            "file_path": f"../../crop/frames/{cache.frame_name(i)[:-4]}",
-            "transform_matrix": c2h[i].tolist(),
-            "expression": data["expression"][i].tolist(),
-            "bbox": _head_bbox(model, data, i, size),
-            "frame_index": i,
-        } for i in split[name]]
-        cache.write_json(folder / f"transforms_{name}.json", {
-            "camera_angle_x": 2 * math.atan(size / (2 * focal)),
-            "intrinsics": [focal, focal, 0.5, 0.5],  # fx, fy in pixels; cx, cy as fractions (NeRFace's convention)
-            "frames": frames,
-        })
+        frames = [
+            {
+                "file_path": f"../../crop/frames/{cache.frame_name(i)[:-4]}",
+                "transform_matrix": c2h[i].tolist(),
+                "expression": data["expression"][i].tolist(),
+                "bbox": _head_bbox(model, data, i, size),
+                "frame_index": i,
+            }
+            for i in split[name]
+        ]
+        cache.write_json(
+            folder / f"transforms_{name}.json",
+            {
+                "camera_angle_x": 2 * math.atan(size / (2 * focal)),
+                "intrinsics": [focal, focal, 0.5, 0.5],  # fx, fy in pixels; cx, cy as fractions (NeRFace's convention)
+                "frames": frames,
+            },
+        )
 
 
 def _export_nerfstudio(stage: Path, data: dict, split: dict, size: int):
     focal = float(data["focal"])
     c2h = camera_to_head_gl(data["head_to_camera"])
     which = {i: name for name in ("train", "val", "test") for i in split[name]}
-    frames = [{"file_path": f"../crop/frames/{cache.frame_name(i)}", "transform_matrix": c2h[i].tolist(),
-               "expression": data["expression"][i].tolist(), "split": which[i]} for i in sorted(which)]
-    cache.write_json(stage / "transforms.json", {
-        "camera_model": "OPENCV", "fl_x": focal, "fl_y": focal, "cx": size / 2, "cy": size / 2, "w": size, "h": size,
-        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames})
+    frames = [
+        {
+            "file_path": f"../crop/frames/{cache.frame_name(i)}",
+            "transform_matrix": c2h[i].tolist(),
+            "expression": data["expression"][i].tolist(),
+            "split": which[i],
+        }
+        for i in sorted(which)
+    ]
+    cache.write_json(
+        stage / "transforms.json",
+        {
+            "camera_model": "OPENCV",
+            "fl_x": focal,
+            "fl_y": focal,
+            "cx": size / 2,
+            "cy": size / 2,
+            "w": size,
+            "h": size,
+            "k1": 0.0,
+            "k2": 0.0,
+            "p1": 0.0,
+            "p2": 0.0,
+            "frames": frames,
+        },
+    )
 
 
-def _overlay(path: Path, store: cache.SubjectCache, model: MorphableModel, data: dict, lms: dict, count: int, crop_meta: dict):
+def _overlay(
+    path: Path, store: cache.SubjectCache, model: MorphableModel, data: dict, lms: dict, count: int, crop_meta: dict
+):
     """Shaded fitted mesh (face region) over the frames, with detected (green) and fitted (red) landmarks."""
     n = len(data["rotation"])
     frames = np.linspace(0, n - 1, min(n, count)).round().astype(int)
