@@ -193,23 +193,15 @@ def _dispatch(args) -> int:
         subjects = load_subjects(config, Path(args.config).parent)
         print(f"{args.config}: valid; {len(subjects)} subject(s): {', '.join(subjects) or '(none)'}")
         return 0
-    extra = args.snakemake_args
+    options = workflow_runner.RunOptions(
+        args.config, args.results, args.cores, args.profile, tuple(args.snakemake_args), args.progress_every
+    )
     if args.command == "run":
-        return workflow_runner.run_one(
-            Path(args.video),
-            args.subject,
-            args.background,
-            args.config,
-            args.results,
-            args.cores,
-            args.profile,
-            extra,
-            progress_every=args.progress_every,
-        )
+        return workflow_runner.run_one(Path(args.video), args.subject, args.background, options)
     if args.command == "demo":
-        return workflow_runner.run_demo(args.config, args.results, args.cores, args.profile, extra, args.progress_every)
+        return workflow_runner.run_demo(options)
     if args.command == "workflow":
-        return workflow_runner.run_all(args.config, args.results, args.cores, args.profile, extra, args.progress_every)
+        return workflow_runner.run_all(options)
     raise AssertionError(args.command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import re
@@ -40,6 +41,18 @@ DEMO_CONFIG = {
         }
     },
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How `run`, `demo` and `workflow` call Snakemake: the command-line arguments they share."""
+
+    config: str | None = None  # base config file (default: ./config.yaml, else the repository's)
+    results: str | None = None  # overrides results_dir
+    cores: str = "all"
+    profile: str | None = None  # Snakemake workflow profile folder
+    snakemake_args: tuple[str, ...] = ()  # passed to Snakemake as they are
+    progress_every: float | None = None  # seconds between progress lines; None: live on a terminal; 0: never
 
 
 def repo_root() -> Path:
@@ -113,18 +126,9 @@ def failure_summary(config: dict) -> list[str]:
     return lines
 
 
-def snakemake(
-    configfile: Path,
-    targets: list[str],
-    cores: str,
-    profile: str | None,
-    extra: list[str],
-    report: Path | None = None,
-    progress_every: float | None = None,
-) -> int:
+def snakemake(configfile: Path, targets: list[str], options: RunOptions, report: Path | None = None) -> int:
     """Run Snakemake; its output goes through a RunMonitor, which adds a line with each running job's
-    progress (every `progress_every` seconds; None: live on a terminal, each minute elsewhere; 0: never).
-    On success, say where the report is."""
+    progress. On success, say where the report is."""
     cmd = [
         sys.executable,
         "-m",
@@ -135,24 +139,25 @@ def snakemake(
         str(configfile),
         "--replace-workflow-config",
         "--cores",
-        str(cores),
+        str(options.cores),
         "--rerun-incomplete",
         "--keep-going",
         "--printshellcmds",
     ]
-    if profile:
-        cmd += ["--workflow-profile", profile]
-    cmd += list(extra) + list(targets)
+    if options.profile:
+        cmd += ["--workflow-profile", options.profile]
+    extra = list(options.snakemake_args)
+    cmd += extra + list(targets)
     log.info("running: %s", " ".join(cmd))
     dry_run = "--dry-run" in extra or "-n" in extra
-    if dry_run or progress_every == 0:
+    if dry_run or options.progress_every == 0:
         returncode = subprocess.call(cmd)
     else:
         log.info(
             "each job's full output is in its log file (results/<subject>/logs/); Snakemake's own log, "
             "shell commands included, in .snakemake/log/"
         )
-        monitor = RunMonitor(interval=progress_every).start()
+        monitor = RunMonitor(interval=options.progress_every).start()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
         )
@@ -180,42 +185,26 @@ def _write_overlay(config: dict, results: str, name: str) -> Path:
 
 
 def run_one(
-    video: Path,
-    subject: str | None,
-    background: str | None,
-    config_path: str | None,
-    results: str | None,
-    cores: str,
-    profile: str | None,
-    extra: list[str],
-    overrides: dict | None = None,
-    progress_every: float | None = None,
+    video: Path, subject: str | None, background: str | None, options: RunOptions, overrides: dict | None = None
 ) -> int:
     if not video.exists():
         raise InputError(str(video), "video file does not exist", "check the path (quote it if it has spaces)")
-    config, _ = _base_config(config_path)
+    config, _ = _base_config(options.config)
     name = subject or subject_name_for(video)
     config = deep_merge(config, overrides or {})
     config["subjects"] = {name: {"video": str(video.resolve())}}
     if background:
         config["subjects"][name]["background"] = str(Path(background).resolve())
     config["subjects_sheet"] = None
-    if results:
-        config["results_dir"] = results
+    if options.results:
+        config["results_dir"] = options.results
     load_config(overrides=config)  # validate before Snakemake starts
     overlay = _write_overlay(config, config["results_dir"], name)
     targets = [f"{config['results_dir']}/{name}/report"]
-    return snakemake(overlay, targets, cores, profile, extra, Path(targets[0]) / "index.html", progress_every)
+    return snakemake(overlay, targets, options, Path(targets[0]) / "index.html")
 
 
-def run_demo(
-    config_path: str | None,
-    results: str | None,
-    cores: str,
-    profile: str | None,
-    extra: list[str],
-    progress_every: float | None = None,
-) -> int:
+def run_demo(options: RunOptions) -> int:
     import torch
 
     from .runtime import cpu_info, matmul_gflops
@@ -229,33 +218,15 @@ def run_demo(
         matmul_gflops(),
         bf16,
     )
-    return run_one(
-        builtin_demo_video(),
-        "demo_carphone",
-        None,
-        config_path,
-        results,
-        cores,
-        profile,
-        extra,
-        overrides=DEMO_CONFIG,
-        progress_every=progress_every,
-    )
+    return run_one(builtin_demo_video(), "demo_carphone", None, options, overrides=DEMO_CONFIG)
 
 
-def run_all(
-    config_path: str | None,
-    results: str | None,
-    cores: str,
-    profile: str | None,
-    extra: list[str],
-    progress_every: float | None = None,
-) -> int:
-    config, path = _base_config(config_path)
-    if results:
-        config["results_dir"] = results
+def run_all(options: RunOptions) -> int:
+    config, _ = _base_config(options.config)
+    if options.results:
+        config["results_dir"] = options.results
     overlay = _write_overlay(config, config["results_dir"], "all")
-    return snakemake(overlay, [], cores, profile, extra, Path(config["results_dir"]) / "index.html", progress_every)
+    return snakemake(overlay, [], options, Path(config["results_dir"]) / "index.html")
 
 
 def put_this_environment_first_on_path() -> None:
