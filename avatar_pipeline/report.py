@@ -218,7 +218,7 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
     validation = sorted((folder / "train" / "validation").glob("*.png"))
     if validation:
         parts.append(
-            f"<figure><img src='../avatars/{esc(name)}/train/validation/{validation[-1].name}'>"
+            f"<figure><img src='../avatars/{esc(name)}/train/validation/{validation[-1].name}' width='640'>"
             f"<figcaption>last validation render (ground truth | render)</figcaption></figure>"
         )
     if summary is None:
