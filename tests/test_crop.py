@@ -159,7 +159,8 @@ def test_a_one_frame_video_is_called_a_single_image(images_dir, tmp_path):
 def test_a_three_frame_clip_is_refused_before_anything_is_written(videos_dir, tmp_path):
     clip = tmp_path / "three.mp4"
     ffmpeg("-i", str(videos_dir / "lp_d18.mp4"), "-frames:v", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip))
-    with pytest.raises(InputError, match="too short: 2 usable training and 1 test frames .* at least 10 and 2"):
+    expected = r"too few usable frames: 2 for training and 1 for testing \(3 kept, 3 with a usable face\); .* 10 and 2"
+    with pytest.raises(InputError, match=expected):
         crop.run(cache.SubjectCache(tmp_path, "three"), clip, CropConfig(size=64))
     assert not list((tmp_path / "three").glob("crop*"))
 

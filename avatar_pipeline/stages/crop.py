@@ -238,17 +238,18 @@ def default_split(
     return {name: [i for i in range(a, b) if valid[i]] for name, (a, b) in ranges.items()}
 
 
-def check_split_sizes(split: dict, kept: int, cfg: CropConfig, video_path: str) -> list[str]:
+def check_split_sizes(split: dict, valid: list[bool], cfg: CropConfig, video_path: str) -> list[str]:
     """Refuse a clip with too few usable training or test frames before any later stage spends time on it;
     a warning (returned and logged) when the training frames are few for an avatar."""
     n_train, n_test = len(split["train"]), len(split["test"])
     if n_train < cfg.min_train_frames or n_test < cfg.min_test_frames:
         raise InputError(
             video_path,
-            f"too short: {n_train} usable training and {n_test} test frames (of {kept} "
-            f"kept); an avatar needs at least {cfg.min_train_frames} and {cfg.min_test_frames}",
-            "use a longer clip (the papers use 1-3 minutes), keep more of its frames (crop.fps, "
-            "crop.every_nth, crop.max_frames), or lower crop.min_train_frames / crop.min_test_frames",
+            f"too few usable frames: {n_train} for training and {n_test} for testing ({len(valid)} kept, "
+            f"{sum(valid)} with a usable face); an avatar needs at least {cfg.min_train_frames} and "
+            f"{cfg.min_test_frames}",
+            "use a longer clip with the face in view (the papers use 1-3 minutes), keep more of its frames "
+            "(crop.fps, crop.every_nth, crop.max_frames), or lower crop.min_train_frames / crop.min_test_frames",
         )
     if n_train < FEW_TRAIN_FRAMES:
         msg = (
@@ -350,7 +351,7 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
         log.warning("%s: %s", video_path, msg)
         warnings.append(msg)
     split = default_split(len(valid), valid, cfg.test_fraction, cfg.val_fraction, subject)
-    warnings += check_split_sizes(split, len(valid), cfg, str(video_path))
+    warnings += check_split_sizes(split, valid, cfg, str(video_path))
 
     with cache.staged_dir(store.stage_dir("crop")) as stage:
         (stage / "frames").mkdir()
