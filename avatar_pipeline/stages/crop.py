@@ -148,9 +148,10 @@ def compute_window(boxes: list[FaceBox], width: int, height: int, cfg: CropConfi
     return CropWindow(place(cx, bx0, bx1, width), place(cy, by0, by1, height), side)
 
 
-def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
+def _detect_pass(info: video.VideoInfo, cfg: CropConfig, detector: FaceDetector):
     """Decode small frames, select the frames to keep, detect faces on each kept frame. Also returns a
-    few of the kept small frames, spread over the clip, for the orientation check."""
+    few of the kept small frames, spread over the clip, for the orientation check, as (position among
+    the kept frames, frame)."""
     scale = min(1.0, cfg.detect_max_side / max(info.width, info.height))
     dw, dh = max(2, int(round(info.width * scale / 2)) * 2), max(2, int(round(info.height * scale / 2)) * 2)
     report = video.DecodeReport()
@@ -159,25 +160,24 @@ def _detect_pass(info: video.VideoInfo, cfg: CropConfig):
     sample_every = max(1, expected // ORIENTATION_SAMPLES)
     fps_selector = _FpsSelector(cfg.fps)
     decoded = 0
-    with FaceDetector(cfg.min_face_confidence) as detector:
-        frames = video.iter_frames(info, [("scale", (dw, dh))], (dw, dh), report)
-        for i, frame in enumerate(progress(frames, info.expected_frames, "crop: detect faces")):
-            decoded += 1
-            t = report.timestamps[i] if i < len(report.timestamps) else i / (info.fps or 25.0)
-            if not select_frames(i, len(kept_index), cfg) or not fps_selector.keep(t):
-                continue
-            if len(kept_index) % sample_every == 0 and len(samples) < ORIENTATION_SAMPLES:
-                samples.append(frame.copy())
-            kept_index.append(i)
-            kept_time.append(t)
-            sx, sy = info.width / dw, info.height / dh
-            to_source = np.array([sx, sy], np.float32)
-            detections.append(
-                [
-                    FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.keypoints * to_source)
-                    for b in detector.detect(frame)
-                ]
-            )
+    frames = video.iter_frames(info, [("scale", (dw, dh))], (dw, dh), report)
+    for i, frame in enumerate(progress(frames, info.expected_frames, "crop: detect faces")):
+        decoded += 1
+        t = report.timestamps[i] if i < len(report.timestamps) else i / (info.fps or 25.0)
+        if not select_frames(i, len(kept_index), cfg) or not fps_selector.keep(t):
+            continue
+        if len(kept_index) % sample_every == 0 and len(samples) < ORIENTATION_SAMPLES:
+            samples.append((len(kept_index), frame.copy()))
+        kept_index.append(i)
+        kept_time.append(t)
+        sx, sy = info.width / dw, info.height / dh
+        to_source = np.array([sx, sy], np.float32)
+        detections.append(
+            [
+                FaceBox(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy, b.score, b.keypoints * to_source)
+                for b in detector.detect(frame)
+            ]
+        )
     video.check_decode(info, report, decoded)
     # showinfo timestamps arrive asynchronously; re-read them now that decoding is over
     if len(report.timestamps) >= decoded:
@@ -190,7 +190,9 @@ def _turn_from_upright(roll: float) -> float:
     return min(roll % 360, 360 - roll % 360)
 
 
-def upright_turn(samples: list[np.ndarray], cfg: CropConfig) -> tuple[int, str]:
+def upright_turn(
+    samples: list[tuple[int, np.ndarray]], detections: list[list[FaceBox]], detector: FaceDetector
+) -> tuple[int, str]:
     """Clockwise turn (0, 90, 180 or 270) that makes the face upright, and the evidence.
 
     The sampled frames are tried in all four orientations. BlazeFace's keypoints tell a face on its
@@ -198,16 +200,20 @@ def upright_turn(samples: list[np.ndarray], cfg: CropConfig) -> tuple[int, str]:
     upside-down face too; its confidence is what tells those two apart (0.89-0.96 upright against
     0.65-0.81 upside down on the shared clips and the demo clip, either way up). So each orientation
     scores the mean confidence of its upright-looking detections, and a turn must beat the frames as
-    they are by a clear margin."""
+    they are by a clear margin. The frames as they are were detected already, in the detection pass
+    (`detections`, by position among the kept frames)."""
     scores = {}
-    with FaceDetector(cfg.min_face_confidence) as detector:
-        for turn in (0, 90, 180, 270):
-            total = 0.0
-            for frame in samples:
-                boxes = detector.detect(np.ascontiguousarray(np.rot90(frame, -turn // 90)))
-                if boxes and boxes[0].roll is not None and _turn_from_upright(boxes[0].roll) <= 30:
-                    total += boxes[0].score
-            scores[turn] = total / max(1, len(samples))
+    for turn in (0, 90, 180, 270):
+        total = 0.0
+        for position, frame in samples:
+            boxes = (
+                detections[position]
+                if turn == 0
+                else detector.detect(np.ascontiguousarray(np.rot90(frame, -turn // 90)))
+            )
+            if boxes and boxes[0].roll is not None and _turn_from_upright(boxes[0].roll) <= 30:
+                total += boxes[0].score
+        scores[turn] = total / max(1, len(samples))
     best = max(scores, key=scores.get)
     evidence = f"mean face confidence over {len(samples)} sampled frames per clockwise turn: " + ", ".join(
         f"{turn}: {score:.2f}" for turn, score in scores.items()
@@ -275,22 +281,23 @@ def run(store: cache.SubjectCache, video_path: str | Path, cfg: CropConfig, subj
     if cfg.rotate != "auto" and int(cfg.rotate):
         info = video.turned(info, int(cfg.rotate))
         log.info("%s: frames turned %s degrees clockwise (crop.rotate)", video_path, cfg.rotate)
-    kept_index, kept_time, detections, decoded, samples = _detect_pass(info, cfg)
-    if decoded == 1:
-        raise video.single_image_error(video_path, "a single frame")
-    if cfg.rotate == "auto":
-        turn, found = upright_turn(samples, cfg)
-        log.info("%s: orientation check: %s", video_path, found)
-        if turn:
-            info = video.turned(info, turn)
-            msg = (
-                f"the face is {'upside down' if turn == 180 else 'on its side'} in the video (rotation metadata "
-                f"missing or wrong?): frames turned {turn} degrees clockwise to make it upright ({found}); "
-                "set crop.rotate to a fixed value (0 keeps the frames as they are) to override"
-            )
-            log.warning("%s: %s", video_path, msg)
-            warnings.append(msg)
-            kept_index, kept_time, detections, decoded, _ = _detect_pass(info, cfg)
+    with FaceDetector(cfg.min_face_confidence) as detector:  # one detector for every pass of the stage
+        kept_index, kept_time, detections, decoded, samples = _detect_pass(info, cfg, detector)
+        if decoded == 1:
+            raise video.single_image_error(video_path, "a single frame")
+        if cfg.rotate == "auto":
+            turn, found = upright_turn(samples, detections, detector)
+            log.info("%s: orientation check: %s", video_path, found)
+            if turn:
+                info = video.turned(info, turn)
+                msg = (
+                    f"the face is {'upside down' if turn == 180 else 'on its side'} in the video (rotation "
+                    f"metadata missing or wrong?): frames turned {turn} degrees clockwise to make it upright "
+                    f"({found}); set crop.rotate to a fixed value (0 keeps the frames as they are) to override"
+                )
+                log.warning("%s: %s", video_path, msg)
+                warnings.append(msg)
+                kept_index, kept_time, detections, decoded, _ = _detect_pass(info, cfg, detector)
     if not kept_index:
         raise InputError(
             str(video_path),
