@@ -45,7 +45,6 @@ class Bar:
     desc: str
     n: int
     total: int | None
-    elapsed: str
     left: str | None
     postfix: dict[str, str]
 
@@ -80,7 +79,7 @@ def last_bar(text: str) -> Bar | None:
             m = matches[-1]
             postfix = dict(re.findall(r"(\w+)=([^,\s]+)", m.group("rest")))
             total = int(m.group("total")) if m.group("total") else None
-            return Bar(m.group("desc").strip(), int(m.group("n")), total, m.group("elapsed"), m.group("left"), postfix)
+            return Bar(m.group("desc").strip(), int(m.group("n")), total, m.group("left"), postfix)
     return None
 
 

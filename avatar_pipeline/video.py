@@ -115,7 +115,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     _check_file(path)
     tools = ffmpeg_tools()
     info = _probe_ffprobe(path, tools.ffprobe) if tools.ffprobe else _probe_ffmpeg_stderr(path, tools.ffmpeg)
-    if any(info.container == kind or info.container.endswith(kind) for kind in _STILL_IMAGE_CONTAINERS):
+    if info.container.endswith(_STILL_IMAGE_CONTAINERS):
         raise single_image_error(path, f"a still {info.codec} image ({info.width}x{info.height})")
     return info
 
