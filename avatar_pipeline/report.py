@@ -93,6 +93,13 @@ def _video(rel: str, caption: str, width: int = 480) -> str:
     )
 
 
+def _unavailable_metrics(summary: dict) -> list[str]:
+    """The optional metrics an evaluation could not compute, each with its reason (metrics.json says it)."""
+    return [
+        f"{key.upper()} unavailable: {summary[key]}" for key in ("lpips", "csim") if not summary.get(f"{key}_available")
+    ]
+
+
 def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: dict) -> str:
     """The top of a subject's page: what ran, what fell back or warned and why, and each avatar's
     headline test metrics side by side."""
@@ -131,9 +138,7 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
         if summary is None:
             notes.append((f"avatar {name}", "not evaluated"))
             continue
-        for key in ("lpips", "csim"):
-            if not summary.get(f"{key}_available"):
-                notes.append((f"avatar {name}", f"{key.upper()} unavailable: {summary[key]}"))
+        notes += [(f"avatar {name}", text) for text in _unavailable_metrics(summary)]
         values = summary["protocols"][summary["headline_protocol"]]
         cells = "".join(
             f"<td>{values[k]:.4g}</td>" if values.get(k) is not None else "<td>n/a</td>"
@@ -229,9 +234,7 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
         f"<p>headline: <b>{esc(summary['headline_protocol'])}</b> latent codes. "
         f"MS-SSIM over {summary['ms_ssim_scales']} scale(s).</p>"
     )
-    for key in ("lpips", "csim"):
-        if not summary.get(f"{key}_available"):
-            parts.append(f"<p class='warn'>{key.upper()} unavailable: {esc(summary[key])}</p>")
+    parts += [f"<p class='warn'>{esc(text)}</p>" for text in _unavailable_metrics(summary)]
     rel = f"../avatars/{name}/eval"
     parts.append(_video(f"{rel}/test.mp4", "test frames: ground truth | render | error x4", width=1080))
     for video, caption in (
