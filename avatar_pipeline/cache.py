@@ -39,18 +39,22 @@
                                  (over the fitted points); fit_point_ids (mediapipe or iBUG indices fitted);
                                  mediapipe_faces / mediapipe_bary (their place on ICT / FLAME); fitted /
                                  interpolated flags
+        model.npz                the morphable model as fitted (models.base.MorphableModel.save: template,
+                                 bases, faces, UVs when the model has them, region vertex sets), so an
+                                 avatar needs nothing but this folder
         meta.json                model, fallback warnings, fitted points, reprojection error, jitter, time
         nerface/transforms_{train,val,test}.json   NeRFace's format (camera-to-head, OpenGL camera)
         transforms.json          nerfstudio-style (OPENCV intrinsics, camera-to-head transforms)
         overlay.mp4              fitted mesh over the frames
         meshes/000000.obj        with tracking.export_meshes
       avatars/{name}/            one folder per configured avatar (config `avatars`), all reading the caches above
-        train/checkpoint.pt      renderer, latent codes, optimiser and RNG state, step (written atomically;
-                                 not a Snakemake output, so a killed job resumes from it)
-        train/log.csv            step, loss, psnr_fine, learning_rate, seconds, val_psnr
+        train/checkpoint.pt      model, optimiser and RNG states, phase and step (written atomically; not a
+                                 Snakemake output, so a killed job resumes from it)
+        train/log.csv            step, phase, loss, psnr, learning_rate, seconds, val_psnr, loss_<term>...
         train/validation/        ground truth | render of a held-out frame at intervals
-        train/done.json          written when training finished: steps, seconds, device, precision, settings
-        eval/                    rule `avatar_eval` (see avatars/evaluate_nerface.py): metrics_<protocol>.csv,
+        train/done.json          written when training finished: method, steps, seconds, device, precision,
+                                 matrix-product throughput, settings
+        eval/                    rule `avatar_eval` (see avatars/evaluation.py): metrics_<protocol>.csv,
                                  metrics.json, test/*.png, test.mp4, orbit.mp4, sweep.mp4, reenact.mp4
       report/index.html          rule `report`: everything above a person wants to look at
     results/index.html, metrics.csv      rule `index`: all subjects and avatars
@@ -66,6 +70,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -79,7 +85,51 @@ import numpy as np
 from .errors import CacheError
 
 STAGES = ("crop", "landmarks", "parsing", "background", "normals", "qa", "tracking")
-CACHE_VERSION = 1
+# part of every rule's code version: raising it reruns every stage (do so when a format below changes)
+CACHE_VERSION = 2
+
+# parsing label ids: CelebAMask-HQ's 19 classes in the order of the widely used BiSeNet face-parsing
+# weights (so that backend needs no remapping); l_* / r_* are the subject's own left / right
+PARSING_CLASSES = (
+    "background",
+    "skin",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "eye_g",
+    "l_ear",
+    "r_ear",
+    "ear_r",
+    "nose",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "neck",
+    "neck_l",
+    "cloth",
+    "hair",
+    "hat",
+)
+PARSING_CLASS_ID = {name: i for i, name in enumerate(PARSING_CLASSES)}
+# the head mask of the metric protocol: every parsed class but these (face, hair, ears, neck, hat stay)
+NOT_HEAD_CLASSES = ("background", "cloth")
+
+# tracking.npz: the arrays every reader may rely on (the format is in the module docstring)
+TRACKING_ARRAYS = (
+    "rotation",
+    "translation",
+    "head_to_camera",
+    "expression",
+    "identity",
+    "focal",
+    "image_size",
+    "fitted",
+    "model",
+    "expression_names",
+)
+# the avatars' training log: these columns, then one `loss_<term>` column per loss term of the method
+TRAINING_LOG_FIELDS = ("step", "phase", "loss", "psnr", "learning_rate", "seconds", "val_psnr")
 
 
 def frame_name(index: int) -> str:
@@ -147,6 +197,11 @@ class SubjectCache:
         """Soft matte in [0, 1], float32."""
         return read_png(self.matte_path(index), "parsing", color=False).astype(np.float32) / 255.0
 
+    def read_head_mask(self, index: int) -> np.ndarray:
+        """Where the parsing found the head (face, hair, ears, neck): the metric protocol's mask, bool."""
+        not_head = [PARSING_CLASS_ID[c] for c in NOT_HEAD_CLASSES]
+        return ~np.isin(self.read_labels(index), not_head)
+
     # --- background -----------------------------------------------------------------------
     def read_background(self) -> np.ndarray:
         return read_png(self.stage_dir("background") / "background.png", "background", color=True)
@@ -166,6 +221,116 @@ class SubjectCache:
         rgb = read_png(self.normal_path(index), "normals", color=True)
         mask = read_png(self.normal_mask_path(index), "normals", color=False) > 127
         return decode_normals(rgb), mask
+
+    # --- tracking -------------------------------------------------------------------------
+    def tracking(self) -> dict[str, np.ndarray]:
+        return read_npz(self.stage_dir("tracking") / "tracking.npz", "tracking", TRACKING_ARRAYS)
+
+    def tracked_model(self):
+        """The morphable model the subject was tracked with (a MorphableModel), as tracking saved it."""
+        from .models.base import MorphableModel
+
+        path = self.stage_dir("tracking") / "model.npz"
+        if not path.exists():
+            raise CacheError(path, "missing (the tracking stage writes it since cache version 2)", "tracking")
+        return MorphableModel.load(path)
+
+    # --- avatars --------------------------------------------------------------------------
+    def training_dir(self, avatar: str) -> Path:
+        return self.avatar_dir(avatar) / "train"
+
+    def evaluation_dir(self, avatar: str) -> Path:
+        return self.avatar_dir(avatar) / "eval"
+
+    def training_summary(self, avatar: str) -> dict | None:
+        """done.json of a finished training, or None."""
+        return read_optional_json(self.training_dir(avatar) / DONE_FILE)
+
+    def evaluation_summary(self, avatar: str) -> dict | None:
+        """metrics.json of an evaluation, or None."""
+        return read_optional_json(self.evaluation_dir(avatar) / METRICS_FILE)
+
+
+def write_tracking(folder: Path, data: dict[str, np.ndarray]) -> None:
+    missing = [k for k in TRACKING_ARRAYS if k not in data]
+    if missing:
+        raise ValueError(f"tracking data lacks {missing}")
+    write_npz(folder / "tracking.npz", **data)
+
+
+def write_tracked_model(folder: Path, model) -> None:
+    """The fitted morphable model (template, bases, faces, UVs when it has them, regions) beside tracking.npz."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp.npz")
+    os.close(fd)
+    model.save(tmp)
+    os.replace(tmp, folder / "model.npz")
+
+
+# --- avatar outputs: done.json, metrics.json, log.csv, per-frame metrics ------------------------
+DONE_FILE = "done.json"  # a finished training's summary; its presence is what Snakemake waits for
+METRICS_FILE = "metrics.json"  # an evaluation's summary
+
+
+def write_training_summary(train_dir: Path, summary: dict) -> None:
+    write_json(train_dir / DONE_FILE, summary)
+
+
+def write_evaluation_summary(eval_dir: Path, summary: dict) -> None:
+    write_json(eval_dir / METRICS_FILE, summary)
+
+
+def read_optional_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (for reports of partial runs)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_log_fields(loss_terms: Iterable[str]) -> list[str]:
+    return list(TRAINING_LOG_FIELDS) + [f"loss_{term}" for term in loss_terms]
+
+
+def read_training_log(path: Path) -> list[dict]:
+    """Rows of log.csv as dicts of strings ([] when there is none)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def open_training_log(path: Path, fields: list[str], resume_step: int):
+    """log.csv opened for appending rows after `resume_step`: rows past it (a killed run logs steps after
+    its last checkpoint, or half a row, since rows reach the disk in buffer-sized pieces) are dropped, and
+    a fresh run starts a new file with the header. Returns (file, csv writer)."""
+    kept = []
+    if resume_step > 0:
+        for row in read_training_log(path):
+            try:
+                complete = int(row["step"]) == len(kept) + 1 and row.get(fields[-1]) is not None
+            except (TypeError, ValueError, KeyError):
+                complete = False
+            if not complete or int(row["step"]) > resume_step:
+                break
+            kept.append(row)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+    f = open(path, "a", newline="")
+    return f, csv.writer(f, lineterminator="\n")
+
+
+def write_frame_metrics(path: Path, rows: list[dict]) -> None:
+    """Per-frame metrics (one row per test frame) as CSV, atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text.getvalue())
+    os.replace(tmp, path)
 
 
 # --- formats -----------------------------------------------------------------------------------

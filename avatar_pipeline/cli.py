@@ -146,14 +146,18 @@ def _dispatch(args) -> int:
         section = validate_config({"avatars": {args.avatar: json.loads(args.settings)}}, "--settings")["avatars"][
             args.avatar
         ]
-        method, cfg = avatar_method(section)
+        spec, cfg = avatar_method(section)
         store = cache.SubjectCache(args.results, args.subject)
         if args.command == "avatar-train":
-            method.train(store, cfg, store.avatar_dir(args.avatar) / "train")
+            from .avatars.trainer import train
+
+            train(spec, store, cfg, store.training_dir(args.avatar))
         else:
+            from .avatars.evaluation import evaluate
+
             driver = cache.SubjectCache(args.results, args.driver) if args.driver else None
-            with cache.staged_dir(store.avatar_dir(args.avatar) / "eval") as out:
-                method.evaluate(store, cfg, store.avatar_dir(args.avatar) / "train", out, driver)
+            with cache.staged_dir(store.evaluation_dir(args.avatar)) as out:
+                evaluate(spec, store, cfg, store.training_dir(args.avatar), out, driver)
         return 0
     if args.command in ("report", "index"):
         from . import report

@@ -1,6 +1,6 @@
 """Face parsing with BiSeNet (ResNet-18 context path, feature fusion) for user-given CelebAMask-HQ weights,
 e.g. the widely used `79999_iter.pth`. Parameter names follow that checkpoint's layout so it loads
-strictly; its 19 output classes are parsing.CLASSES in the same order."""
+strictly; its 19 output classes are cache.PARSING_CLASSES in the same order."""
 
 from __future__ import annotations
 

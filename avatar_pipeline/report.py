@@ -25,13 +25,6 @@ video{max-width:100%;height:auto;image-rendering:pixelated}
 esc = html.escape
 
 
-def _load(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def training_curve(log_csv: Path, out_png: Path) -> bool:
     """Loss and PSNR (train, and validation where logged) against steps and wall time."""
     import matplotlib
@@ -39,10 +32,7 @@ def training_curve(log_csv: Path, out_png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not log_csv.exists():
-        return False
-    with open(log_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = cache.read_training_log(log_csv)
     if not rows:
         return False
     steps = [int(r["step"]) for r in rows]
@@ -50,7 +40,12 @@ def training_curve(log_csv: Path, out_png: Path) -> bool:
     ax1.semilogy(steps, [float(r["loss"]) for r in rows], lw=0.5)
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
-    ax2.plot(steps, [float(r["psnr_fine"]) for r in rows], lw=0.3, alpha=0.5, label="train batch PSNR")
+    ax2.plot(steps, [float(r["psnr"]) for r in rows], lw=0.3, alpha=0.5, label="train batch PSNR")
+    for row, previous in zip(rows[1:], rows):  # where a method's next phase starts
+        if row["phase"] != previous["phase"]:
+            for ax in (ax1, ax2):
+                ax.axvline(int(row["step"]), color="grey", lw=0.8, ls="--")
+            ax1.annotate(row["phase"], (int(row["step"]), 1), xycoords=("data", "axes fraction"), fontsize=8)
     val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
     if val:
         ax2.plot(*zip(*val), "o-", label="held-out frame PSNR")
@@ -123,8 +118,7 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
     notes = [("crop", w) for w in qa.get("warnings", [])] + [("tracking", w) for w in tracking.get("warnings", [])]
     rows = []
     for name in avatars:
-        done = _load(store.avatar_dir(name) / "train" / "done.json")
-        summary = _load(store.avatar_dir(name) / "eval" / "metrics.json")
+        done, summary = store.training_summary(name), store.evaluation_summary(name)
         if done is None:
             notes.append((f"avatar {name}", "not trained"))
             continue
@@ -172,8 +166,8 @@ def _summary(store: cache.SubjectCache, avatars: list[str], qa: dict, tracking: 
 
 def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
     """results/{subject}/report/index.html (plus training-curve images), written atomically as one folder."""
-    qa = _load(store.stage_dir("qa") / "summary.json") or {}
-    tracking = _load(store.stage_dir("tracking") / "meta.json") or {}
+    qa = cache.read_optional_json(store.stage_dir("qa") / "summary.json") or {}
+    tracking = cache.read_optional_json(store.stage_dir("tracking") / "meta.json") or {}
     parts = [
         f"<!doctype html><meta charset='utf-8'><title>{esc(store.subject)}</title>{STYLE}",
         f"<h1>{esc(store.subject)}</h1><p><a href='../../index.html'>all subjects</a></p>",
@@ -204,8 +198,7 @@ def subject_report(store: cache.SubjectCache, avatars: list[str]) -> Path:
 
 def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
     folder = store.avatar_dir(name)
-    done = _load(folder / "train" / "done.json")
-    summary = _load(folder / "eval" / "metrics.json")
+    done, summary = store.training_summary(name), store.evaluation_summary(name)
     parts = [f"<h2 id='avatar-{esc(name)}'>Avatar {esc(name)}</h2>"]
     if done is None:
         return parts[0] + "<p class='warn'>not trained</p>"
@@ -254,7 +247,7 @@ def index(results: Path, subjects: list[str], avatars: list[str]) -> Path:
     for subject in subjects:
         store = cache.SubjectCache(results, subject)
         for name in avatars:
-            summary = _load(store.avatar_dir(name) / "eval" / "metrics.json")
+            summary = store.evaluation_summary(name)
             if summary is None:
                 continue
             protocol = summary["headline_protocol"]

@@ -22,8 +22,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "frame") -> Iterator[T]:
-    """A progress bar on stderr; in a log file (not a terminal) it updates every few seconds."""
+def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "frame", initial: int = 0) -> Iterator[T]:
+    """A progress bar on stderr; in a log file (not a terminal) it updates every few seconds. `initial`:
+    the count already done (a resumed run)."""
     interactive = sys.stderr.isatty()
     return tqdm(
         items,
@@ -34,6 +35,7 @@ def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "fram
         dynamic_ncols=True,
         mininterval=0.2 if interactive else 5.0,
         leave=True,
+        initial=initial,
     )
 
 

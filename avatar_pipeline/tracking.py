@@ -1,9 +1,7 @@
 """Landmark-based tracking: one shared identity and focal length, per-frame head pose and expression
 (and jaw/neck rotations where the model has joints), all frames optimised together.
 
-Conventions. Model space: metres, y up, the face looking along +z. Camera space: OpenCV (x right,
-y down, z forward); a model point X maps to R(r) F X + t with F = diag(1, -1, -1), so r = 0 is a face
-looking straight into the camera. Pinhole projection with the principal point at the image centre.
+Camera and rotation conventions: geometry.py.
 """
 
 from __future__ import annotations
@@ -17,12 +15,11 @@ import torch
 from . import facemesh
 from .config import TrackingConfig
 from .errors import PipelineError
+from .geometry import FLIP, axis_angle_to_matrix
 from .models.base import MorphableModel
-from .models.flame import axis_angle_to_matrix
 
 log = logging.getLogger(__name__)
 
-FLIP = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
 JAW_LINE = np.arange(0, 17)  # iBUG jaw contour: slides along the silhouette, trusted less
 
 
@@ -44,15 +41,6 @@ class FitResult:
     seconds: float = 0.0
     loss_history: list = dataclasses.field(default_factory=list)
     photometric: dict | None = None  # before/after figures of the photometric refinement, when run
-
-
-def head_to_camera(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
-    """(N, 4, 4) transforms from model space to OpenCV camera space for axis-angle `rotation` (N, 3)."""
-    rot = axis_angle_to_matrix(torch.as_tensor(rotation, dtype=torch.float32)) @ FLIP
-    out = np.tile(np.eye(4, dtype=np.float32), (len(rotation), 1, 1))
-    out[:, :3, :3] = rot.numpy()
-    out[:, :3, 3] = translation
-    return out
 
 
 @dataclasses.dataclass

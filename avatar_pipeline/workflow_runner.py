@@ -240,30 +240,72 @@ def put_this_environment_first_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def stage_code_version(stage: str, module=None) -> str:
-    """Hash of a stage's source and of the package modules it uses directly: a rule param, so editing
-    the stage's code reruns it (and what depends on it). Shared plumbing (config, cache layout, logging,
-    errors) is left out so that editing it does not rerun every stage of every subject; a change to a
-    cache format bumps cache.CACHE_VERSION instead."""
+# shared plumbing: editing it does not rerun every stage of every subject; a change to a cache format
+# raises cache.CACHE_VERSION instead, which is part of every code version
+PLUMBING = ("config", "cache", "runtime", "errors", "workflow_runner", "run_monitor", "cli")
+
+
+def package_imports(module_name: str) -> set[str]:
+    """The package modules `module_name` imports, at the top or inside functions, read from its source."""
+    import ast
+
+    spec = _find_spec_safe(module_name)
+    tree = ast.parse(Path(spec.origin).read_text())
+    package = module_name if spec.submodule_search_locations else module_name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")
+                parent = parent[: len(parent) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            # `from . import x` imports submodule x; `from .m import f` imports module m
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == __package__ and _find_spec_safe(name) is not None:
+                found.add(name)
+    return found
+
+
+def _find_spec_safe(name: str):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def code_version(*module_names: str) -> str:
+    """Hash of the sources of the modules and of every package module they import, transitively (shared
+    plumbing left out), plus cache.CACHE_VERSION: a rule param, so editing any code a rule runs reruns it
+    and what depends on it."""
     import hashlib
-    import inspect
-    import sys
+    import importlib.util
 
-    from . import stages
+    from .cache import CACHE_VERSION
 
-    module = module or stages.STAGES[stage]
-    plumbing = {f"{__package__}.{name}" for name in ("config", "cache", "runtime", "errors")}
-    used = {module.__name__}
-    for value in vars(module).values():
-        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-        if (
-            isinstance(name, str)
-            and name.startswith(__package__ + ".")
-            and name in sys.modules
-            and name not in plumbing
-        ):
-            used.add(name)
-    digest = hashlib.sha256()
-    for name in sorted(used):
-        digest.update(Path(sys.modules[name].__file__).read_bytes())
+    plumbing = {f"{__package__}.{name}" for name in PLUMBING}
+    seen: set[str] = set()
+    todo = list(module_names)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in plumbing:
+            continue
+        seen.add(name)
+        todo.extend(package_imports(name) - seen)
+    digest = hashlib.sha256(f"cache {CACHE_VERSION}".encode())
+    for name in sorted(seen):
+        digest.update(name.encode())
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def stage_code_version(stage: str) -> str:
+    """code_version of a preprocessing or tracking stage's module."""
+    return code_version(f"{__package__}.stages.{stage}")

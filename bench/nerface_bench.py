@@ -23,7 +23,6 @@ time-to-PSNR measured the same way.
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -37,8 +36,9 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "bench" / "results"
 
-from avatar_pipeline.avatars.nerface import NeRFaceRenderer  # noqa: E402
-from avatar_pipeline.avatars.nerface_config import nerface_config  # noqa: E402
+from avatar_pipeline import cache  # noqa: E402
+from avatar_pipeline.avatars import find  # noqa: E402
+from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 
 THRESHOLDS = (24.0, 26.0, 27.0, 28.0, 29.0)
@@ -46,7 +46,7 @@ PAPER_MINUTES = 60.0
 
 
 def step_seconds(preset: str, precision: str, repeats: int) -> float:
-    cfg = nerface_config({"preset": preset, "precision": precision})
+    cfg = find("nerface").config_from({"preset": preset, "precision": precision})
     torch.manual_seed(0)
     renderer = NeRFaceRenderer(cfg.field(53), cfg.coarse_samples, cfg.fine_samples, precision, cfg.chunk_samples)
     optimizer = torch.optim.Adam(renderer.parameters(), lr=cfg.learning_rate)
@@ -142,9 +142,8 @@ def run_workflow(config_path: Path, targets: list[str]) -> int:
 
 def training_curve(train_dir: Path) -> dict:
     """Steps, time per step and the held-out frame's PSNR over time of a finished training run."""
-    done = json.loads((train_dir / "done.json").read_text())
-    with open(train_dir / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    done = cache.read_json(train_dir / cache.DONE_FILE, "avatar_train")
+    rows = cache.read_training_log(train_dir / "log.csv")
     validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
     reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
     return {
@@ -249,9 +248,8 @@ def collect(figures: dict, work: Path, names: list[str]) -> None:
         tracking_meta = work / "results" / name / "tracking" / "meta.json"
         if tracking_meta.exists():  # avatars of the same clip differ with the landmark set tracked
             entry["tracking_fit_points"] = json.loads(tracking_meta.read_text()).get("fit_points")
-        metrics_path = folder / "eval" / "metrics.json"
-        if metrics_path.exists():
-            metrics = json.loads(metrics_path.read_text())
+        metrics = cache.read_optional_json(folder / "eval" / cache.METRICS_FILE)
+        if metrics is not None:
             entry.update(
                 {
                     "test_frames": len(metrics["test_frames"]),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatar_pipeline import cache
+from avatar_pipeline.avatars import find
 from avatar_pipeline.config import BackgroundConfig, CropConfig, LandmarksConfig, NormalsConfig, ParsingConfig, QAConfig
 from avatar_pipeline.video import ffmpeg_tools
 
@@ -120,26 +121,8 @@ E2E_CONFIG = {
     "qa": {"sheet_frames": 3, "video_frames": 10},
     "background": {"max_frames": 20},
 }
-TINY_AVATAR = {
-    "method": "nerface",
-    "preset": "fast",
-    "size": 32,
-    "steps": 40,
-    "rays": 128,
-    "coarse_samples": 8,
-    "fine_samples": 8,
-    "width": 32,
-    "depth": 2,
-    "colour_width": 16,
-    "checkpoint_every": 20,
-    "validate_every": 20,
-    "learning_rate": 0.005,
-    "latent_steps": 5,
-    "latent_rays": 32,
-    "orbit_frames": 4,
-    "sweep_frames": 4,
-    "video_frames": 6,
-}
+# the avatar of the end-to-end runs: NeRFace's smoke settings (what the contract test runs for every method)
+TINY_AVATAR = {"method": "nerface", "preset": "fast", **find("nerface").smoke_settings}
 
 
 def run_cli(args, cwd, **kw):

@@ -92,14 +92,33 @@ def test_bad_subject_name_rejected():
         load_config(overrides={"subjects": {"bad name/..": {"video": "x.mp4"}}})
 
 
-def test_avatar_schema_lists_exactly_the_typed_config_keys():
+def test_every_method_has_a_schema_branch_listing_exactly_its_typed_config_keys():
     import dataclasses
 
-    from avatar_pipeline.avatars.nerface_config import NeRFaceConfig
+    from avatar_pipeline.avatars import methods
     from avatar_pipeline.config import load_schema
 
-    schema_keys = set(load_schema()["definitions"]["nerface_avatar"]["properties"]) - {"method", "preset"}
-    assert schema_keys == {f.name for f in dataclasses.fields(NeRFaceConfig)}
+    schema = load_schema()["definitions"]
+    dispatch = {b["if"]["properties"]["method"]["const"]: b["then"]["$ref"] for b in schema["avatar"]["allOf"]}
+    assert set(schema["avatar"]["properties"]["method"]["enum"]) == set(methods()) == set(dispatch)
+    for name, spec in methods().items():
+        assert dispatch[name] == f"#/definitions/{spec.schema}"
+        schema_keys = set(schema[spec.schema]["properties"]) - {"method", "preset"}
+        assert schema_keys == {f.name for f in dataclasses.fields(spec.config)}, name
+        assert set(schema[spec.schema]["properties"]["preset"]["enum"]) == set(spec.presets), name
+
+
+def test_an_avatar_section_is_validated_against_its_own_method_only():
+    with pytest.raises(InputError, match="avatars.a.method: 'gaussians' is not one of"):
+        load_config(overrides={"avatars": {"a": {"method": "gaussians"}}})
+    with pytest.raises(InputError, match="avatars.a: unknown key.*'rayz'"):
+        load_config(overrides={"avatars": {"a": {"method": "nerface", "rayz": 3}}})
+    # no method written: NeRFace, and no other branch wrote its defaults into the section
+    assert load_config(overrides={"avatars": {"a": {"rays": 64}}})["avatars"]["a"] == {
+        "method": "nerface",
+        "preset": "fast",
+        "rays": 64,
+    }
 
 
 def test_presets_fill_every_key_and_explicit_keys_win():
@@ -140,12 +159,14 @@ def test_default_config_has_one_fast_avatar():
 
 
 def test_training_digest_ignores_the_step_budget_but_not_the_network():
-    from avatar_pipeline.avatars.nerface_config import nerface_config
+    from avatar_pipeline.avatars import find
 
-    base = nerface_config({"preset": "fast"})
-    assert nerface_config({"preset": "fast", "steps": 99}).digest() == base.digest()
-    assert nerface_config({"preset": "fast", "width": 64}).digest() != base.digest()
-    assert nerface_config({"preset": "fast", "orbit_frames": 3}).training_settings() == base.training_settings()
+    config = find("nerface").config_from
+    base = config({"preset": "fast"})
+    assert config({"preset": "fast", "steps": 99}).digest() == base.digest()
+    assert config({"preset": "fast", "width": 64}).digest() != base.digest()
+    assert config({"preset": "fast", "orbit_frames": 3}).training_settings() == base.training_settings()
+    assert config({"preset": "fast", "latent_steps": 3}).training_settings() == base.training_settings()
 
 
 def test_unknown_avatar_key_is_named():

@@ -2,7 +2,7 @@
 
 import torch
 
-from avatar_pipeline.avatars.nerface import (
+from avatar_pipeline.avatars.nerface.field import (
     ConditionedField,
     FeaturePlanes,
     FieldConfig,
@@ -56,9 +56,9 @@ def test_split_first_layer_is_one_layer_on_the_concatenated_input():
 
 
 def test_positions_are_scaled_into_the_unit_ball_before_the_encoding():
-    from avatar_pipeline.avatars.nerface_config import nerface_config
+    from avatar_pipeline.avatars import find
 
-    cfg = nerface_config({"preset": "fast", "scene_radius": 0.25})
+    cfg = find("nerface").config_from({"preset": "fast", "scene_radius": 0.25})
     assert cfg.field(53).position_scale == 4.0
     small = FieldConfig(width=16, depth=2, colour_width=8, colour_depth=1)
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def test_softplus_density_keeps_a_gradient_where_relu_has_died():
 
 
 def test_bf16_and_chunked_rendering_match_fp32():
-    from avatar_pipeline.avatars.nerface import NeRFaceRenderer
+    from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
 
     torch.manual_seed(0)
     cfg = FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1)
@@ -136,7 +136,7 @@ def test_importance_samples_gather_where_the_weights_are():
 
 
 def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
-    from avatar_pipeline.avatars.nerface import camera_rays
+    from avatar_pipeline.geometry import camera_rays
 
     c2h = torch.eye(4)
     c2h[2, 3] = 1.0  # camera at z = 1 looking toward the head at the origin
@@ -148,7 +148,8 @@ def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
 
 def test_a_tiny_nerface_fits_a_frame_over_its_background():
     """Rays of one small frame: the loss of coarse + fine colours falls as the field learns the head."""
-    from avatar_pipeline.avatars.nerface import NeRFaceRenderer, camera_rays
+    from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
+    from avatar_pipeline.geometry import camera_rays
 
     torch.manual_seed(0)
     size = 16

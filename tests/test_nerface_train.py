@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from avatar_pipeline import cache
-from avatar_pipeline.avatars.evaluate_nerface import evaluate, load_trained
-from avatar_pipeline.avatars.nerface_config import nerface_config
-from avatar_pipeline.avatars.train_nerface import SubjectFrames, render_image, train
+from avatar_pipeline.avatars import evaluation, find, trainer
+from avatar_pipeline.avatars.data import ErrorMap, SubjectFrames
+from avatar_pipeline.avatars.nerface.model import ray_bounds, render_image
 from avatar_pipeline.config import ModelConfig, TrackingConfig
 from avatar_pipeline.errors import CacheError, InputError
 from avatar_pipeline.stages import tracking as tracking_stage
@@ -40,8 +40,25 @@ TINY = {
 }
 
 
+SPEC = find("nerface")
+
+
 def tiny(**overrides):
-    return nerface_config({**TINY, **overrides})
+    return SPEC.config_from({**TINY, **overrides})
+
+
+def train(store, cfg, out):
+    return trainer.train(SPEC, store, cfg, out)
+
+
+def evaluate(store, cfg, train_dir, out):
+    return evaluation.evaluate(SPEC, store, cfg, train_dir, out)
+
+
+def load_trained(train_dir, cfg, store):
+    """The trained NeRFace model of train_dir (on the CPU)."""
+    frames = SubjectFrames(store, cfg.size, "train", with_images=False)
+    return trainer.load_trained(SPEC, cfg, frames, train_dir, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -133,23 +150,20 @@ def test_held_out_frames_are_measured_under_both_protocols(tracked, trained, tmp
 
 
 def test_pose_correction_runs_and_moves_the_cameras_only_a_little(tracked, trained):
-    from avatar_pipeline.avatars.evaluate_nerface import optimise_test_latents
-    from avatar_pipeline.runtime import torch_device
-
     cfg = tiny(steps=150, pose_correction=True, latent_steps=10)
     test = SubjectFrames(tracked, cfg.size, "test")
-    renderer, latents = load_trained(trained, cfg, test.conditions.shape[1], torch_device())
-    codes, cameras = optimise_test_latents(renderer, test, cfg, latents[0], torch_device())
+    codes, cameras = load_trained(trained, cfg, tracked).optimise_test_latents(test)
     assert codes.shape == (len(test.frames), cfg.latent_dim) and torch.isfinite(cameras).all()
     moved = (cameras[:, :3, 3] - test.camera_to_head[:, :3, 3]).norm(dim=1)
     assert 0 < moved.max() < 0.05  # metres
 
 
 def test_rays_sample_the_scene_radius_around_the_tracked_head(tracked):
-    wide, narrow = (SubjectFrames(tracked, 32, "test", with_images=False, scene_radius=r) for r in (0.35, 0.2))
-    distance = wide.camera_to_head[:, :3, 3].norm(dim=1)
-    assert torch.allclose(wide.far - distance, torch.full_like(distance, 0.35))
-    assert torch.allclose(narrow.far - narrow.near, torch.full_like(distance, 0.4))
+    cameras = SubjectFrames(tracked, 32, "test", with_images=False).camera_to_head
+    (_, wide_far), (narrow_near, narrow_far) = (ray_bounds(cameras, r) for r in (0.35, 0.2))
+    distance = cameras[:, :3, 3].norm(dim=1)
+    assert torch.allclose(wide_far - distance, torch.full_like(distance, 0.35))
+    assert torch.allclose(narrow_far - narrow_near, torch.full_like(distance, 0.4))
 
 
 def test_the_mask_loss_makes_the_rendered_alpha_follow_the_person_matte(tracked, trained, tmp_path):
@@ -160,18 +174,8 @@ def test_the_mask_loss_makes_the_rendered_alpha_follow_the_person_matte(tracked,
         ("rgb only", trained, tiny(steps=150)),
         ("with mask", tmp_path / "train", tiny(steps=150, mask_weight=1.0)),
     ):
-        renderer, latents = load_trained(folder, cfg, data.conditions.shape[1], torch.device("cpu"))
-        condition = torch.cat([data.conditions[0], latents[0]])
-        _, alpha = render_image(
-            renderer,
-            data.camera_to_head[0],
-            data.focal,
-            data.size,
-            condition,
-            data.background,
-            float(data.near[0]),
-            float(data.far[0]),
-        )
+        model = load_trained(folder, cfg, tracked)
+        _, alpha = model.render(model.view(data, 0))  # the first training frame with its own latent code
         errors[name] = float((alpha - data.mattes[0]).abs().mean())
     assert errors["with mask"] < 0.7 * errors["rgb only"], errors  # measured: 0.16 against 0.33
 
@@ -223,21 +227,13 @@ def test_too_few_tracked_training_frames_are_refused_before_training(tracked, tm
 
 
 def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
-    from avatar_pipeline.runtime import torch_device
-
     cfg = tiny(steps=150)
     data = SubjectFrames(tracked, cfg.size, "test")
-    renderer, latents = load_trained(trained, cfg, data.conditions.shape[1], torch_device())
-    condition = torch.cat([data.conditions[0], latents[0]])
-    args = (
-        data.camera_to_head[0],
-        data.focal,
-        cfg.size,
-        condition,
-        data.background,
-        float(data.near[0]),
-        float(data.far[0]),
-    )
+    model = load_trained(trained, cfg, tracked)
+    renderer = model.renderer
+    near, far = ray_bounds(data.camera_to_head[0], cfg.scene_radius)
+    condition = torch.cat([data.conditions[0], model.latents.weight[0]])
+    args = (data.camera_to_head[0], data.focal, cfg.size, condition, data.background, float(near), float(far))
     expected, _ = render_image(renderer, *args)
     real_forward = renderer.forward
 
@@ -253,21 +249,20 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
 
 
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
-    from avatar_pipeline.avatars.train_nerface import LOG_FIELDS, _truncate_log
-
+    fields = cache.training_log_fields(["rgb"])
     path = tmp_path / "log.csv"
-    rows = [f"{i},0.1,20.0,0.001,{i * 0.3:.2f}," for i in range(1, 31)]
-    path.write_text(",".join(LOG_FIELDS) + "\n" + "\n".join(rows) + "\n3")  # killed while writing step 31
-    _truncate_log(path, 20)
+    rows = [f"{i},train,0.1,20.0,0.001,{i * 0.3:.2f},,0.1" for i in range(1, 31)]
+    path.write_text(",".join(fields) + "\n" + "\n".join(rows) + "\n31,train,0.1")  # killed while writing step 31
+    cache.open_training_log(path, fields, 20)[0].close()
     assert [int(r["step"]) for r in _log(path)] == list(range(1, 21))
-    path.write_text(",".join(LOG_FIELDS) + "\n" + "\n".join(rows[:12]) + "\n1")
-    _truncate_log(path, 20)  # the checkpoint is ahead of the flushed rows: keep the complete ones
-    assert [int(r["step"]) for r in _log(path)] == list(range(1, 13))
+    path.write_text(",".join(fields) + "\n" + "\n".join(rows[:12]) + "\n1")
+    cache.open_training_log(path, fields, 20)[0].close()  # the checkpoint is ahead of the flushed rows
+    assert [int(r["step"]) for r in _log(path)] == list(range(1, 13))  # the complete ones are kept
+    cache.open_training_log(path, fields, 0)[0].close()  # a fresh run: the header only
+    assert path.read_text() == ",".join(fields) + "\n"
 
 
 def test_the_error_map_sends_rays_where_the_error_is_and_learns_it_from_the_rays():
-    from avatar_pipeline.avatars.train_nerface import ErrorMap
-
     errors = ErrorMap(frames=2, size=64, share=0.5)
     rng = np.random.default_rng(0)
     box = np.array([8.0, 40.0, 16.0, 48.0])  # y0, y1, x0, x1
@@ -291,10 +286,10 @@ def test_the_error_map_sends_rays_where_the_error_is_and_learns_it_from_the_rays
 def test_training_with_error_sampling_keeps_its_error_map_across_a_resume(tracked, tmp_path):
     out = tmp_path / "train"
     train(tracked, tiny(steps=20, error_sampling=0.5), out)
-    first = torch.load(out / "checkpoint.pt", weights_only=False)["error_map"]
+    first = torch.load(out / "checkpoint.pt", weights_only=False)["extra"]["error_map"]
     assert (first < 1).any() and first.shape[1:] == (4, 4)  # 32 px in 8-px cells, measured by the rays
     train(tracked, tiny(steps=40, error_sampling=0.5), out)
-    second = torch.load(out / "checkpoint.pt", weights_only=False)["error_map"]
+    second = torch.load(out / "checkpoint.pt", weights_only=False)["extra"]["error_map"]
     assert [int(r["step"]) for r in _log(out / "log.csv")] == list(range(1, 41))
     # errors never rise above the starting 1, so a restored map keeps every measured cell below it (a fresh
     # map would have put the cells the last 20 steps did not revisit back to 1)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from avatar_pipeline import cache, facemesh
+from avatar_pipeline.cache import PARSING_CLASS_ID as CLASS_ID
 from avatar_pipeline.config import BackgroundConfig, NormalsConfig
 from avatar_pipeline.errors import InputError
 from avatar_pipeline.stages import background, landmarks
-from avatar_pipeline.stages.parsing import CLASS_ID
 
 from .conftest import image_to_video, run_preprocessing
 

@@ -9,12 +9,11 @@ import torch
 
 from avatar_pipeline import cache
 from avatar_pipeline.config import ModelConfig, TrackingConfig
+from avatar_pipeline.geometry import FLIP, axis_angle_to_matrix
 from avatar_pipeline.models import load_model
 from avatar_pipeline.models.base import barycentric_points
-from avatar_pipeline.models.flame import axis_angle_to_matrix
 from avatar_pipeline.stages import tracking as tracking_stage
 from avatar_pipeline.tracking import (
-    FLIP,
     TrackingError,
     fit,
     interpolate_invalid,
@@ -130,7 +129,7 @@ def test_tracking_stage_on_a_real_clip(lp_d18, ict_status, tmp_path):
     assert info["model"] == "ict" and not info["warnings"]
     assert info["reprojection_error_px"]["mean"] < 0.04 * 128  # within 4% of the image on mediapipe's 68 points
     assert info["landmark_jitter_px"]["fitted"] < info["landmark_jitter_px"]["raw"]
-    data = cache.read_npz(store.stage_dir("tracking") / "tracking.npz", "tracking", ("head_to_camera",))
+    data = store.tracking()
     assert data["head_to_camera"].shape == (60, 4, 4) and np.isfinite(data["expression"]).all()
     # the fitted 68 points land near the detected ones on every frame
     detected = lp_d18.landmarks()["ibug68"][:, :, :2]

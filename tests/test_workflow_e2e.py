@@ -95,6 +95,12 @@ def test_changing_a_tracking_setting_reruns_tracking_and_the_avatars(workspace):
     assert _planned_jobs(workspace, {"tracking": {"iterations": 300}}) == {"tracking", *AVATAR_RULES}
 
 
+def test_changing_a_parsing_setting_retrains_the_avatars_that_read_it(workspace):
+    """NeRFace declares the parsing cache (its mask loss reads the mattes), so training is downstream of it."""
+    jobs = _planned_jobs(workspace, {"parsing": {"matte_model": "landscape"}})
+    assert jobs == {"parsing", "background", "qa", *AVATAR_RULES}
+
+
 def test_changing_a_training_setting_reruns_training_and_evaluation_only(workspace):
     assert _planned_jobs(workspace, {"avatars": {"tiny": {"rays": 64}}}) == set(AVATAR_RULES)
 
@@ -316,8 +322,8 @@ def test_adding_a_subject_runs_only_the_new_subject(workspace, videos_dir):
     assert {rule for rule, _ in jobs} == set(cache.STAGES) | {"avatar_train", "avatar_eval", "report"}
 
 
-def test_changing_a_stage_s_code_reruns_that_stage(workspace, tmp_path):
-    """A copy of the code with one edited stage, imported ahead of the installed package."""
+def _code_copy(tmp_path):
+    """A copy of the package and workflow, and the environment that imports it ahead of the installed one."""
     import shutil
 
     copy = tmp_path / "code"
@@ -325,9 +331,31 @@ def test_changing_a_stage_s_code_reruns_that_stage(workspace, tmp_path):
     for item in ("Snakefile", "workflow", "envs", "config.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
-    env = {"PYTHONPATH": str(copy)}
+    return copy, {"PYTHONPATH": str(copy)}
+
+
+def test_changing_a_stage_s_code_reruns_that_stage(workspace, tmp_path):
+    """A copy of the code with one edited stage, imported ahead of the installed package."""
+    copy, env = _code_copy(tmp_path)
     assert _planned(workspace, "config.yaml", env, str(copy / "Snakefile")) == set()  # identical code: nothing
     with open(copy / "avatar_pipeline" / "stages" / "normals.py", "a") as f:
         f.write("\n# an edit\n")
     jobs = _planned(workspace, "config.yaml", env, str(copy / "Snakefile"))
     assert {rule for rule, _ in jobs} == {"normals", "qa", "report"} and {s for _, s in jobs} == {"m030", "d18"}
+
+
+def test_editing_a_module_a_rule_imports_indirectly_reruns_that_rule(workspace, tmp_path):
+    """The code version follows imports transitively: the FLAME loader is imported by the model registry,
+    which tracking imports; the NeRFace field by the method's model, which the avatar rules run."""
+    import shutil
+
+    copy, env = _code_copy(tmp_path)
+    with open(copy / "avatar_pipeline" / "models" / "flame.py", "a") as f:
+        f.write("\n# an edit\n")
+    jobs = {rule for rule, _ in _planned(workspace, "config.yaml", env, str(copy / "Snakefile"))}
+    assert jobs == {"tracking", "avatar_train", "avatar_eval", "report"}  # (ict_model too, without a subject)
+    shutil.copy(REPO / "avatar_pipeline" / "models" / "flame.py", copy / "avatar_pipeline" / "models" / "flame.py")
+    with open(copy / "avatar_pipeline" / "avatars" / "nerface" / "field.py", "a") as f:
+        f.write("\n# an edit\n")
+    jobs = {rule for rule, _ in _planned(workspace, "config.yaml", env, str(copy / "Snakefile"))}
+    assert jobs == {"avatar_train", "avatar_eval", "report"}

@@ -1,40 +1,45 @@
-"""Avatar methods, by the name a config's `avatars.<name>.method` gives: each has one typed config (built
-from the validated section, preset first), a training function and an evaluation function, all reading
-the subject's shared preprocessing and tracking caches."""
+"""The avatar methods, by the name a config's `avatars.<name>.method` gives.
+
+Each method is a package under avatars/ that registers one MethodSpec (base.py) when imported: its typed
+config with presets, the caches it reads, its part of the config schema, and the model class that the
+shared trainer (trainer.py) and evaluation (evaluation.py) drive. Adding a method: a package with those,
+its name in BUILT_IN below, and its branch in the schema's `avatar` dispatch; tests/test_avatar_contract.py
+then runs it through training, a kill and resume, evaluation and the report.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any, Callable
+import importlib
+from typing import Any
 
-from .. import cache
+from .base import MethodSpec
 
-
-@dataclasses.dataclass(frozen=True)
-class AvatarMethod:
-    name: str
-    config: Callable[[dict], Any]  # validated section -> typed config
-    train: Callable[[cache.SubjectCache, Any, Path], dict]
-    evaluate: Callable[..., dict]  # (store, cfg, train_dir, out_dir, driver) -> summary
-    train_module: str  # whose source (and the package modules it uses) reruns training when edited
-    eval_module: str
+BUILT_IN = ("nerface",)  # packages under avatars/ that register a method on import
+_REGISTRY: dict[str, MethodSpec] = {}
 
 
-def _nerface() -> AvatarMethod:
-    from .evaluate_nerface import evaluate
-    from .nerface_config import nerface_config
-    from .train_nerface import train
-
-    return AvatarMethod(
-        "nerface", nerface_config, train, evaluate, f"{__name__}.train_nerface", f"{__name__}.evaluate_nerface"
-    )
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"avatar method {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
 
 
-METHODS: dict[str, Callable[[], AvatarMethod]] = {"nerface": _nerface}
+def methods() -> dict[str, MethodSpec]:
+    """Every registered method, the built-in ones imported first."""
+    for name in BUILT_IN:
+        importlib.import_module(f"{__name__}.{name}")
+    return dict(_REGISTRY)
 
 
-def avatar_method(section: dict) -> tuple[AvatarMethod, Any]:
+def find(name: str) -> MethodSpec:
+    registered = methods()
+    if name not in registered:
+        raise KeyError(f"unknown avatar method {name!r}; registered: {', '.join(sorted(registered))}")
+    return registered[name]
+
+
+def avatar_method(section: dict) -> tuple[MethodSpec, Any]:
     """The method of a validated avatar section and its typed config."""
-    method = METHODS[section.get("method", "nerface")]()
-    return method, method.config(section)
+    spec = find(section.get("method", "nerface"))
+    return spec, spec.config_from(section)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..geometry import axis_angle_to_matrix
 from .base import MorphableModel, Skinning
 
 JOINT_NAMES = ["global", "neck", "jaw", "left_eye", "right_eye"]
@@ -162,20 +163,6 @@ def load(
         skinning=skinning,
         expression_prior="gaussian",
     )
-
-
-def axis_angle_to_matrix(aa):
-    """Rodrigues: (..., 3) axis-angle -> (..., 3, 3), stable at zero."""
-    import torch
-
-    angle = aa.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    axis = aa / angle
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(aa.shape[:-1] + (3, 3))
-    s, c = angle.sin()[..., None], angle.cos()[..., None]
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device).expand(k.shape)
-    return eye + s * k + (1 - c) * (k @ k)
 
 
 def skin_vertices(model: MorphableModel, verts, joint_rotations, subset, cache, identity, expression):

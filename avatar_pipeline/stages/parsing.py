@@ -7,8 +7,7 @@ Backends:
              Eyeglasses, hat, earrings and necklace are never produced by this backend.
   bisenet    the face-parsing BiSeNet for user-given CelebAMask-HQ weights; matte from selfie segmentation.
 
-Class ids follow the order of the widely used BiSeNet face-parsing weights, so that backend needs no
-remapping. l_* / r_* are the subject's own left / right.
+The classes and their ids are defined with the cache format (cache.PARSING_CLASSES).
 """
 
 from __future__ import annotations
@@ -19,34 +18,14 @@ import cv2
 import numpy as np
 
 from .. import cache, facemesh
+from ..cache import PARSING_CLASS_ID as CLASS_ID
+from ..cache import PARSING_CLASSES as CLASSES
 from ..config import ParsingConfig
 from ..mediapipe_models import SelfieSegmenter
 from ..runtime import progress
 
 log = logging.getLogger(__name__)
 
-CLASSES = (
-    "background",
-    "skin",
-    "l_brow",
-    "r_brow",
-    "l_eye",
-    "r_eye",
-    "eye_g",
-    "l_ear",
-    "r_ear",
-    "ear_r",
-    "nose",
-    "mouth",
-    "u_lip",
-    "l_lip",
-    "neck",
-    "neck_l",
-    "cloth",
-    "hair",
-    "hat",
-)
-CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 # display colours (RGB) for overlays
 PALETTE = np.array(
     [

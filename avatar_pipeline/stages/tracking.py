@@ -21,6 +21,7 @@ import torch
 
 from .. import cache, raster, video
 from ..config import ModelConfig, TrackingConfig
+from ..geometry import camera_to_head_gl, head_to_camera, project
 from ..models import load_model
 from ..models.base import MorphableModel
 from ..models.correspondence import CorrespondenceError, mediapipe_embedding
@@ -29,7 +30,6 @@ from ..runtime import progress
 from ..tracking import (
     TrackingError,
     fit,
-    head_to_camera,
     ibug68_points,
     interpolate_invalid,
     joint_pose,
@@ -37,13 +37,6 @@ from ..tracking import (
 )
 
 log = logging.getLogger(__name__)
-
-GL_FROM_CV = np.diag([1.0, -1.0, -1.0, 1.0]).astype(np.float32)
-
-
-def camera_to_head_gl(head_to_camera: np.ndarray) -> np.ndarray:
-    """(N, 4, 4) camera-to-head transforms in the OpenGL/Blender camera convention (what NeRF loaders read)."""
-    return np.linalg.inv(GL_FROM_CV @ head_to_camera).astype(np.float32)
 
 
 def model_vertices(model: MorphableModel, data: dict, frames: np.ndarray, subset=None) -> np.ndarray:
@@ -55,10 +48,6 @@ def model_vertices(model: MorphableModel, data: dict, frames: np.ndarray, subset
         verts = model.vertices(ident, expr, joints, subset=subset).numpy()
     h2c = data["head_to_camera"][frames]
     return np.einsum("nij,nvj->nvi", h2c[:, :3, :3], verts) + h2c[:, None, :3, 3]
-
-
-def project(points: np.ndarray, focal: float, size: int) -> np.ndarray:
-    return focal * points[..., :2] / np.maximum(points[..., 2:], 1e-6) + size / 2
 
 
 def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, ict_status: Path | None = None) -> dict:
@@ -155,7 +144,8 @@ def run(store: cache.SubjectCache, cfg: TrackingConfig, model_cfg: ModelConfig, 
     )
 
     with cache.staged_dir(store.stage_dir("tracking")) as stage:
-        cache.write_npz(stage / "tracking.npz", **data)
+        cache.write_tracking(stage, data)
+        cache.write_tracked_model(stage, model)
         _export_nerface(stage, store, data, model, split, size)
         _export_nerfstudio(stage, data, split, size)
         if cfg.overlay_frames:
@@ -242,9 +232,7 @@ FACE_CLASSES = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "u_lip", "
 def _refinement_inputs(store: cache.SubjectCache, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Frames (N, size, size, 3) in [0, 1] and parsed face masks (skin and facial features, not hair,
     mouth interior or background) for the photometric refinement."""
-    from .parsing import CLASS_ID
-
-    face_ids = [CLASS_ID[c] for c in FACE_CLASSES]
+    face_ids = [cache.PARSING_CLASS_ID[c] for c in FACE_CLASSES]
     images = np.empty((n, size, size, 3), np.float32)
     masks = np.empty((n, size, size), bool)
     for i, frame in progress(store.iter_frames(), n, "tracking: load frames"):

@@ -1,14 +1,13 @@
 # Avatars: every entry of the config's `avatars` (name -> method + preset + overrides) trains into
-# results/{subject}/avatars/{avatar}/ from the subject's one set of preprocessing and tracking caches.
+# results/{subject}/avatars/{avatar}/ from the subject's one set of preprocessing and tracking caches;
+# training's inputs are the caches its method declares (avatar_pipeline/avatars, MethodSpec.needs).
 # Training reruns when the avatar's training settings or code change; evaluation when any of its settings
 # change. The checkpoint is not a declared output, so a killed training job resumes from it on rerun.
 
 
 rule avatar_train:
     input:
-        crop=f"{RESULTS}/{{subject}}/crop",
-        background=f"{RESULTS}/{{subject}}/background",
-        tracking=f"{RESULTS}/{{subject}}/tracking",
+        unpack(avatar_training_inputs),
     output:
         f"{RESULTS}/{{subject}}/avatars/{{avatar}}/train/done.json",
     params:
@@ -33,6 +32,10 @@ rule avatar_eval:
     input:
         unpack(reenactment_driver),
         trained=rules.avatar_train.output[0],
+        # the evaluation of every method reads the frames, plate, cameras and the parsed head masks
+        crop=f"{RESULTS}/{{subject}}/crop",
+        background=f"{RESULTS}/{{subject}}/background",
+        tracking=f"{RESULTS}/{{subject}}/tracking",
         parsing=f"{RESULTS}/{{subject}}/parsing",
     output:
         directory(f"{RESULTS}/{{subject}}/avatars/{{avatar}}/eval"),

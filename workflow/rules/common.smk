@@ -5,7 +5,7 @@ import shlex
 from pathlib import Path
 
 from avatar_pipeline.config import load_subjects, validate_config
-from avatar_pipeline.workflow_runner import put_this_environment_first_on_path, stage_code_version
+from avatar_pipeline.workflow_runner import code_version, put_this_environment_first_on_path, stage_code_version
 
 validate_config(config, "config (config.yaml and --configfile/--config)")
 SUBJECTS = load_subjects(config)
@@ -66,23 +66,30 @@ def avatar_section(wildcards):
     return config["avatars"][wildcards.avatar]
 
 
-def avatar_training_settings(wildcards):
-    """Only the keys that change the trained model, so evaluation-only edits do not retrain."""
+def avatar_spec(wildcards):
     from avatar_pipeline.avatars import avatar_method
 
-    _, cfg = avatar_method(avatar_section(wildcards))
-    return json.dumps({"method": avatar_section(wildcards).get("method", "nerface"), **cfg.training_settings()}, sort_keys=True)
+    return avatar_method(avatar_section(wildcards))
+
+
+def avatar_training_inputs(wildcards):
+    """The caches the avatar's method declares it reads (MethodSpec.needs), so editing one retrains."""
+    spec, _ = avatar_spec(wildcards)
+    return {stage: f"{RESULTS}/{wildcards.subject}/{stage}" for stage in spec.needs}
+
+
+def avatar_training_settings(wildcards):
+    """Only the keys that change the trained model, so evaluation-only edits do not retrain."""
+    spec, cfg = avatar_spec(wildcards)
+    return json.dumps({"method": spec.name, **cfg.training_settings()}, sort_keys=True)
 
 
 def avatar_code(part):
-    """Hash of the method's training or evaluation code (a param: editing the code reruns the rule)."""
-    import importlib
-
-    from avatar_pipeline.avatars import METHODS
-
+    """Version of the code a method's training or evaluation runs (a param: editing it reruns the rule)."""
     def version(wildcards):
-        method = METHODS[avatar_section(wildcards).get("method", "nerface")]()
-        return stage_code_version(part, importlib.import_module(getattr(method, f"{part}_module")))
+        spec, _ = avatar_spec(wildcards)
+        return code_version(spec.model_module, f"avatar_pipeline.avatars.{'trainer' if part == 'train' else 'evaluation'}")
+
     return version
 
 

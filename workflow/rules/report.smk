@@ -1,6 +1,5 @@
 # Reports: one HTML page per subject (preprocessing QA, tracking, every avatar) and an index across
 # subjects with the metrics table results/metrics.csv.
-import avatar_pipeline.report as report_module
 
 
 rule report:
@@ -12,7 +11,7 @@ rule report:
         directory(f"{RESULTS}/{{subject}}/report"),
     params:
         avatars=",".join(AVATARS),
-        code=stage_code_version("report", report_module),
+        code=code_version("avatar_pipeline.report"),
         results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/report.log",
@@ -35,7 +34,7 @@ rule index:
     params:
         subjects=",".join(SUBJECTS),
         avatars=",".join(AVATARS),
-        code=stage_code_version("report", report_module),
+        code=code_version("avatar_pipeline.report"),
         results=results_root(0),
     log:
         f"{RESULTS}/_logs/index.log",

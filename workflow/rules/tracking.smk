@@ -8,6 +8,7 @@ rule ict_model:
         f"{RESULTS}/_models/ict.json",
     params:
         model=lambda w: stage_settings("model"),
+        code=code_version("avatar_pipeline.models"),
         out=results_root(0),
     log:
         f"{RESULTS}/_models/ict_model.log",

@@ -174,19 +174,6 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, ba
     return colour, weights, weights[:, :-1].sum(-1)
 
 
-def camera_rays(camera_to_head: torch.Tensor, focal: float, size: int, pixels: torch.Tensor):
-    """Rays in head space through pixel centres (N, 2) (x, y) of a size x size image.
-
-    camera_to_head (4, 4) in the OpenGL convention (the camera looks along -z, y up), as in the
-    NeRFace export of the tracking stage. Returns origins (N, 3) and unit directions (N, 3)."""
-    centre = size / 2.0
-    x = (pixels[:, 0] + 0.5 - centre) / focal
-    y = -(pixels[:, 1] + 0.5 - centre) / focal
-    d_cam = torch.stack([x, y, -torch.ones_like(x)], -1)
-    directions = torch.nn.functional.normalize(d_cam @ camera_to_head[:3, :3].T, dim=-1)
-    return camera_to_head[:3, 3].expand_as(directions), directions
-
-
 class NeRFaceRenderer(nn.Module):
     """Coarse and fine fields rendering rays of one frame: stratified samples for the coarse field,
     importance samples from its weights (plus the coarse ones) for the fine field."""

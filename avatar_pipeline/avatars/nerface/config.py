@@ -13,20 +13,19 @@ An avatar section of config.yaml names a preset and may override any key of it:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+from typing import ClassVar
 
-import torch
-
-from ..runtime import cpu_info
-from .nerface import FieldConfig
+from ..base import AvatarConfig
+from .field import FieldConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class NeRFaceConfig:
-    # training (changing one of these retrains)
+class NeRFaceConfig(AvatarConfig):
     size: int = 512
     steps: int = 400_000
+    checkpoint_every: int = 1000
+    validate_every: int = 5000
+    protocols: tuple[str, ...] = ("optimised", "first_train_frame")
     rays: int = 2048
     head_fraction: float = 0.95
     coarse_samples: int = 64
@@ -52,26 +51,20 @@ class NeRFaceConfig:
     # frequencies are laid out for (in metres the finest period, 2 pi / 2^9, would be 1.2 cm: a soft face)
     scene_radius: float = 0.35
     density_activation: str = "softplus"  # the paper does not say; NeRF's ReLU can die from the first steps
-    precision: str = "auto"
     chunk_samples: int = 8192
-    checkpoint_every: int = 1000
-    validate_every: int = 5000
-    seed: int = 0
-    max_minutes: float | None = None  # stop training early at this wall time (a budget, e.g. for benchmarks)
-    # evaluation (changing one of these re-evaluates only)
-    protocols: tuple[str, ...] = ("optimised", "first_train_frame")
+    # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
     latent_learning_rate: float = 0.01
     pose_correction: bool = False
-    eval_size: int | None = None
-    orbit_frames: int = 36
-    orbit_degrees: float = 25.0
-    sweep_frames: int = 24
-    sweep_expression: str = "jawOpen"
-    reenact_from: str | None = None
-    video_frames: int = 200
-    lpips: bool = True
+
+    evaluation_keys: ClassVar[tuple[str, ...]] = (
+        "latent_steps",
+        "latent_rays",
+        "latent_learning_rate",
+        "pose_correction",
+    )
+    resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
 
     def field(self, expression_dim: int) -> FieldConfig:
         return FieldConfig(
@@ -87,65 +80,6 @@ class NeRFaceConfig:
             plane_channels=self.plane_channels,
         )
 
-    def training_settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in TRAINING_KEYS}
-
-    def digest(self) -> str:
-        """What a checkpoint must match to be resumed: the training settings but the step budget and the
-        bookkeeping intervals (so raising `steps` continues a finished run)."""
-        d = self.training_settings()
-        for key in (
-            "steps",
-            "final_learning_rate",
-            "checkpoint_every",
-            "validate_every",
-            "precision",
-            "chunk_samples",
-            "max_minutes",
-        ):
-            d.pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-    def resolved_precision(self, device: torch.device) -> str:
-        """`auto`: bf16 matrix products on a CPU with native bf16 (AVX512-BF16 or AMX; 2-3x faster at the
-        same loss), fp32 elsewhere (the GPU path stays as the paper trained it)."""
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if device.type == "cpu" and cpu_info()["native_bf16"] else "fp32"
-
-    @property
-    def render_size(self) -> int:
-        return self.eval_size or self.size
-
-
-TRAINING_KEYS = (
-    "size",
-    "steps",
-    "rays",
-    "head_fraction",
-    "coarse_samples",
-    "fine_samples",
-    "learning_rate",
-    "final_learning_rate",
-    "latent_weight",
-    "mask_weight",
-    "error_sampling",
-    "latent_dim",
-    "width",
-    "depth",
-    "colour_width",
-    "colour_depth",
-    "plane_resolutions",
-    "plane_channels",
-    "scene_radius",
-    "density_activation",
-    "precision",
-    "chunk_samples",
-    "checkpoint_every",
-    "validate_every",
-    "seed",
-    "max_minutes",
-)
 
 PRESETS: dict[str, dict] = {
     "paper": {},
@@ -173,13 +107,3 @@ PRESETS: dict[str, dict] = {
         "orbit_frames": 24,
     },
 }
-
-
-def nerface_config(section: dict) -> NeRFaceConfig:
-    """Typed config from a validated avatar section: its preset, then its explicit keys."""
-    values = dict(PRESETS[section.get("preset", "fast")])
-    values.update({k: v for k, v in section.items() if k not in ("method", "preset")})
-    for key in ("protocols", "plane_resolutions"):  # lists in YAML, tuples in the frozen config
-        if key in values:
-            values[key] = tuple(values[key])
-    return NeRFaceConfig(**values)

@@ -1,0 +1,242 @@
+"""NeRFace on the avatar core: what the method adds to the shared trainer and evaluation.
+
+Per the paper: per-frame learnable latent codes (32-d) regularised with an l2 penalty (weight 0.05),
+Adam, rays sampled 95% inside the head's bounding box, the loss on both coarse and fine colours.
+
+Test-frame conditioning, by protocol:
+- `optimised`: the network frozen, every test frame's latent code (and, with pose_correction, a small
+  rigid correction of its tracked pose) is optimised against that frame with the RGB loss and the
+  training's l2 prior, all test frames in one batch;
+- `first_train_frame`: the latent code of the first training frame for every test frame (NeRFace's
+  protocol, Gafni et al. 2021, Sec. 4.4).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ...geometry import camera_rays, rigidly_moved
+from ...runtime import progress
+from ..base import AvatarModel, Phase, View
+from ..data import ErrorMap, SubjectFrames, psnr
+from ..trainer import is_out_of_memory
+from .config import NeRFaceConfig
+from .field import NeRFaceRenderer
+
+log = logging.getLogger(__name__)
+
+# rendering: rays whose coarse foreground alpha is below this show the background; the fine pass skips them
+SKIP_EMPTY = 1e-4
+
+
+def ray_bounds(camera_to_head: torch.Tensor, scene_radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near and far depths of the rays from cameras (..., 4, 4): the ball of `scene_radius` around the head."""
+    distance = camera_to_head[..., :3, 3].norm(dim=-1)
+    return (distance - scene_radius).clamp_min(0.05), distance + scene_radius
+
+
+class NeRFaceModel(AvatarModel):
+    loss_terms = ("coarse", "fine", "latent", "mask")
+    protocols = ("optimised", "first_train_frame")
+
+    def __init__(self, cfg: NeRFaceConfig, train: SubjectFrames, device: torch.device):
+        super().__init__()
+        self.cfg, self.train_frames, self.device = cfg, train, device
+        self.renderer = NeRFaceRenderer(
+            cfg.field(train.conditions.shape[1]),
+            cfg.coarse_samples,
+            cfg.fine_samples,
+            cfg.resolved_precision(device),
+            cfg.chunk_samples,
+        ).to(device)
+        self.precision = self.renderer.precision
+        self.latents = torch.nn.Embedding(len(train.frames), cfg.latent_dim).to(device)
+        torch.nn.init.zeros_(self.latents.weight)
+        self.errors = (
+            ErrorMap(len(train.frames), cfg.size, cfg.error_sampling)
+            if cfg.error_sampling > 0 and train.images is not None
+            else None
+        )
+        self.near, self.far = ray_bounds(train.camera_to_head, cfg.scene_radius)
+
+    @classmethod
+    def training_data(cls, cfg: NeRFaceConfig) -> dict:
+        return {"with_mattes": cfg.mask_weight > 0}
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        return f"{cfg.rays} rays x ({cfg.coarse_samples} + {cfg.fine_samples}) samples per step"
+
+    def memory_hint(self) -> str:
+        return f"lower `rays` (now {self.cfg.rays}) or the network width of this avatar in config.yaml"
+
+    def phases(self) -> list[Phase]:
+        cfg = self.cfg
+        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.learning_rate)
+        return [Phase("train", cfg.steps, optimizer, cfg.final_learning_rate / cfg.learning_rate)]
+
+    def training_step(self, phase: Phase, rng: np.random.Generator):
+        cfg, data, device = self.cfg, self.train_frames, self.device
+        k = int(rng.integers(len(data.frames)))
+        pixels, *rays = data.sample(k, cfg.rays, cfg.head_fraction, rng, self.errors)
+        origins, dirs, target, background, matte = (None if t is None else t.to(device) for t in rays)
+        condition = torch.cat([data.conditions[k].to(device), self.latents.weight[k]])
+        near = self.near[k].expand(len(origins)).to(device)
+        far = self.far[k].expand(len(origins)).to(device)
+        out = self.renderer(origins, dirs, near, far, condition, background)
+        mse_fine = ((out["fine"] - target) ** 2).mean()
+        terms = {
+            "coarse": ((out["coarse"] - target) ** 2).mean(),
+            "fine": mse_fine,
+            "latent": cfg.latent_weight * (self.latents.weight[k] ** 2).sum(),
+        }
+        if matte is not None:
+            terms["mask"] = cfg.mask_weight * (
+                ((out["coarse_alpha"] - matte) ** 2).mean() + ((out["fine_alpha"] - matte) ** 2).mean()
+            )
+        if self.errors is not None:
+            self.errors.update(k, pixels, ((out["fine"].detach() - target) ** 2).mean(-1).cpu())
+        return terms, psnr(mse_fine.item())
+
+    def extra_state(self) -> dict:
+        return {"error_map": None if self.errors is None else self.errors.error}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.errors is not None and state.get("error_map") is not None:
+            self.errors.error = state["error_map"]
+
+    def view(self, frames: SubjectFrames, k: int) -> View:
+        return View(
+            frames.camera_to_head[k],
+            frames.focal,
+            frames.size,
+            frames.conditions[k],
+            frames.background,
+            self.latents.weight[0].detach(),
+            int(frames.frames[k]),
+        )
+
+    def render(self, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = torch.cat([view.conditions.to(self.device), view.code.to(self.device)])
+        near, far = ray_bounds(view.camera_to_head, self.cfg.scene_radius)
+        return render_image(
+            self.renderer,
+            view.camera_to_head,
+            view.focal,
+            view.size,
+            condition,
+            view.background,
+            float(near),
+            float(far),
+        )
+
+    def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
+        cameras = test.camera_to_head
+        if protocol == "optimised":
+            latents, cameras = self.optimise_test_latents(test)
+        else:
+            latents = self.latents.weight[0].detach().expand(len(test.frames), -1)
+        return [
+            View(cameras[k], test.focal, test.size, test.conditions[k], test.background, latents[k], int(frame))
+            for k, frame in enumerate(test.frames)
+        ]
+
+    def optimise_test_latents(self, test: SubjectFrames):
+        """Per-frame latent codes (and pose corrections) fitted to the test frames with the network frozen."""
+        cfg, device, renderer = self.cfg, self.device, self.renderer
+        count = len(test.frames)
+        latents = self.latents.weight[0].detach().expand(count, -1).clone().to(device).requires_grad_(True)
+        correction = torch.zeros(count, 6, device=device, requires_grad=cfg.pose_correction)
+        groups = [{"params": [latents]}]
+        if cfg.pose_correction:  # a tenth of the step: radians and metres move the image far more than a latent unit
+            groups.append({"params": [correction], "lr": 0.1 * cfg.latent_learning_rate})
+        optimizer = torch.optim.Adam(groups, lr=cfg.latent_learning_rate)
+        rng = np.random.default_rng(cfg.seed + 1)
+        near_all, far_all = ray_bounds(test.camera_to_head, cfg.scene_radius)
+        bar = progress(range(cfg.latent_steps), cfg.latent_steps, "nerface: test latents", unit="step")
+        for _ in bar:
+            c2h = rigidly_moved(test.camera_to_head.to(device), correction)
+            origins, dirs, target, background, conditions, near, far = [], [], [], [], [], [], []
+            for k in range(count):
+                pixels = test.sample_pixels(k, cfg.latent_rays, cfg.head_fraction, rng)
+                o, d = camera_rays(c2h[k], test.focal, test.size, pixels.to(device))
+                t, b = test.colours(k, pixels)
+                origins.append(o)
+                dirs.append(d)
+                target.append(t.to(device))
+                background.append(b.to(device))
+                conditions.append(torch.cat([test.conditions[k].to(device), latents[k]]).expand(len(d), -1))
+                near.append(near_all[k].expand(len(d)).to(device))
+                far.append(far_all[k].expand(len(d)).to(device))
+            target = torch.cat(target)
+            out = renderer(
+                torch.cat(origins),
+                torch.cat(dirs),
+                torch.cat(near),
+                torch.cat(far),
+                torch.cat(conditions),
+                torch.cat(background),
+            )
+            mse = ((out["fine"] - target) ** 2).mean()
+            loss = ((out["coarse"] - target) ** 2).mean() + mse + cfg.latent_weight * (latents**2).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(mse.item()):.1f}", refresh=False)
+        bar.close()
+        return latents.detach(), rigidly_moved(test.camera_to_head.to(device), correction.detach()).cpu()
+
+
+@torch.no_grad()
+def render_image(
+    renderer: NeRFaceRenderer,
+    camera_to_head: torch.Tensor,
+    focal: float,
+    size: int,
+    condition: torch.Tensor,
+    background: torch.Tensor,
+    near: float,
+    far: float,
+    rays_per_call: int = 8192,
+):
+    """Full image (size, size, 3) and foreground alpha (size, size), on the CPU. Running out of memory
+    halves the rays per call (and the renderer's sample chunk) and tries again."""
+    device = next(renderer.parameters()).device
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    origins, dirs = camera_rays(camera_to_head, focal, size, pixels)
+    bg = background.reshape(-1, 3)
+    colour, alpha = [], []
+    a = 0
+    while a < len(pixels):
+        sl = slice(a, a + rays_per_call)
+        n = len(pixels[sl])
+        try:
+            out = renderer(
+                origins[sl].to(device),
+                dirs[sl].to(device),
+                torch.full((n,), near, device=device),
+                torch.full((n,), far, device=device),
+                condition.to(device),
+                bg[sl].to(device),
+                jitter=False,
+                skip_empty=SKIP_EMPTY,
+            )
+        except RuntimeError as e:
+            if not is_out_of_memory(e) or rays_per_call <= 64:
+                raise
+            rays_per_call //= 2
+            renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
+            log.warning(
+                "rendering ran out of memory: retrying with %d rays per call and %d samples per chunk",
+                rays_per_call,
+                renderer.chunk_samples,
+            )
+            continue
+        colour.append(out["fine"].cpu())
+        alpha.append(out["fine_alpha"].cpu())
+        a += n
+    return torch.cat(colour).reshape(size, size, 3), torch.cat(alpha).reshape(size, size)
