@@ -50,8 +50,7 @@ def render_attributes(
     centres at integers) with camera depth `depth` (V, positive in front) by `rasterizer` ("own" or
     "pytorch3d", see pick_rasterizer). Returns the image (size, size, C), the coverage mask (size, size)
     and the visible triangle per pixel (numpy, -1 where empty)."""
-    visible = _visible_pytorch3d if rasterizer == "pytorch3d" else _visible_own
-    tri_id, ys, xs, corners, weights = visible(uv, depth, faces, size)
+    tri_id, ys, xs, corners, weights = rasterize_visible(uv, depth, faces, size, rasterizer)
     image = attributes.new_zeros(size, size, attributes.shape[1])
     mask = torch.zeros(size, size, dtype=torch.bool)
     if len(ys) == 0:
@@ -61,6 +60,14 @@ def render_attributes(
     image = image.index_put((rows, cols), values)
     mask[rows, cols] = True
     return image, mask, tri_id
+
+
+def rasterize_visible(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size: int, rasterizer: str = "own"):
+    """Hard visibility of a projected mesh (uv pixel positions, pixel centres at integers; depth positive in
+    front): the visible triangle per pixel (numpy, -1 where empty), the covered pixels (ys, xs), their
+    triangles' corners (P, 3) and barycentric weights (P, 3), differentiable in `uv`."""
+    visible = _visible_pytorch3d if rasterizer == "pytorch3d" else _visible_own
+    return visible(uv, depth, faces, size)
 
 
 def _visible_own(uv: torch.Tensor, depth: torch.Tensor, faces: np.ndarray, size: int):

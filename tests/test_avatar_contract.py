@@ -36,7 +36,8 @@ def _settings(name: str, **overrides) -> dict:
 
 
 def _cli(command: str, store: cache.SubjectCache, settings: dict) -> list[str]:
-    args = ["--results", str(store.root.parent), "--subject", store.subject, "--avatar", "smoke"]
+    avatar = f"smoke_{settings['method']}"
+    args = ["--results", str(store.root.parent), "--subject", store.subject, "--avatar", avatar]
     return CLI + [command, *args, "--settings", json.dumps(settings)]
 
 
@@ -44,7 +45,8 @@ def _cli(command: str, store: cache.SubjectCache, settings: dict) -> list[str]:
 def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tmp_path):
     settings = _settings(name)
     spec, cfg = avatar_method(settings)
-    train_dir = subject.training_dir("smoke")
+    avatar = f"smoke_{name}"
+    train_dir = subject.training_dir(avatar)
     # a training job killed (SIGKILL) after its first checkpoint ...
     job = subprocess.Popen(_cli("avatar-train", subject, settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
@@ -61,7 +63,7 @@ def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tm
     assert f"from step {killed_at}" in rerun.stderr
     rows = cache.read_training_log(train_dir / "log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, cfg.steps + 1))
-    done = subject.training_summary("smoke")
+    done = subject.training_summary(avatar)
     assert done["method"] == name and done["steps"] == cfg.steps
     assert all(p["steps"] == p["planned_steps"] for p in done["phases"].values()), done["phases"]
     # and exactly where it stopped: the same losses as a run never interrupted
@@ -72,13 +74,13 @@ def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tm
 
     evaluation = subprocess.run(_cli("avatar-eval", subject, settings), capture_output=True, text=True, timeout=900)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    summary = subject.evaluation_summary("smoke")
+    summary = subject.evaluation_summary(avatar)
     test_frames = [i for i in subject.split()["test"] if subject.tracking()["fitted"][i]]
     assert summary["method"] == name and summary["test_frames"] == test_frames
     assert list(summary["protocols"]) == list(cfg.protocols)
     for values in summary["protocols"].values():
         assert 0 < values["ssim"] <= 1 and 0 < values["head_ssim"] <= 1 and values["psnr"] > 5
-    out = subject.evaluation_dir("smoke")
+    out = subject.evaluation_dir(avatar)
     assert len(list((out / "test").glob("*.png"))) == len(test_frames)
     for video in ("test.mp4", "orbit.mp4", "sweep.mp4"):
         assert (out / video).stat().st_size > 0, video
@@ -89,7 +91,8 @@ def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tm
     other = _settings(name, seed=cfg.seed + 1)
     refused = subprocess.run(_cli("avatar-eval", subject, other), capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "other settings" in refused.stderr and "checkpoint.pt" in refused.stderr
-    assert subject.evaluation_summary("smoke") == summary  # the earlier evaluation is untouched
+    assert subject.evaluation_summary(avatar) == summary  # the earlier evaluation is untouched
 
-    page = report.subject_report(subject, ["smoke"]).read_text()
-    assert "Avatar smoke" in page and f"<td>{name}</td>" in page and "curve_smoke.png" in page
+    page = report.subject_report(subject, [avatar]).read_text()
+    assert f"Avatar {avatar}" in page and f"curve_{avatar}.png" in page, page[:3000]
+    assert f"<td>{name}</td>" in page, page[:3000]

@@ -146,8 +146,35 @@ class Phase:
 
     name: str
     steps: int
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | CombinedOptimizer
     final_ratio: float = 1.0
+    progress: float = 0.0  # share of the phase done (of its steps or its time), set by the trainer each step
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped as one (a phase may fit per-frame parameters by SGD and networks by Adam)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> list[dict]:
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
 
 
 class AvatarModel(torch.nn.Module):

@@ -36,9 +36,12 @@ class SubjectFrames:
         with_masks: bool = False,
         with_images: bool = True,
         with_mattes: bool = False,
+        with_labels: bool = False,
+        with_normals: bool = False,
+        with_landmarks: bool = False,
     ):
         data = store.tracking()
-        self.tracking = data
+        self.store, self.tracking = store, data
         crop_size = int(data["image_size"])
         splits = store.split()
         frames = [i for i in splits[split] if data["fitted"][i]]
@@ -83,6 +86,27 @@ class SubjectFrames:
             self.head_masks = np.stack(
                 [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0 for m in masks]
             )
+
+        # parsing labels (cache.PARSING_CLASSES) at this size, for methods with semantic losses
+        self.labels = (
+            np.stack([cv2.resize(store.read_labels(i), (size, size), interpolation=cv2.INTER_NEAREST) for i in frames])
+            if with_labels
+            else None
+        )
+        # the normal stage's camera-space normals (y up, z toward the camera) and where they are valid
+        self.normals = self.normal_masks = None
+        if with_normals:
+            pairs = [store.read_normals(i) for i in frames]
+            self.normals = torch.stack([_resized(n, size) for n, _ in pairs])
+            self.normal_masks = np.stack(
+                [cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0 for _, m in pairs]
+            )
+        # detected iBUG-68 landmarks at this size (x, y in pixels; NaN where the frame has none)
+        self.landmarks = (
+            torch.as_tensor(store.landmarks()["ibug68"][self.frames, :, :2] * size / crop_size, dtype=torch.float32)
+            if with_landmarks
+            else None
+        )
 
     def sample_pixels(self, k: int, count: int, head_fraction: float, rng: np.random.Generator) -> torch.Tensor:
         """`count` pixels (x, y) of frame k, `head_fraction` of them inside the head box."""

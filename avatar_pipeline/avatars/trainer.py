@@ -147,6 +147,7 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
                     break
                 # the decay follows whichever runs out first, the phase's steps or its share of the budget
                 done = max(position["phase_step"] / max(1, phase.steps - 1), spent)
+                phase.progress = done
                 factor = math.exp(decay * done)
                 for group in phase.optimizer.param_groups:
                     group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
@@ -229,11 +230,16 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
         else round(matmul_gflops(torch.bfloat16 if model.precision == "bf16" else torch.float32), 1),
         "precision": model.precision,
         "seconds": float(rows[-1]["seconds"]) if rows else 0.0,
-        "final_train_psnr": float(np.mean([float(r["psnr"]) for r in rows[-100:]])) if rows else None,
+        # the last 100 steps that rendered colours (a geometry-only phase logs none)
+        "final_train_psnr": _recent_mean([float(r["psnr"]) for r in rows if r["psnr"] not in ("", "nan")]),
         "settings": cfg.training_settings(),
     }
     cache.write_training_summary(out_dir, summary)
     return summary
+
+
+def _recent_mean(values: list[float], count: int = 100) -> float | None:
+    return float(np.mean(values[-count:])) if values else None
 
 
 def load_trained(spec: MethodSpec, cfg: AvatarConfig, train: SubjectFrames, train_dir: Path, device) -> AvatarModel:

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 REGIONS = ("face", "scalp", "neck", "eyes", "mouth_interior")
+# texture charts: every triangle's UVs lie in the unit square of one of these (mesh avatars keep one
+# feature grid per chart, so the mouth interior and the eyes never share texels with the skin)
+UV_CHARTS = ("face", "mouth", "eyes")
 
 
 @dataclasses.dataclass
@@ -42,6 +45,15 @@ class MorphableModel:
     regions: dict[str, np.ndarray]  # region name -> vertex indices
     skinning: Skinning | None = None
     expression_prior: str = "gaussian"  # "gaussian" (PCA, N(0,1)) or "unit" (blendshape weights in [0, 1])
+    # texture coordinates, where the model has them: uvs (T, 2) in [0, 1], uv_faces (F, 3) rows of uvs per
+    # triangle corner (seams make them differ from `faces`), face_charts (F,) index into UV_CHARTS
+    uvs: np.ndarray | None = None
+    uv_faces: np.ndarray | None = None
+    face_charts: np.ndarray | None = None
+
+    @property
+    def has_uvs(self) -> bool:
+        return self.uvs is not None and self.uv_faces is not None and self.face_charts is not None
 
     @property
     def num_vertices(self) -> int:
@@ -95,6 +107,9 @@ class MorphableModel:
             regions=regions,
             skinning=skinning,
             expression_prior=str(data["expression_prior"]),
+            uvs=data.get("uvs"),
+            uv_faces=data.get("uv_faces"),
+            face_charts=data.get("face_charts"),
         )
 
     def vertices(self, identity=None, expression=None, joint_rotations=None, subset: np.ndarray | None = None):

@@ -80,4 +80,19 @@ def learn(mp478: np.ndarray, valid: np.ndarray, num_expression: int = 20) -> Mor
             "mouth_interior": np.zeros(0, np.int64),
         },
         expression_prior="gaussian",
+        **frontal_uvs(mean, tris),
     )
+
+
+def frontal_uvs(template: np.ndarray, faces: np.ndarray) -> dict:
+    """Texture coordinates for a face-only mesh that has none: the frontal projection of the template
+    (x, y) into the unit square with a small margin, one chart (the face seen from the front has no
+    overlapping parts)."""
+    xy = template[:, :2]
+    low, high = xy.min(0), xy.max(0)
+    uv = 0.02 + 0.96 * (xy - low) / (high - low).max()
+    return {
+        "uvs": uv[faces].reshape(-1, 2).astype(np.float32),
+        "uv_faces": np.arange(3 * len(faces)).reshape(-1, 3),
+        "face_charts": np.zeros(len(faces), np.int8),
+    }

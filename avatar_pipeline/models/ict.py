@@ -41,18 +41,24 @@ def _range(a: int, b: int) -> np.ndarray:
 
 
 def parse_obj(data: bytes, with_faces: bool = False):
-    """Vertices (V, 3) float32 (and triangulated faces) of an OBJ; fast path for large files."""
+    """Vertices (V, 3) float32 of an OBJ (fast path for large files); with_faces: also the triangulated
+    faces (F, 3), texture coordinates (T, 2) and each triangle's texture-coordinate rows (F, 3)."""
     lines = data.split(b"\n")
     verts = np.array(b" ".join(line[2:] for line in lines if line.startswith(b"v ")).split(), np.float32)
     verts = verts.reshape(-1, 3)
     if not with_faces:
         return verts
-    faces = []
+    uvs = np.array(b" ".join(line[3:] for line in lines if line.startswith(b"vt ")).split(), np.float32)
+    faces, uv_faces = [], []
     for line in lines:
         if line.startswith(b"f "):
-            ids = [int(tok.split(b"/")[0]) - 1 for tok in line.split()[1:]]
-            faces.extend((ids[0], ids[k], ids[k + 1]) for k in range(1, len(ids) - 1))  # fan-triangulate quads
-    return verts, np.array(faces, np.int64)
+            corners = [tok.split(b"/") for tok in line.split()[1:]]
+            ids = [int(c[0]) - 1 for c in corners]
+            tex = [int(c[1]) - 1 if len(c) > 1 and c[1] else -1 for c in corners]
+            for k in range(1, len(ids) - 1):  # fan-triangulate quads
+                faces.append((ids[0], ids[k], ids[k + 1]))
+                uv_faces.append((tex[0], tex[k], tex[k + 1]))
+    return verts, np.array(faces, np.int64), uvs.reshape(-1, 2), np.array(uv_faces, np.int64)
 
 
 def _iter_release(source: Path) -> Iterator[tuple[str, bytes]]:
@@ -95,6 +101,12 @@ def check_converted(path: Path) -> MorphableModel:
             "point model.ict_path at the ICT-FaceKit folder or archive, or at the ict.npz an earlier "
             "run wrote in results/_models",
         ) from None
+    if model.name == "ict" and not model.has_uvs:
+        raise InputError(
+            str(path),
+            "was converted by an earlier version of avatar-pipeline, without the texture coordinates",
+            "rerun the ict_model rule (or point model.ict_path at the ICT-FaceKit release) to convert it again",
+        )
     if model.name != "ict" or model.template.shape != (NUM_VERTICES, 3):
         raise InputError(
             str(path),
@@ -119,7 +131,7 @@ def convert(source: str | Path) -> MorphableModel:
         if fname == "vertex_indices.json":
             meta = json.loads(data)
         elif fname == "generic_neutral_mesh.obj":
-            neutral, faces = parse_obj(data, with_faces=True)
+            neutral, faces, uvs, uv_faces = parse_obj(data, with_faces=True)
         elif fname.endswith(".obj"):
             objs[fname[:-4]] = parse_obj(data)
     missing = []
@@ -170,7 +182,27 @@ def convert(source: str | Path) -> MorphableModel:
         landmark_ids=np.arange(68),
         regions=regions,
         expression_prior="unit",
+        **_uv_charts(faces, uvs, uv_faces),
     )
+
+
+def _uv_charts(faces: np.ndarray, uvs: np.ndarray, uv_faces: np.ndarray) -> dict:
+    """ICT's UVs are UDIM tiles (u in [0, 7)): tile 0 the face, 1 the back of the head and the sockets,
+    2 gums and tongue, 3 teeth, 4-6 irises and eye fluids, and the eyeballs again in tile 0. Recast as
+    the charts of base.UV_CHARTS: face (tiles 0-1 side by side), mouth (tiles 2-3), eyes (every eye part)."""
+    tile = np.floor(uvs[uv_faces[:, 0], 0]).astype(int)
+    eyes = np.isin(faces[:, 0], np.concatenate([_range(a, b) for a, b in EYES[1:]]))  # the eyeballs
+    charts = np.where(eyes | (tile >= 4), 2, np.where(tile >= 2, 1, 0))
+    # every triangle corner gets its own texture coordinate in its chart's unit square
+    corner_uv = uvs[uv_faces].copy()  # (F, 3, 2)
+    corner_uv[charts == 0, :, 0] /= 2
+    corner_uv[charts == 1, :, 0] = (corner_uv[charts == 1, :, 0] - 2) / 2
+    corner_uv[charts == 2, :, 0] /= 7
+    return {
+        "uvs": corner_uv.reshape(-1, 2).clip(0, 1).astype(np.float32),
+        "uv_faces": np.arange(3 * len(faces)).reshape(-1, 3),
+        "face_charts": charts.astype(np.int8),
+    }
 
 
 def download(dest: str | Path, commit: str = RELEASE_COMMIT) -> Path:
