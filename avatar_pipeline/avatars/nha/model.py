@@ -440,7 +440,6 @@ class NHAModel(AvatarModel):
         return (predicted_detail - target_at).abs()[chosen].mean()
 
     def perceptual_loss(self, r, data, k, head) -> torch.Tensor:
-        size = data.size
         predicted = (data.images[k] * 2 - 1).clone()
         inside = head[r["ys"], r["xs"]]
         predicted = predicted.index_put((r["ys"][inside], r["xs"][inside]), r["colour"][inside])
