@@ -234,9 +234,16 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
         ("orbit.mp4", "novel head poses"),
         ("sweep.mp4", f"expression edit: {summary.get('sweep', {}).get('expression', '')}"),
         ("reenact.mp4", f"reenactment driven by {summary.get('reenactment', {}).get('driver', '')}"),
+        ("mesh_overlay.mp4", "the avatar's mesh over the test frames"),
     ):
         if (folder / "eval" / video).exists():
             parts.append(_video(f"{rel}/{video}", caption))
+    if (folder / "eval" / "mesh" / "canonical.obj").exists():
+        parts.append(
+            f"<p>Meshes: <a href='{rel}/mesh/canonical.obj'>canonical.obj</a> (with canonical.mtl and the baked "
+            f"texture below; static part of the colour), test frames as PLY in <a href='{rel}/mesh/frames/'>"
+            f"mesh/frames/</a></p><img src='{rel}/mesh/texture.png' width='960'>"
+        )
     parts.append(f"<details><summary>metric definitions</summary><pre>{esc(summary['metrics_doc'])}</pre></details>")
     return "".join(parts)
 

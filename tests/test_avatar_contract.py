@@ -79,7 +79,9 @@ def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tm
     assert summary["method"] == name and summary["test_frames"] == test_frames
     assert list(summary["protocols"]) == list(cfg.protocols)
     for values in summary["protocols"].values():
-        assert 0 < values["ssim"] <= 1 and 0 < values["head_ssim"] <= 1 and values["psnr"] > 5
+        assert 0 < values["ssim"] <= 1 and 0 < values["head_ssim"] <= 1
+        # even a smoke run explains the held-out frames better than the background plate alone
+        assert values["psnr"] > values["psnr_background_only"] + 1.0, values
     out = subject.evaluation_dir(avatar)
     assert len(list((out / "test").glob("*.png"))) == len(test_frames)
     for video in ("test.mp4", "orbit.mp4", "sweep.mp4"):

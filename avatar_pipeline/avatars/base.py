@@ -227,6 +227,7 @@ class AvatarModel(torch.nn.Module):
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def exports(self, folder, frames: Any) -> dict:
-        """Method-specific outputs of the evaluation (e.g. meshes); returns what metrics.json records."""
+    def exports(self, folder, frames: Any, views: list[View]) -> dict:
+        """Method-specific outputs of the evaluation (e.g. meshes) from the training frames and the headline
+        protocol's test views; returns what metrics.json records of them."""
         return {}

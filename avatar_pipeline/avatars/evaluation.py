@@ -77,9 +77,12 @@ def evaluate(
         "precision": model.precision,
         "device": str(device),
     }
+    headline_views: list[View] = []
     for protocol in cfg.protocols:
         views = model.test_views(protocol, test)
         rows, headline = [], protocol == cfg.protocols[0]
+        if headline:
+            headline_views = views
         folder = out / "test"
         folder.mkdir(exist_ok=True)
         video = VideoWriter(out / "test.mp4", 3 * size, size) if headline else None
@@ -123,7 +126,7 @@ def evaluate(
         summary["reenactment"] = render_reenactment(
             out / "reenact.mp4", model, neutral, train_data, driver, cfg, spec.name
         )
-    summary.update(model.exports(out, train_data))
+    summary.update(model.exports(out, train_data, headline_views))
     cache.write_evaluation_summary(out, summary)
     return summary
 

@@ -51,6 +51,8 @@ class NHAConfig(AvatarConfig):
     w_shape: float = 1e-3
     w_expression: float = 1e-3
     w_pose: float = 1e-3
+    # the head model the avatar must be built on (the tracking stage's model.kind): any, ict, flame, builtin
+    head_model: str = "any"
     # networks (Appendix A.2)
     subdivisions: int | None = None  # None: the model's own (ICT 0, FLAME 1, built-in 2)
     vertex_features: int = 32

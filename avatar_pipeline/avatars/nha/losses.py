@@ -74,14 +74,16 @@ def hole_filling_loss(
     xs: torch.Tensor,
     screen: torch.Tensor,
     sigma: float,
+    uncovered: bool = False,
 ) -> torch.Tensor:
-    """target (H, W, K) bool masks; rendered (P, K) bool: which covered pixel shows each class.
+    """target (H, W, K) bool masks; rendered (P, K) bool: which covered pixel shows each class; `uncovered`:
+    the rendering's value where the mesh is not (True for complement masks such as "not an eyeball").
 
     Every rendered pixel is drawn toward the blurred holes (target pixels no rendered pixel covers), and a
     rendered pixel outside the target toward the blurred union of target and rendering: its value is
     1 - those blurred masks read at the moving screen positions, normalised by the pixels involved."""
     size = target.shape[:2]
-    shown = torch.zeros(size + (target.shape[2],), dtype=torch.bool)
+    shown = torch.full(size + (target.shape[2],), uncovered, dtype=torch.bool)
     shown[ys, xs] = rendered
     holes = gaussian_blur((target & ~shown).float(), sigma).clamp(0, 1)
     union = gaussian_blur((target | shown).float(), sigma).clamp(0, 1)

@@ -65,8 +65,12 @@ class HeadMesh:
 def build_head_mesh(model: MorphableModel, subdivisions: int) -> HeadMesh:
     if not model.has_uvs:
         raise ValueError(f"the {model.name} model has no texture coordinates")
-    faces, corner_uvs, charts = model.faces, model.uvs[model.uv_faces], model.face_charts.astype(np.int64)
     region = base_regions(model)
+    # the lower neck is left out, as the paper does with FLAME's: it flares into the shoulders, which the
+    # parsing labels as clothing and no head model describes
+    keep = ~(region[model.faces] == REGIONS.index("lower_neck")).all(1)
+    faces, corner_uvs = model.faces[keep], model.uvs[model.uv_faces[keep]]
+    charts = model.face_charts[keep].astype(np.int64)
     rows, cols, vals = np.arange(model.num_vertices), np.arange(model.num_vertices), np.ones(model.num_vertices)
     mapping = (rows, cols, vals)
     count = model.num_vertices

@@ -77,6 +77,13 @@ class NHAModel(AvatarModel):
         super().__init__()
         self.cfg, self.train_frames, self.device = cfg, train, device
         model = train.store.tracked_model()
+        if cfg.head_model not in ("any", model.name):
+            raise InputError(
+                f"head_model: {cfg.head_model}",
+                f"the subject {train.store.subject} was tracked with the {model.name} model, not {cfg.head_model}",
+                f"set model.kind: {cfg.head_model} in config.yaml (tracking and this avatar then rerun), or "
+                "head_model: any",
+            )
         if not model.has_uvs:
             raise InputError(
                 str(train.store.stage_dir("tracking") / "model.npz"),
@@ -139,7 +146,8 @@ class NHAModel(AvatarModel):
         if cfg.perceptual_weights:
             from .perceptual import FaceRecognitionPerceptualLoss
 
-            self.perceptual = FaceRecognitionPerceptualLoss(cfg.perceptual_weights)
+            # kept out of the submodules: its frozen weights are not the avatar's and stay out of checkpoints
+            self.__dict__["perceptual"] = FaceRecognitionPerceptualLoss(cfg.perceptual_weights)
         else:
             log.warning(
                 "nha: the perceptual term is off: it needs face-recognition weights (InsightFace arcface_torch "
@@ -334,7 +342,7 @@ class NHAModel(AvatarModel):
         if geometry:
             terms["landmarks"] = weights["landmarks"] * self.landmark_loss(r, data.landmarks[k], size)
             terms["silhouette"] = weights["silhouette"] * hole_filling_loss(
-                head[..., None], torch.ones(len(ys), 1, dtype=torch.bool), ys, xs, screen, sigma=2.0 * size / 512
+                head[..., None], torch.ones(len(ys), 1, dtype=torch.bool), ys, xs, screen, sigma=_blur_sigma(size)
             )
             terms["semantic"] = self.semantic_loss(r, labels, weights, size, trust)
             terms["normal"] = weights["normal"] * self.normal_loss(r, data, k, labels)
@@ -390,7 +398,7 @@ class NHAModel(AvatarModel):
         cls = cache.PARSING_CLASS_ID
         ys, xs, screen = r["ys"], r["xs"], r["screen"]
         region = r["labels"]
-        sigma = 2.0 * size / 512
+        sigma = _blur_sigma(size)
 
         def inside(*names):
             return sum(region[:, REGIONS.index(n)] for n in names) > 0.99
@@ -402,10 +410,16 @@ class NHAModel(AvatarModel):
             target("l_ear", "r_ear")[..., None], inside("ears")[:, None], ys, xs, screen, sigma
         )
         total = total + trust * weights["semantic_eye"] * hole_filling_loss(
-            ~target("l_eye", "r_eye")[..., None], ~inside("eyeballs")[:, None], ys, xs, screen, sigma / 2
+            ~target("l_eye", "r_eye")[..., None],
+            ~inside("eyeballs")[:, None],
+            ys,
+            xs,
+            screen,
+            max(1.0, sigma / 2),
+            True,
         )
         total = total + trust * weights["semantic_mouth"] * hole_filling_loss(
-            ~target("mouth")[..., None], ~inside("mouth_interior")[:, None], ys, xs, screen, sigma / 2
+            ~target("mouth")[..., None], ~inside("mouth_interior")[:, None], ys, xs, screen, max(1.0, sigma / 2), True
         )
         hair = inside("scalp")
         hair_target = target("hair")
@@ -507,6 +521,22 @@ class NHAModel(AvatarModel):
         alpha = torch.zeros(view.size, view.size).index_put((r["ys"], r["xs"]), torch.ones(len(r["ys"])))
         return image, alpha
 
+    def exports(self, folder, frames: SubjectFrames, views: list[View]) -> dict:
+        """The canonical textured mesh, meshes of the first test frames, and the mesh over the test frames."""
+        import cv2
+
+        from .export import canonical_mesh, frame_meshes, overlay_video
+
+        out = {"canonical_mesh": canonical_mesh(self, folder / "mesh", self.cfg.texture_size)}
+        out["frame_meshes"] = frame_meshes(self, folder / "mesh" / "frames", views, self.cfg.mesh_frames)
+        shown = views[: self.cfg.video_frames]
+        images = [
+            cv2.resize(frames.store.read_frame(v.frame), (v.size, v.size), interpolation=cv2.INTER_AREA) for v in shown
+        ]
+        if shown:
+            overlay_video(self, folder / "mesh_overlay.mp4", shown, images, len(shown))
+        return {"exports": out}
+
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
         views = [self.view(test, k) for k in range(len(test.frames))]
         if protocol == "tracked" or self.cfg.fit_steps == 0:
@@ -560,6 +590,12 @@ class NHAModel(AvatarModel):
             conditions[: expression.shape[1]] = base_expression[k] + expression[k].detach()
             fitted.append(View(camera, view.focal, view.size, conditions, view.background, None, view.frame))
         return fitted
+
+
+def _blur_sigma(size: int) -> float:
+    """The hole-filling blur: the authors' 2 px at 512 px, but at least a pixel (below that the blurred
+    masks are flat but at the outline and few vertices get a gradient)."""
+    return max(1.0, 2.0 * size / 512)
 
 
 def _weights(cfg: NHAConfig, index: int, progress: float) -> dict:
