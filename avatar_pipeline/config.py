@@ -83,6 +83,7 @@ class ModelConfig:
     ict_path: str | None = None
     flame_path: str | None = None
     flame_landmarks: str | None = None
+    flame_uvs: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

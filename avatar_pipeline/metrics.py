@@ -10,6 +10,8 @@ full frame and inside the head mask (parsing classes other than background and c
   the scale count is reported.
 - CPBD (Narvekar & Karam 2011): no-reference sharpness of the render (and of the ground truth, for
   scale); masked: only edges inside the mask.
+- gradient energy: the render's summed squared Sobel gradient of the luma over the real frame's (1: as
+  much fine detail as the real frame, below 1: blurrier; above 1: noisier), inside the mask when masked.
 - LPIPS (Zhang et al. 2018) with the AlexNet backbone, when its weights are in the torch hub cache;
   otherwise unavailable, with the reason. Inputs scaled to [-1, 1]; masked: the image outside the
   mask is set to black in both images.
@@ -103,6 +105,20 @@ def _half(x: np.ndarray) -> np.ndarray:
     h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
     x = x[:h, :w]
     return 0.25 * (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2])
+
+
+def gradient_energy(render: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Sum of the render's squared luma gradients over the real frame's (see the module docstring)."""
+
+    def energy(image):
+        gray = cv2.cvtColor(np.clip(image, 0, 1).astype(np.float32), cv2.COLOR_RGB2GRAY).astype(np.float64)
+        gx = cv2.Sobel(gray, cv2.CV_64F, 1, 0, ksize=3)
+        gy = cv2.Sobel(gray, cv2.CV_64F, 0, 1, ksize=3)
+        squared = gx**2 + gy**2
+        return float(squared[mask].sum() if mask is not None else squared.sum())
+
+    reference = energy(truth)
+    return energy(render) / reference if reference > 0 else float("nan")
 
 
 def cpbd(image: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -298,6 +314,7 @@ def frame_metrics(
         out[prefix + "ms_ssim"] = ms_ssim(render, truth, m)
         out[prefix + "cpbd"] = cpbd(render, m)
         out[prefix + "cpbd_truth"] = cpbd(truth, m)
+        out[prefix + "gradient_energy"] = gradient_energy(render, truth, m)
         if lpips_model is not None and lpips_model.available:
             out[prefix + "lpips"] = lpips_model(render, truth, m)
     if csim_model is not None and csim_model.available:

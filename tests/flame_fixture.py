@@ -105,3 +105,18 @@ def make_flame(folder: Path, seed: int = 0) -> tuple[Path, Path, dict]:
         "embedding": embedding,
     }
     return model_path, lmk_path, raw
+
+
+def make_flame_uvs(folder: Path, model_path: Path) -> Path:
+    """head_template.obj in FLAME's UV-template layout (v, vt, f v/vt) for the fixture's mesh: a spherical
+    unwrapping, one texture coordinate per vertex."""
+    mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.1)
+    x, y, z = np.asarray(mesh.vertices).T
+    u = np.arctan2(x, z) / (2 * np.pi) + 0.5
+    v = (y - y.min()) / (y.max() - y.min())
+    lines = [f"v {a:.6f} {b:.6f} {c:.6f}" for a, b, c in mesh.vertices]
+    lines += [f"vt {a:.6f} {b:.6f}" for a, b in zip(u, v)]
+    lines += [f"f {a}/{a} {b}/{b} {c}/{c}" for a, b, c in np.asarray(mesh.faces) + 1]
+    path = folder / "head_template.obj"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -62,6 +62,17 @@ def test_cpbd_finds_the_sharp_image_sharper(photo):
     assert 0 <= soft < sharp <= 1, (sharp, soft)
 
 
+def test_gradient_energy_is_one_for_the_real_frame_and_falls_with_blur(photo):
+    assert metrics.gradient_energy(photo, photo) == pytest.approx(1.0)
+    blurred = cv2.GaussianBlur(photo, (0, 0), 2.0)
+    assert metrics.gradient_energy(blurred, photo) < 0.5
+    mask = np.zeros(photo.shape[:2], bool)
+    mask[: photo.shape[0] // 2] = True
+    half = photo.copy()
+    half[~mask] = blurred[~mask]  # blur outside the mask does not count inside it
+    assert metrics.gradient_energy(half, photo, mask) == pytest.approx(1.0, abs=0.02)
+
+
 def test_lpips_without_weights_is_unavailable_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     model = metrics.Lpips()

@@ -108,6 +108,23 @@ def test_model_save_load_roundtrip(flame_files, tmp_path):
     assert again.regions.keys() == model.regions.keys()
 
 
+def test_flame_reads_its_uv_template_and_keeps_it_through_save_and_load(flame_files, tmp_path):
+    from .flame_fixture import make_flame_uvs
+
+    model_path, lmk_path, raw = flame_files
+    uvs = make_flame_uvs(tmp_path, model_path)
+    model = flame.load(model_path, lmk_path, num_identity=5, num_expression=5, uv_path=uvs)
+    assert model.has_uvs and model.uv_faces.shape == model.faces.shape and 0 <= model.uvs.min() <= model.uvs.max() <= 1
+    model.save(tmp_path / "m.npz")
+    again = MorphableModel.load(tmp_path / "m.npz")
+    assert np.array_equal(again.uv_faces, model.uv_faces) and np.array_equal(again.face_charts, model.face_charts)
+    assert not flame.load(model_path, lmk_path, num_identity=5, num_expression=5).has_uvs  # none without it
+    other = tmp_path / "other.obj"
+    other.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nf 1/1 2/2 3/3\n")
+    with pytest.raises(InputError, match="texture coordinates for 1 triangles(.|\n)*model.flame_uvs"):
+        flame.load(model_path, lmk_path, num_identity=5, num_expression=5, uv_path=other)
+
+
 def test_subset_evaluation_matches_full(flame_files):
     model = flame.load(*flame_files[:2], num_identity=5, num_expression=5)
     pose = torch.randn(3, 5, 3) * 0.1

@@ -62,7 +62,7 @@ def load_model(cfg: ModelConfig, ict_status: Path | None, landmarks=None) -> tup
                 "needs model.flame_path and model.flame_landmarks",
                 "download FLAME (registration required) and set both paths, or use model.kind: auto",
             )
-        return flame.load(cfg.flame_path, cfg.flame_landmarks), warnings
+        return flame.load(cfg.flame_path, cfg.flame_landmarks, uv_path=cfg.flame_uvs), warnings
     if kind in ("auto", "ict"):
         status = (
             json.loads(ict_status.read_text())

@@ -89,7 +89,11 @@ def _load_embedding(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def load(
-    model_path: str | Path, landmarks_path: str | Path, num_identity: int = 100, num_expression: int = 50
+    model_path: str | Path,
+    landmarks_path: str | Path,
+    num_identity: int = 100,
+    num_expression: int = 50,
+    uv_path: str | Path | None = None,
 ) -> MorphableModel:
     model_path, landmarks_path = Path(model_path), Path(landmarks_path)
     if not model_path.exists():
@@ -162,7 +166,37 @@ def load(
         regions=regions,
         skinning=skinning,
         expression_prior="gaussian",
+        **(_uv_template(Path(uv_path), faces, eyes) if uv_path else {}),
     )
+
+
+def _uv_template(path: Path, faces: np.ndarray, eyes: np.ndarray) -> dict:
+    """FLAME's texture coordinates from its UV template: head_template.obj (vt and f v/vt lines, as in the
+    FLAME 2020 download) or an .npz with `vt` (T, 2) and `ft` (F, 3) (FLAME_texture.npz). The triangles
+    must be the model's, in its order. One chart for the head; the eyeballs get their own."""
+    how = "give model.flame_uvs the head_template.obj or FLAME_texture.npz of the same FLAME release"
+    if not path.exists():
+        raise InputError(str(path), "FLAME UV template not found", how)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                uvs, uv_faces = data["vt"].astype(np.float32), data["ft"].astype(np.int64)
+        else:
+            from .ict import parse_obj
+
+            _, obj_faces, uvs, uv_faces = parse_obj(path.read_bytes(), with_faces=True)
+            if len(obj_faces) == len(faces) and not np.array_equal(obj_faces, faces):
+                raise InputError(str(path), "its triangles are not the model's", how)
+    except (KeyError, ValueError, OSError) as e:
+        raise InputError(str(path), f"not a FLAME UV template ({type(e).__name__}: {e})", how) from None
+    if uv_faces.shape != faces.shape or (uv_faces < 0).any() or uv_faces.max() >= len(uvs):
+        raise InputError(
+            str(path),
+            f"has texture coordinates for {len(uv_faces)} triangles (or none), the model has {len(faces)}",
+            how,
+        )
+    charts = np.where(eyes[faces].all(1), 2, 0).astype(np.int8)
+    return {"uvs": uvs.clip(0, 1), "uv_faces": uv_faces, "face_charts": charts}
 
 
 def skin_vertices(model: MorphableModel, verts, joint_rotations, subset, cache, identity, expression):

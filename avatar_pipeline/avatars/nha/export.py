@@ -35,7 +35,7 @@ def canonical_mesh(model, folder: Path, texture_size: int) -> dict:
     cache.write_png(folder / "texture.png", atlas)
     corner_uv = mesh.corner_uvs.reshape(-1, 2)
     charts = np.repeat(mesh.face_charts, 3)
-    atlas_uv = np.stack([(charts + corner_uv[:, 0]) / len(UV_CHARTS), 1 - corner_uv[:, 1]], 1)  # OBJ's v is up
+    atlas_uv = np.stack([(charts + corner_uv[:, 0]) / len(UV_CHARTS), corner_uv[:, 1]], 1)
     lines = ["mtllib canonical.mtl", "usemtl head"]
     lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in verts]
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in atlas_uv]
@@ -55,8 +55,9 @@ def _bake(model, size: int) -> np.ndarray:
         faces = np.flatnonzero(mesh.face_charts == chart)
         if not len(faces):
             continue
-        # the chart's triangles laid out in texel space: each corner its own vertex
-        xy = mesh.corner_uvs[faces].reshape(-1, 2).astype(np.float64) * size - 0.5
+        # the chart's triangles laid out in texel space, v up as in OBJ files: each corner its own vertex
+        uv = mesh.corner_uvs[faces].reshape(-1, 2).astype(np.float64)
+        xy = np.stack([uv[:, 0], 1 - uv[:, 1]], 1) * size - 0.5
         triangles = np.arange(3 * len(faces)).reshape(-1, 3)
         tri_id = raster.rasterize(xy, np.zeros(len(xy)), triangles, size, size)
         canonical = model.canonical[torch.as_tensor(mesh.faces[faces])].reshape(-1, 3).numpy()

@@ -564,7 +564,8 @@ class NHAModel(AvatarModel):
         weights = _weights(cfg, 2, 1.0)
         identity = (self.tracked["identity"] + self.shape).detach()
         trust = frontal_trust(torch.stack([R for R, _ in poses]))
-        for _ in progress(range(cfg.fit_steps), cfg.fit_steps, "nha: fit test frames", unit="step"):
+        bar = progress(range(cfg.fit_steps), cfg.fit_steps, "nha: fit test frames", unit="step")
+        for _ in bar:
             optimizer.zero_grad()
             total = 0.0
             for k in range(count):
@@ -578,8 +579,9 @@ class NHAModel(AvatarModel):
                 terms = self.frame_losses(r, k, data, weights, True, True, float(trust[k]))
                 loss = sum(terms.values()) + weights["expression"] * (expression[k] ** 2).sum() / 2
                 loss.backward()
-                total += float(loss)
+                total += loss.item() / count
             optimizer.step()
+            bar.set_postfix(loss=f"{total:.4f}", refresh=False)
         fitted = []
         for k, view in enumerate(views):
             R = axis_angle_to_matrix(base_rotation[k] + rotation[k].detach()) @ FLIP

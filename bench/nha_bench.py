@@ -1,0 +1,160 @@
+"""Neural Head Avatars against NeRFace on this machine.
+
+    .venv/bin/python bench/nha_bench.py steps                  # -> bench/results/nha_steps.json
+    .venv/bin/python bench/nha_bench.py compare [CLIP ...]     # -> bench/results/nha_compare.json
+
+`steps`: seconds per training step of each phase (geometry, texture, joint) of the `fast` preset at 256 px
+and of the `paper` preset at 512 px (its batch sizes 16 / 2 / 2), on lp_d18 tracked with ICT FaceKit,
+with this CPU's matrix-product throughput beside them.
+
+`compare`: the whole pipeline (`avatar-pipeline workflow`) on clips of ../shared/data/videos at 256 px
+(last 20% of frames held out), tracked with ICT FaceKit; one `nha` fast and one `nerface` fast avatar per
+clip, each given the same training time (COMPARE_MINUTES as max_minutes, with step counts the budget cuts
+short), one after the other on the same machine. Test metrics inside the head mask (NHA renders no torso)
+and over the full frame, the sharpness figures (CPBD, and the render's gradient energy over the real
+frame's inside the head mask), and the held-out frame's PSNR over training time. Clips are run one
+invocation at a time if need be; figures accumulate in the results file. lp_d18 and dt_W009 tuned the
+`fast` presets; dt_M030 and vr_face2 are reported apart as the untuned check.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from avatar_pipeline import cache  # noqa: E402
+from avatar_pipeline.avatars import find, trainer  # noqa: E402
+from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
+from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
+from bench.nerface_bench import _read, _write, bench_config, head_commit, run_workflow, training_curve  # noqa: E402
+
+COMPARE_MINUTES = 20.0
+TUNED = ("lp_d18", "dt_W009_front_happy_level3_001")
+CLIPS = (
+    "lp_d18.mp4",
+    "dt_W009_front_happy_level3_001.mp4",
+    "dt_M030_front_neutral_level1_001.mp4",
+    "vr_face2.mp4",
+)
+KEYS = ("psnr", "ssim", "ms_ssim", "l1", "lpips", "cpbd", "cpbd_truth", "gradient_energy")
+AVATARS = {
+    # step counts the time budget cuts short, so both train for the same minutes
+    "nha_fast": {"method": "nha", "preset": "fast", "steps": 20000, "validate_every": 250},
+    "nerface_fast": {"method": "nerface", "preset": "fast", "steps": 20000, "validate_every": 250},
+}
+
+
+def steps_bench() -> None:
+    """Seconds per step of each phase at each preset, on the tracked lp_d18 of a compare run."""
+    spec = find("nha")
+    store = cache.SubjectCache(REPO / "bench" / "work" / "results", "lp_d18")
+    if not store.stage_dir("tracking").exists():
+        compare_bench(["lp_d18.mp4"], tracking_only=True)
+    figures = {
+        "command": "bench/nha_bench.py steps",
+        "cpu": cpu_info(),
+        "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
+        "commit": head_commit(),
+        "step_seconds": {},
+    }
+    for preset, size, repeats in (("fast", 256, 6), ("paper", 512, 2)):
+        cfg = spec.config_from({"preset": preset, "size": size})
+        frames = SubjectFrames(store, size, "train", **spec.model_class().training_data(cfg))
+        torch.manual_seed(0)
+        model = trainer.build_model(spec, cfg, frames, torch.device("cpu"))
+        rng = np.random.default_rng(0)
+        for phase in model.phases():
+            times = []
+            for _ in range(repeats + 1):  # the first step warms up
+                start = time.perf_counter()
+                terms, _ = model.training_step(phase, rng)
+                phase.optimizer.zero_grad()
+                sum(terms.values()).backward()
+                phase.optimizer.step()
+                times.append(time.perf_counter() - start)
+            figures["step_seconds"][f"{preset}/{size}px/{phase.name}"] = round(min(times[1:]), 3)
+            print(preset, phase.name, figures["step_seconds"][f"{preset}/{size}px/{phase.name}"], flush=True)
+        figures[f"{preset}_planned_minutes"] = round(
+            sum(
+                figures["step_seconds"][f"{preset}/{size}px/{p.name}"] * n
+                for p, n in zip(model.phases(), cfg.phase_steps())
+            )
+            / 60,
+            1,
+        )
+    _write("nha_steps.json", figures)
+
+
+def compare_bench(clips: list[str], tracking_only: bool = False) -> None:
+    names = [Path(c).stem for c in clips]
+    avatars = {name: {**avatar, "max_minutes": COMPARE_MINUTES} for name, avatar in AVATARS.items()}
+    config_path, config = bench_config(clips, avatars)
+    if tracking_only:
+        run_workflow(config_path, [str(Path(config["results_dir"]) / n / "tracking") for n in names])
+        return
+    start = time.perf_counter()
+    exit_code = run_workflow(config_path, [])
+    figures = _read("nha_compare.json", {"clips": {}})
+    figures.update(
+        {
+            "command": "bench/nha_bench.py compare CLIP ...",
+            "minutes_each": COMPARE_MINUTES,
+            "avatars": avatars,
+            "tuned_on": list(TUNED),
+            "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir", "avatars")},
+        }
+    )
+    figures.setdefault("runs", []).append(
+        {
+            "clips": clips,
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "exit_code": exit_code,
+            "cpu": cpu_info(),
+            "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
+            "commit": head_commit(),
+        }
+    )
+    work = config_path.parent
+    for name in names:
+        entry = {"tuned": name in TUNED}
+        for avatar in AVATARS:
+            folder = work / "results" / name / "avatars" / avatar
+            try:
+                curve = training_curve(folder / "train")
+            except OSError as e:
+                entry[avatar] = {"error": str(e)}
+                continue
+            metrics = cache.read_optional_json(folder / "eval" / cache.METRICS_FILE)
+            if metrics is None:
+                entry[avatar] = {**curve, "test": "not evaluated"}
+                continue
+            headline = metrics["protocols"][metrics["headline_protocol"]]
+            entry[avatar] = {
+                **curve,
+                "protocol": metrics["headline_protocol"],
+                "test_frames": len(metrics["test_frames"]),
+                "head": {k: round(headline[f"head_{k}"], 4) for k in KEYS if f"head_{k}" in headline},
+                "full_frame": {k: round(headline[k], 4) for k in KEYS if k in headline},
+                "background_only_psnr": round(headline["psnr_background_only"], 2),
+                "all_protocols": {
+                    p: {k: round(v[k], 4) for k in ("psnr", "head_psnr", "head_l1") if k in v}
+                    for p, v in metrics["protocols"].items()
+                },
+            }
+        figures["clips"][name] = entry
+    _write("nha_compare.json", figures)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "steps"
+    if what == "steps":
+        steps_bench()
+    else:
+        compare_bench(sys.argv[2:] or list(CLIPS))
