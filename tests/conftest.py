@@ -98,6 +98,20 @@ def lp_d18(videos_dir, tmp_path_factory) -> cache.SubjectCache:
 
 
 @pytest.fixture(scope="session")
+def lp_d18_ict(lp_d18, ict_status, tmp_path_factory) -> cache.SubjectCache:
+    """lp_d18's preprocessing (128 px) tracked with ICT FaceKit (a model with UVs and a mouth interior)."""
+    from avatar_pipeline.config import ModelConfig, TrackingConfig
+    from avatar_pipeline.stages import tracking
+
+    store = cache.SubjectCache(tmp_path_factory.mktemp("lp_d18_ict"), "lp_d18")
+    store.root.mkdir(parents=True)
+    for stage in ("crop", "landmarks", "parsing", "background", "normals"):
+        (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
+    tracking.run(store, TrackingConfig(iterations=150, overlay_frames=0), ModelConfig(kind="ict"), ict_status)
+    return store
+
+
+@pytest.fixture(scope="session")
 def ict_status(tmp_path_factory) -> Path:
     """ICT FaceKit converted once from ../shared/models; the path of the ict.json the tracker reads."""
     from avatar_pipeline.config import ModelConfig

@@ -13,21 +13,14 @@ import torch
 
 from avatar_pipeline import cache, report
 from avatar_pipeline.avatars import avatar_method, methods, trainer
-from avatar_pipeline.config import ModelConfig, TrackingConfig, validate_config
-from avatar_pipeline.stages import tracking as tracking_stage
+from avatar_pipeline.config import validate_config
 
 from .conftest import CLI
 
 
 @pytest.fixture(scope="module")
-def subject(lp_d18, ict_status, tmp_path_factory):
-    """lp_d18's preprocessing (128 px) tracked with ICT FaceKit, the model with UVs and a mouth interior."""
-    store = cache.SubjectCache(tmp_path_factory.mktemp("contract"), "lp_d18")
-    store.root.mkdir(parents=True)
-    for stage in ("crop", "landmarks", "parsing", "background", "normals"):
-        (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
-    tracking_stage.run(store, TrackingConfig(iterations=150, overlay_frames=0), ModelConfig(kind="ict"), ict_status)
-    return store
+def subject(lp_d18_ict):
+    return lp_d18_ict
 
 
 def _settings(name: str, **overrides) -> dict:

@@ -13,10 +13,9 @@ from avatar_pipeline.avatars import find, trainer
 from avatar_pipeline.avatars.data import SubjectFrames
 from avatar_pipeline.avatars.nha.losses import hole_filling_loss, screen_sampled
 from avatar_pipeline.avatars.nha.mesh import REGIONS, build_head_mesh, template_landmarks
-from avatar_pipeline.config import ModelConfig, TrackingConfig, validate_config
+from avatar_pipeline.config import validate_config
 from avatar_pipeline.errors import InputError
 from avatar_pipeline.models.base import MorphableModel
-from avatar_pipeline.stages import tracking as tracking_stage
 
 SPEC = find("nha")
 
@@ -32,13 +31,8 @@ def ict(ict_npz):
 
 
 @pytest.fixture(scope="module")
-def tracked_ict(lp_d18, ict_status, tmp_path_factory):
-    store = cache.SubjectCache(tmp_path_factory.mktemp("nha"), "lp_d18")
-    store.root.mkdir(parents=True)
-    for stage in ("crop", "landmarks", "parsing", "background", "normals"):
-        (store.root / stage).symlink_to(lp_d18.stage_dir(stage))
-    tracking_stage.run(store, TrackingConfig(iterations=150, overlay_frames=0), ModelConfig(kind="ict"), ict_status)
-    return store
+def tracked_ict(lp_d18_ict):
+    return lp_d18_ict
 
 
 def test_ict_charts_separate_face_mouth_and_eyes(ict):

@@ -205,8 +205,21 @@ class AvatarModel(torch.nn.Module):
 
     def view(self, frames: Any, k: int) -> View:
         """Frame k of a SubjectFrames as the model renders it without test-time fitting (for validation,
-        orbits and sweeps): its tracked camera and conditions, the first training frame's code."""
-        raise NotImplementedError
+        orbits and sweeps): its tracked camera and conditions, and the code of `untested_code`."""
+        return View(
+            frames.camera_to_head[k],
+            frames.focal,
+            frames.size,
+            frames.conditions[k],
+            frames.background,
+            self.untested_code(),
+            int(frames.frames[k]),
+        )
+
+    def untested_code(self) -> torch.Tensor | None:
+        """The method's per-frame code for a frame it was not trained or fitted on (NeRFace: the first
+        training frame's latent code); None for methods without one."""
+        return None
 
     def render(self, view: View) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (size, size, 3) and foreground alpha (size, size) on the CPU, without gradients."""

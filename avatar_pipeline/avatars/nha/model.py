@@ -483,17 +483,6 @@ class NHAModel(AvatarModel):
         }
 
     # --- rendering views ----------------------------------------------------------------------
-    def view(self, frames: SubjectFrames, k: int) -> View:
-        return View(
-            frames.camera_to_head[k],
-            frames.focal,
-            frames.size,
-            frames.conditions[k],
-            frames.background,
-            None,
-            int(frames.frames[k]),
-        )
-
     def _view_pose(self, view: View):
         """Head-to-camera rotation (3, 3) and translation (3,) (OpenCV) of a view's camera."""
         head_to_camera = torch.as_tensor(GL_FROM_CV) @ torch.linalg.inv(view.camera_to_head)
