@@ -260,10 +260,8 @@ def write_tracking(folder: Path, data: dict[str, np.ndarray]) -> None:
 
 def write_tracked_model(folder: Path, model) -> None:
     """The fitted morphable model (template, bases, faces, UVs when it has them, regions) beside tracking.npz."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp.npz")
-    os.close(fd)
-    model.save(tmp)
-    os.replace(tmp, folder / "model.npz")
+    with atomic_file(folder / "model.npz", ".tmp.npz") as tmp:
+        model.save(tmp)
 
 
 # --- avatar outputs: done.json, metrics.json, log.csv, per-frame metrics ------------------------
@@ -327,10 +325,7 @@ def write_frame_metrics(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text.getvalue())
-    os.replace(tmp, path)
+    write_text(path, text.getvalue())
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -414,14 +409,29 @@ def read_json(path: Path, rule: str) -> Any:
         raise CacheError(path, f"is not valid JSON ({e})", rule) from None
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed onto `path` when the block succeeds, removed if it
+    fails, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (temp file + rename in the same folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(value):
@@ -449,10 +459,8 @@ def read_npz(path: Path, rule: str, required: tuple[str, ...]) -> dict[str, np.n
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(fd)
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path, ".tmp.npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 from . import cache
@@ -63,9 +62,8 @@ def training_curve(log_csv: Path, out_png: Path) -> bool:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with cache.atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _metrics_table(summary: dict) -> str:
