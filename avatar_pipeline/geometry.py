@@ -28,6 +28,15 @@ def axis_angle_to_matrix(aa: torch.Tensor) -> torch.Tensor:
     return eye + s * k + (1 - c) * (k @ k)
 
 
+def matrix_to_axis_angle(matrix: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rotation -> (3,) axis-angle (angles below pi); the inverse of axis_angle_to_matrix."""
+    angle = torch.arccos(((torch.trace(matrix) - 1) / 2).clamp(-1, 1))
+    axis = torch.stack([matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0], matrix[1, 0] - matrix[0, 1]])
+    if float(angle) < 1e-6:
+        return axis / 2
+    return axis / (2 * torch.sin(angle)) * angle
+
+
 def head_to_camera(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
     """(N, 4, 4) transforms from model space to OpenCV camera space for axis-angle `rotation` (N, 3)."""
     rot = axis_angle_to_matrix(torch.as_tensor(rotation, dtype=torch.float32)) @ FLIP
@@ -42,9 +51,10 @@ def camera_to_head_gl(head_to_camera: np.ndarray) -> np.ndarray:
     return np.linalg.inv(GL_FROM_CV @ head_to_camera).astype(np.float32)
 
 
-def project(points: np.ndarray, focal: float, size: int) -> np.ndarray:
-    """OpenCV camera-space points (..., 3) to pixel positions (..., 2) of a size x size image."""
-    return focal * points[..., :2] / np.maximum(points[..., 2:], 1e-6) + size / 2
+def project(points, focal: float, size: int):
+    """OpenCV camera-space points (..., 3) to pixel positions (..., 2) of a size x size image (numpy arrays
+    or torch tensors; pixel i spans [i, i + 1), its centre at i + 0.5)."""
+    return focal * points[..., :2] / points[..., 2:].clip(min=1e-6) + size / 2
 
 
 def camera_rays(camera_to_head: torch.Tensor, focal: float, size: int, pixels: torch.Tensor):

@@ -240,7 +240,7 @@ class AvatarModel(torch.nn.Module):
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def exports(self, folder, frames: Any, views: list[View]) -> dict:
-        """Method-specific outputs of the evaluation (e.g. meshes) from the training frames and the headline
-        protocol's test views; returns what metrics.json records of them."""
+    def exports(self, folder, test: Any, views: list[View]) -> dict:
+        """Method-specific outputs of the evaluation (e.g. meshes) from the test frames (a SubjectFrames, with
+        images) and their views under the headline protocol; returns what metrics.json records of them."""
         return {}

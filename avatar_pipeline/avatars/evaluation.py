@@ -126,7 +126,7 @@ def evaluate(
         summary["reenactment"] = render_reenactment(
             out / "reenact.mp4", model, neutral, train_data, driver, cfg, spec.name
         )
-    summary.update(model.exports(out, train_data, headline_views))
+    summary.update(model.exports(out, test, headline_views))
     cache.write_evaluation_summary(out, summary)
     return summary
 

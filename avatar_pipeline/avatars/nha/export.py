@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ... import cache, raster
+from ...models.base import UV_CHARTS
 from ...runtime import progress
 from ...video import VideoWriter
 from ..base import View
-from .mesh import UV_CHARTS
 
 
 @torch.no_grad()
@@ -41,8 +41,8 @@ def canonical_mesh(model, folder: Path, texture_size: int) -> dict:
     lines += [f"vt {u:.6f} {v:.6f}" for u, v in atlas_uv]
     texture_ids = np.arange(len(atlas_uv)).reshape(-1, 3) + 1
     lines += [f"f {a}/{ta} {b}/{tb} {c}/{tc}" for (a, b, c), (ta, tb, tc) in zip(mesh.faces + 1, texture_ids)]
-    _write_text(folder / "canonical.obj", "\n".join(lines) + "\n")
-    _write_text(folder / "canonical.mtl", "newmtl head\nKa 1 1 1\nKd 1 1 1\nmap_Kd texture.png\n")
+    cache.write_text(folder / "canonical.obj", "\n".join(lines) + "\n")
+    cache.write_text(folder / "canonical.mtl", "newmtl head\nKa 1 1 1\nKd 1 1 1\nmap_Kd texture.png\n")
     return {"vertices": int(len(verts)), "triangles": int(len(mesh.faces)), "texture": list(atlas.shape[:2])}
 
 
@@ -119,12 +119,6 @@ def _posed_view(model, view: View):
     expression, joints = model._view_parameters(view)
     verts, _, _ = model.posed(expression, model.tracked["identity"] + model.shape, joints, rotation[None])
     return verts[0], rotation, translation
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 __all__ = ["canonical_mesh", "frame_meshes", "overlay_video"]

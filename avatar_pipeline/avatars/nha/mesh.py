@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ...models.base import UV_CHARTS, MorphableModel
+from ...models.base import MorphableModel
 
 # priority order: a vertex takes the first region it falls in
 REGIONS = (
@@ -128,12 +128,24 @@ def template_landmarks(model: MorphableModel) -> dict[int, np.ndarray]:
     return {int(i): p for i, p in zip(model.landmark_ids, points)}
 
 
+def eye_centres(landmarks: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The subject's right and left eye centres (means of iBUG 36-41 and 42-47)."""
+    return tuple(np.mean([landmarks[i] for i in ids], 0) for ids in (range(36, 42), range(42, 48)))
+
+
+def inter_ocular_distance(model: MorphableModel) -> float:
+    """Distance between the eye centres of the template (metres): the unit of the region rules and of the
+    mouth conditioning."""
+    right, left = eye_centres(template_landmarks(model))
+    return float(np.linalg.norm(left - right))
+
+
 def base_regions(model: MorphableModel) -> np.ndarray:
     """(V0,) region index (REGIONS) of every model vertex; see the module docstring."""
     t = model.template
     lm = template_landmarks(model)
-    eye_r, eye_l = (np.mean([lm[i] for i in ids], 0) for ids in (range(36, 42), range(42, 48)))
-    unit = np.linalg.norm(eye_l - eye_r)  # inter-ocular distance
+    eye_r, eye_l = eye_centres(lm)
+    unit = inter_ocular_distance(model)
     regions = {name: np.zeros(len(t), bool) for name in REGIONS}
     regions["eyeballs"][model.regions.get("eyes", [])] = True
     regions["mouth_interior"][model.regions.get("mouth_interior", [])] = True
@@ -215,4 +227,4 @@ def smoothed(values: np.ndarray, faces: np.ndarray, iterations: int) -> np.ndarr
     return values
 
 
-__all__ = ["HeadMesh", "REGIONS", "UV_CHARTS", "build_head_mesh", "uniform_laplacian", "smoothed"]
+__all__ = ["HeadMesh", "REGIONS", "build_head_mesh", "uniform_laplacian", "smoothed"]

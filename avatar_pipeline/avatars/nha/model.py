@@ -22,14 +22,24 @@ import torch
 
 from ... import cache, render
 from ...errors import InputError
-from ...geometry import FLIP, GL_FROM_CV, axis_angle_to_matrix, camera_to_head_gl
+from ...geometry import FLIP, GL_FROM_CV, axis_angle_to_matrix, camera_to_head_gl, matrix_to_axis_angle, project
+from ...models.base import barycentric_points
 from ...runtime import progress
 from ...tracking import joint_pose
 from ..base import AvatarModel, CombinedOptimizer, Phase, View
 from ..data import SubjectFrames, psnr
 from .config import NHAConfig
 from .losses import frontal_trust, hole_filling_loss, lid_distances, masked_blur, screen_sampled
-from .mesh import EYELID_PAIRS, INNER_LIP_PAIRS, REGIONS, build_head_mesh, smoothed, uniform_laplacian, unique_edges
+from .mesh import (
+    EYELID_PAIRS,
+    INNER_LIP_PAIRS,
+    REGIONS,
+    build_head_mesh,
+    inter_ocular_distance,
+    smoothed,
+    uniform_laplacian,
+    unique_edges,
+)
 from .networks import NormalEncoder, OffsetNetwork, TextureNetwork
 
 log = logging.getLogger(__name__)
@@ -120,7 +130,7 @@ class NHAModel(AvatarModel):
         )
         self.normal_encoder = NormalEncoder(cfg.normal_width, cfg.normal_layers, cfg.normal_features)
         # the tracked parameters of the training frames, and the corrections fitted to them
-        self.tracked = _tracked(train)
+        self.tracked = _tracked(train, model)
         count = len(train.frames)
         self.rotation = torch.nn.Parameter(torch.zeros(count, 3))
         self.translation = torch.nn.Parameter(torch.zeros(count, 3))
@@ -139,6 +149,9 @@ class NHAModel(AvatarModel):
         onehot = torch.nn.functional.one_hot(torch.as_tensor(mesh.region), len(REGIONS)).float()
         self.register_buffer("region_onehot", onehot, persistent=False)
         self.landmark_ids = np.asarray(model.landmark_ids)
+        # the landmarks' triangle vertices, for evaluating the model at those alone
+        self.landmark_subset, inverse = np.unique(model.faces[model.landmark_faces], return_inverse=True)
+        self.landmark_corners = inverse.reshape(-1, 3)
         self.rasterizer, why = render.pick_rasterizer(cfg.rasterizer)
         if self.rasterizer == "own" and cfg.rasterizer == "auto":
             log.warning("nha: FALLBACK: %s", why)
@@ -209,14 +222,18 @@ class NHAModel(AvatarModel):
     # --- geometry ---------------------------------------------------------------------------
     def mouth_conditions(self, expression, rotation, joints=None) -> torch.Tensor:
         """(B, 13): the 10 inner-lip distances (in inter-ocular units) and the mouth's rotation (axis-angle)."""
-        base = self.head_model.vertices(
-            self.tracked["identity"][None].expand(len(expression), -1), expression, joint_pose(joints)
-        )
-        lips = _landmarks(self.head_model, base, self.landmark_ids)
+        lips = self._base_landmarks(self.tracked["identity"], expression, joints)
         a = lips[:, [p[0] for p in INNER_LIP_PAIRS]]
         b = lips[:, [p[1] for p in INNER_LIP_PAIRS]]
         distances = (a - b).norm(dim=-1) / self.tracked["unit"]
         return torch.cat([distances, rotation], 1)
+
+    def _base_landmarks(self, identity, expression, joints) -> torch.Tensor:
+        """(B, L, 3) the model's landmarks in model space, evaluating only their triangles' vertices."""
+        vertices = self.head_model.vertices(
+            identity[None].expand(len(expression), -1), expression, joint_pose(joints), subset=self.landmark_subset
+        )
+        return barycentric_points(vertices, self.landmark_corners, self.head_model.landmark_bary)
 
     def posed(self, expression, identity, joints, pose_matrix, with_offsets: bool = True):
         """Model-space vertices (B, V, 3) of the subdivided mesh, the same without offsets, and the offsets."""
@@ -234,7 +251,7 @@ class NHAModel(AvatarModel):
 
     def rasterize(self, vertices_cam: torch.Tensor, focal: float, size: int):
         """One frame's camera-space vertices (V, 3) -> the covered pixels and their surface points."""
-        uv = focal * vertices_cam[:, :2] / vertices_cam[:, 2:].clamp_min(1e-6) + size / 2 - 0.5
+        uv = project(vertices_cam, focal, size) - 0.5  # the rasterizer has pixel centres at integers
         tri_id, ys, xs, corners, weights = render.rasterize_visible(
             uv, vertices_cam[:, 2], self.mesh.faces, size, self.rasterizer
         )
@@ -361,8 +378,8 @@ class NHAModel(AvatarModel):
         return float(self.tracked["trust"][k])
 
     def landmark_loss(self, r, detected, size) -> torch.Tensor:
-        cam = r["cam"][: self.head_model.num_vertices]
-        points = _landmarks(self.head_model, cam[None], self.landmark_ids)[0]
+        model = self.head_model
+        points = barycentric_points(r["cam"][None], model.faces[model.landmark_faces], model.landmark_bary)[0]
         projected = self._project(points, size)
         target = detected[self.landmark_ids]
         valid = torch.isfinite(target).all(1) & ~torch.as_tensor(np.isin(self.landmark_ids, EYE_MIDPOINTS))
@@ -371,16 +388,13 @@ class NHAModel(AvatarModel):
         return ((projected[valid] - target[valid]).abs().sum(1) * 2 / size).sum() / len(self.landmark_ids)
 
     def _project(self, cam: torch.Tensor, size: int) -> torch.Tensor:
-        return (
-            self.train_frames.focal * size / self.train_frames.size * cam[..., :2] / cam[..., 2:].clamp_min(1e-6)
-            + size / 2
-        )
+        """Camera-space points to pixels of a size x size image of the training camera."""
+        return project(cam, self.train_frames.focal * size / self.train_frames.size, size)
 
     def eye_closed_loss(self, expression, identity, joints, rotation, translation, ks) -> torch.Tensor:
         """Eyelid opening of the model (its expression only moves) against the detected one, in image units."""
-        base = self.head_model.vertices(identity[None].expand(len(expression), -1), expression, joint_pose(joints))
-        cam = base @ rotation.transpose(1, 2) + translation[:, None]
-        points = _landmarks(self.head_model, cam, self.landmark_ids)
+        landmarks = self._base_landmarks(identity, expression, joints)
+        points = landmarks @ rotation.transpose(1, 2) + translation[:, None]
         full = torch.full((len(ks), 68, 2), float("nan"))
         full[:, torch.as_tensor(self.landmark_ids)] = self._project(points, self.train_frames.size)
         detected = self.train_frames.landmarks[ks]
@@ -501,7 +515,7 @@ class NHAModel(AvatarModel):
         identity = self.tracked["identity"] + self.shape
         verts, plain, _ = self.posed(expression, identity, joints, rotation[None])
         # the mouth conditioning, within the range seen in training
-        rotation_aa = _matrix_to_axis_angle(rotation @ FLIP)
+        rotation_aa = matrix_to_axis_angle(rotation @ FLIP)
         condition = self.mouth_conditions(expression, rotation_aa[None], joints)[0]
         condition = torch.maximum(torch.minimum(condition, self.condition_high), self.condition_low)
         r = self.frame(verts[0], rotation, translation, view.focal, view.size, True, condition)
@@ -510,18 +524,14 @@ class NHAModel(AvatarModel):
         alpha = torch.zeros(view.size, view.size).index_put((r["ys"], r["xs"]), torch.ones(len(r["ys"])))
         return image, alpha
 
-    def exports(self, folder, frames: SubjectFrames, views: list[View]) -> dict:
+    def exports(self, folder, test: SubjectFrames, views: list[View]) -> dict:
         """The canonical textured mesh, meshes of the first test frames, and the mesh over the test frames."""
-        import cv2
-
         from .export import canonical_mesh, frame_meshes, overlay_video
 
         out = {"canonical_mesh": canonical_mesh(self, folder / "mesh", self.cfg.texture_size)}
         out["frame_meshes"] = frame_meshes(self, folder / "mesh" / "frames", views, self.cfg.mesh_frames)
         shown = views[: self.cfg.video_frames]
-        images = [
-            cv2.resize(frames.store.read_frame(v.frame), (v.size, v.size), interpolation=cv2.INTER_AREA) for v in shown
-        ]
+        images = [(test.images[k].numpy() * 255).round().astype(np.uint8) for k in range(len(shown))]
         if shown:
             overlay_video(self, folder / "mesh_overlay.mp4", shown, images, len(shown))
         return {"exports": out}
@@ -538,7 +548,7 @@ class NHAModel(AvatarModel):
         data = SubjectFrames(test.store, test.size, "test", **self.training_data(cfg))
         count = len(views)
         poses = [self._view_pose(v) for v in views]
-        base_rotation = torch.stack([_matrix_to_axis_angle(R @ FLIP) for R, _ in poses])
+        base_rotation = torch.stack([matrix_to_axis_angle(R @ FLIP) for R, _ in poses])
         base_translation = torch.stack([t for _, t in poses])
         parameters = [self._view_parameters(v) for v in views]
         base_expression = torch.cat([e for e, _ in parameters])
@@ -619,7 +629,7 @@ def _weights(cfg: NHAConfig, index: int, progress: float) -> dict:
     }
 
 
-def _tracked(train: SubjectFrames) -> dict:
+def _tracked(train: SubjectFrames, model) -> dict:
     """The training frames' tracked parameters as tensors, and what the losses need of them."""
     data, frames = train.tracking, train.frames
     out = {
@@ -631,27 +641,5 @@ def _tracked(train: SubjectFrames) -> dict:
     if "joint_rotations" in data:
         out["joints"] = torch.as_tensor(data["joint_rotations"][frames], dtype=torch.float32)
     out["trust"] = frontal_trust(axis_angle_to_matrix(out["rotation"]) @ FLIP)
-    model = train.store.tracked_model()
-    from .mesh import template_landmarks
-
-    lm = template_landmarks(model)
-    out["unit"] = float(
-        np.linalg.norm(np.mean([lm[i] for i in range(42, 48)], 0) - np.mean([lm[i] for i in range(36, 42)], 0))
-    )
+    out["unit"] = inter_ocular_distance(model)
     return out
-
-
-def _landmarks(model, vertices: torch.Tensor, landmark_ids) -> torch.Tensor:
-    """(B, V0, 3) model vertices -> (B, L, 3) the model's landmarks (iBUG order of landmark_ids)."""
-    corners = torch.as_tensor(model.faces[model.landmark_faces])
-    bary = torch.as_tensor(model.landmark_bary, dtype=vertices.dtype)
-    return (vertices[:, corners] * bary[None, ..., None]).sum(2)
-
-
-def _matrix_to_axis_angle(matrix: torch.Tensor) -> torch.Tensor:
-    """(3, 3) rotation -> (3,) axis-angle (angles below pi)."""
-    angle = torch.arccos(((torch.trace(matrix) - 1) / 2).clamp(-1, 1))
-    axis = torch.stack([matrix[2, 1] - matrix[1, 2], matrix[0, 2] - matrix[2, 0], matrix[1, 0] - matrix[0, 1]])
-    if float(angle) < 1e-6:
-        return axis / 2
-    return axis / (2 * torch.sin(angle)) * angle
