@@ -50,7 +50,8 @@
       avatars/{name}/            one folder per configured avatar (config `avatars`), all reading the caches above
         train/checkpoint.pt      model, optimiser and RNG states, phase and step (written atomically; not a
                                  Snakemake output, so a killed job resumes from it)
-        train/log.csv            step, phase, loss, psnr, learning_rate, seconds, val_psnr, loss_<term>...
+        train/log.csv            step, phase, loss, psnr, learning_rate, seconds, val_psnr, val_head_psnr (inside the
+                                 held-out frame's head mask), loss_<term>...
         train/validation/        ground truth | render of a held-out frame at intervals
         train/done.json          written when training finished: method, steps, seconds, device, precision,
                                  matrix-product throughput, settings
@@ -129,7 +130,7 @@ TRACKING_ARRAYS = (
     "expression_names",
 )
 # the avatars' training log: these columns, then one `loss_<term>` column per loss term of the method
-TRAINING_LOG_FIELDS = ("step", "phase", "loss", "psnr", "learning_rate", "seconds", "val_psnr")
+TRAINING_LOG_FIELDS = ("step", "phase", "loss", "psnr", "learning_rate", "seconds", "val_psnr", "val_head_psnr")
 
 
 def frame_name(index: int) -> str:

@@ -45,9 +45,10 @@ def training_curve(log_csv: Path, out_png: Path) -> bool:
             for ax in (ax1, ax2):
                 ax.axvline(int(row["step"]), color="grey", lw=0.8, ls="--")
             ax1.annotate(row["phase"], (int(row["step"]), 1), xycoords=("data", "axes fraction"), fontsize=8)
-    val = [(int(r["step"]), float(r["val_psnr"])) for r in rows if r.get("val_psnr")]
-    if val:
-        ax2.plot(*zip(*val), "o-", label="held-out frame PSNR")
+    for column, label in (("val_psnr", "held-out frame PSNR"), ("val_head_psnr", "held-out frame, head mask")):
+        val = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        if val:
+            ax2.plot(*zip(*val), "o-", label=label)
     ax2.set_xlabel("step")
     ax2.set_ylabel("PSNR (dB)")
     ax2.legend()

@@ -144,8 +144,13 @@ def training_curve(train_dir: Path) -> dict:
     """Steps, time per step and the held-out frame's PSNR over time of a finished training run."""
     done = cache.read_json(train_dir / cache.DONE_FILE, "avatar_train")
     rows = cache.read_training_log(train_dir / "log.csv")
-    validation = [(float(r["seconds"]), float(r["val_psnr"])) for r in rows if r["val_psnr"].strip()]
-    reached = {f"{t:g}": next((round(s / 60, 1) for s, p in validation if p >= t), None) for t in THRESHOLDS}
+    curves = {}
+    for column in ("val_psnr", "val_head_psnr"):  # the head-mask column since log.csv has it
+        points = [(float(r["seconds"]), float(r[column])) for r in rows if (r.get(column) or "").strip()]
+        curves[column] = (
+            [[round(s / 60, 1), p] for s, p in points],
+            {f"{t:g}": next((round(s / 60, 1) for s, p in points if p >= t), None) for t in THRESHOLDS},
+        )
     return {
         "train_minutes": round(done["seconds"] / 60, 1),
         "steps": done["steps"],
@@ -153,8 +158,10 @@ def training_curve(train_dir: Path) -> dict:
         "train_frames": done["frames"],
         "precision": done["precision"],
         "cpu": done.get("cpu", "not recorded"),
-        "validation_frame_psnr": [[round(s / 60, 1), p] for s, p in validation],
-        "validation_frame_minutes_to_psnr": reached,
+        "validation_frame_psnr": curves["val_psnr"][0],
+        "validation_frame_minutes_to_psnr": curves["val_psnr"][1],
+        "validation_frame_head_psnr": curves["val_head_psnr"][0],
+        "validation_frame_minutes_to_head_psnr": curves["val_head_psnr"][1],
     }
 
 

@@ -64,6 +64,10 @@ def test_a_method_trains_survives_a_kill_evaluates_and_reports(name, subject, tm
     assert straight["steps"] == cfg.steps
     uninterrupted = cache.read_training_log(tmp_path / "straight" / "log.csv")
     assert [r["loss"] for r in rows] == [r["loss"] for r in uninterrupted]
+    # the held-out frame is scored over the frame and inside its head mask (every method reads the parsing)
+    validated = [r for r in rows if r["val_psnr"]]
+    assert validated and all(r["val_head_psnr"] for r in validated)
+    assert any(r["val_head_psnr"] != r["val_psnr"] for r in validated)
 
     evaluation = subprocess.run(_cli("avatar-eval", subject, settings), capture_output=True, text=True, timeout=900)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]

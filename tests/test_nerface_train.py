@@ -251,7 +251,7 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
     fields = cache.training_log_fields(["rgb"])
     path = tmp_path / "log.csv"
-    rows = [f"{i},train,0.1,20.0,0.001,{i * 0.3:.2f},,0.1" for i in range(1, 31)]
+    rows = [f"{i},train,0.1,20.0,0.001,{i * 0.3:.2f},,,0.1" for i in range(1, 31)]  # no validation scores
     path.write_text(",".join(fields) + "\n" + "\n".join(rows) + "\n31,train,0.1")  # killed while writing step 31
     cache.open_training_log(path, fields, 20)[0].close()
     assert [int(r["step"]) for r in _log(path)] == list(range(1, 21))

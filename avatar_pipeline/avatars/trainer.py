@@ -36,12 +36,12 @@ def build_model(spec: MethodSpec, cfg: AvatarConfig, train: SubjectFrames, devic
     return spec.model_class()(cfg, train, device)
 
 
-def validation_frames(store: cache.SubjectCache, size: int) -> SubjectFrames:
+def validation_frames(store: cache.SubjectCache, size: int, with_masks: bool = False) -> SubjectFrames:
     """The validation split, or without one the held-out test frames (as NeRFace shows at test time)."""
     try:
-        return SubjectFrames(store, size, "val")
+        return SubjectFrames(store, size, "val", with_masks=with_masks)
     except CacheError:
-        return SubjectFrames(store, size, "test")
+        return SubjectFrames(store, size, "test", with_masks=with_masks)
 
 
 def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_dir: Path) -> dict:
@@ -51,7 +51,8 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
     rng = np.random.default_rng(cfg.seed)
     device = torch_device()
     model = build_model(spec, cfg, SubjectFrames(store, cfg.size, **spec.model_class().training_data(cfg)), device)
-    val = validation_frames(store, cfg.size)
+    # the head mask comes from the parsing: a method that reads it gets the held-out PSNR inside the head too
+    val = validation_frames(store, cfg.size, with_masks="parsing" in spec.needs)
     phases = model.phases()
     total_steps = sum(p.steps for p in phases)
     checkpoint = out_dir / "checkpoint.pt"
@@ -175,12 +176,13 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
                 phase.optimizer.step()
                 position["step"] += 1
                 position["phase_step"] += 1
-                val_psnr = ""
+                val_psnr = val_head_psnr = ""
                 phase_ends = position["phase_step"] == phase.steps or (
                     deadlines is not None and elapsed() > deadlines[index] - 1.0
                 )
                 if position["step"] % cfg.validate_every == 0 or phase_ends:
-                    val_psnr = f"{validate(model, val, out_dir / 'validation', position['step']):.3f}"
+                    whole, head = validate(model, val, out_dir / "validation", position["step"])
+                    val_psnr, val_head_psnr = f"{whole:.3f}", "" if head is None else f"{head:.3f}"
                 lr = phase.optimizer.param_groups[0]["lr"]
                 writer.writerow(
                     [
@@ -191,6 +193,7 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
                         f"{lr:.3g}",
                         f"{elapsed():.2f}",
                         val_psnr,
+                        val_head_psnr,
                     ]
                     + [f"{terms[name].item():.6f}" if name in terms else "" for name in model.loss_terms]
                 )
@@ -263,15 +266,18 @@ def load_trained(spec: MethodSpec, cfg: AvatarConfig, train: SubjectFrames, trai
 
 
 @torch.no_grad()
-def validate(model: AvatarModel, val: SubjectFrames, folder: Path, step: int) -> float:
-    """Render the first validation frame as the model renders without test-time fitting: ground truth | render."""
+def validate(model: AvatarModel, val: SubjectFrames, folder: Path, step: int) -> tuple[float, float | None]:
+    """Render the first validation frame as the model renders without test-time fitting: ground truth | render.
+    Its PSNR over the frame and inside the head mask (None without masks)."""
     model.eval()
     image, _ = model.render(model.view(val, 0))
     model.train()
     folder.mkdir(exist_ok=True)
     side = torch.cat([val.images[0], image.clamp(0, 1)], 1)
     cache.write_png(folder / f"step_{step:07d}.png", (side.numpy() * 255).round().astype(np.uint8))
-    return psnr(float(((image - val.images[0]) ** 2).mean()))
+    squared = ((image - val.images[0]) ** 2).mean(-1)
+    head = None if val.head_masks is None else psnr(float(squared[torch.as_tensor(val.head_masks[0])].mean()))
+    return psnr(float(squared.mean())), head
 
 
 def is_out_of_memory(error: RuntimeError) -> bool:
