@@ -1,6 +1,8 @@
 """Neural Head Avatars' geometry where the truth is known.
 
     .venv/bin/python bench/nha_geometry.py          # -> bench/results/nha_geometry.json, nha_geometry.png
+    .venv/bin/python bench/nha_geometry.py NAME '{"offset_lr": [1e-5, 1e-5, 2e-6]}'
+                                                    # a variant of the fast preset -> nha_geometry_NAME.*
 
 A synthetic subject: lp_d18's tracked ICT FaceKit head (its fitted identity, and its tracked expressions and
 poses for every frame) with a known surface change the morphable model cannot express, a nose 4 mm larger
@@ -19,6 +21,7 @@ expression and pose fitted to the frame), per region: nose, scalp, and the whole
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -203,14 +206,14 @@ def summary(millimetres: np.ndarray) -> dict:
     return {"mean_mm": round(float(millimetres.mean()), 2), "median_mm": round(float(np.median(millimetres)), 2)}
 
 
-def measure() -> dict:
+def measure(avatar: dict, name: str, output: str) -> dict:
     source = cache.SubjectCache(WORK / "results", SOURCE)
     store = cache.SubjectCache(WORK / "results", SUBJECT)
     spec = find("nha")
-    cfg = spec.config_from(validate_config({"avatars": {"a": dict(AVATAR)}})["avatars"]["a"])
-    train_dir = store.training_dir("nha_fast")
+    cfg = spec.config_from(validate_config({"avatars": {"a": dict(avatar)}})["avatars"]["a"])
+    train_dir = store.training_dir(name)
     trainer.train(spec, store, cfg, train_dir)  # (returns at once when a finished run is there)
-    train_minutes = store.training_summary("nha_fast")["seconds"] / 60
+    train_minutes = store.training_summary(name)["seconds"] / 60
     device = torch.device("cpu")
     frames = SubjectFrames(store, cfg.size, "train", **spec.model_class().training_data(cfg))
     model = trainer.load_trained(spec, cfg, frames, train_dir, device)
@@ -258,11 +261,12 @@ def measure() -> dict:
                         error_frame = i
         results[protocol] = {key: summary(np.concatenate(v)) for key, v in sums.items()}
         print(protocol, results[protocol], flush=True)
-    write_error_figure(truth_cam[error_frame], true_model.faces, focal, cfg.size, error_maps)
+    figure = REPO / "bench" / "results" / f"{output}.png"
+    write_error_figure(figure, truth_cam[error_frame], true_model.faces, focal, cfg.size, error_maps)
     return {"train_minutes": round(train_minutes, 1), "test_frames": len(frames_used), "distances": results}
 
 
-def write_error_figure(cam: np.ndarray, faces: np.ndarray, focal: float, size: int, maps: dict) -> None:
+def write_error_figure(path: Path, cam: np.ndarray, faces: np.ndarray, focal: float, size: int, maps: dict) -> None:
     """The true surface of one test frame coloured by its distance to each aligned mesh (0 blue .. 8 mm red)."""
     import cv2
 
@@ -277,24 +281,29 @@ def write_error_figure(cam: np.ndarray, faces: np.ndarray, focal: float, size: i
         coloured[~mask.numpy()] = 255
         cv2.putText(coloured, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         panels.append(coloured)
-    cache.write_png(REPO / "bench" / "results" / "nha_geometry.png", np.concatenate(panels, 1))
+    cache.write_png(path, np.concatenate(panels, 1))
 
 
-def main() -> None:
+def main(variant: str | None = None, overrides: dict | None = None) -> None:
+    name, output = ("nha_fast", "nha_geometry") if variant is None else (f"nha_{variant}", f"nha_geometry_{variant}")
+    avatar = {**AVATAR, **(overrides or {})}
     compare_bench([f"{SOURCE}.mp4"], tracking_only=True)  # the source's caches (nothing runs when present)
     truth = make_subject()
     figures = {
-        "command": "bench/nha_geometry.py",
+        "command": " ".join(["bench/nha_geometry.py"] + ([variant, json.dumps(overrides)] if variant else [])),
         "cpu": cpu_info(),
         "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
         "commit": head_commit(),
         "source": SOURCE,
         "truth": truth,
-        "avatar": AVATAR,
-        **measure(),
+        "avatar": avatar,
+        **measure(avatar, name, output),
     }
-    _write("nha_geometry.json", figures)
+    _write(f"{output}.json", figures)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2:
+        main(sys.argv[1], json.loads(sys.argv[2]))
+    else:
+        main()
