@@ -115,8 +115,8 @@ def make_subject() -> dict:
     if (store.stage_dir("tracking") / "tracking.npz").exists():
         return cache.read_json(store.root / "truth.json", "synthetic subject")
     model, data = source.tracked_model(), source.tracking()
-    meta, size = source.crop_meta(), source.crop_meta()["size"]
-    count = len(meta["frames"])
+    meta = source.crop_meta()
+    size, count = meta["size"], len(meta["frames"])
     focal = float(data["focal"])
     displacement, moved = true_displacement(model)
     region = base_regions(model)
@@ -184,11 +184,10 @@ def make_subject() -> dict:
 
 
 def true_vertices(model, data: dict, displacement: np.ndarray, frames: np.ndarray) -> np.ndarray:
-    """Camera-space vertices of the true surface: the tracked head of the source frames plus the change."""
-    plain = model_vertices(model, {**data, "head_to_camera": np.tile(np.eye(4), (len(data["rotation"]), 1, 1))}, frames)
-    changed = plain + displacement
-    h2c = data["head_to_camera"][frames]
-    return np.einsum("nij,nvj->nvi", h2c[:, :3, :3], changed) + h2c[:, None, :3, 3]
+    """Camera-space vertices of the true surface: the tracked head of the source frames plus the change
+    (a head-space displacement, so it turns with the head)."""
+    rotation = data["head_to_camera"][frames, :3, :3]
+    return model_vertices(model, data, frames) + np.einsum("nij,vj->nvi", rotation, displacement)
 
 
 def visible_vertices(cam: np.ndarray, faces: np.ndarray, focal: float, size: int) -> np.ndarray:
