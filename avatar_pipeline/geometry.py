@@ -51,6 +51,11 @@ def camera_to_head_gl(head_to_camera: np.ndarray) -> np.ndarray:
     return np.linalg.inv(GL_FROM_CV @ head_to_camera).astype(np.float32)
 
 
+def head_to_camera_cv(camera_to_head: torch.Tensor) -> torch.Tensor:
+    """(..., 4, 4) OpenCV head-to-camera transforms of OpenGL camera-to-head ones (camera_to_head_gl inverted)."""
+    return torch.as_tensor(GL_FROM_CV) @ torch.linalg.inv(camera_to_head)
+
+
 def project(points, focal: float, size: int):
     """OpenCV camera-space points (..., 3) to pixel positions (..., 2) of a size x size image (numpy arrays
     or torch tensors; pixel i spans [i, i + 1), its centre at i + 0.5)."""

@@ -2,15 +2,8 @@
 
 import torch
 
-from avatar_pipeline.avatars.nerface.field import (
-    ConditionedField,
-    FeaturePlanes,
-    FieldConfig,
-    composite,
-    importance_depths,
-    positional_encoding,
-    stratified_depths,
-)
+from avatar_pipeline.avatars.nerface.field import ConditionedField, FeaturePlanes, FieldConfig, positional_encoding
+from avatar_pipeline.avatars.volume import composite, importance_depths, stratified_depths
 
 
 def test_positional_encoding_matches_the_paper_sizes():

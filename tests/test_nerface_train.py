@@ -12,7 +12,8 @@ import torch
 from avatar_pipeline import cache
 from avatar_pipeline.avatars import evaluation, find, trainer
 from avatar_pipeline.avatars.data import ErrorMap, SubjectFrames
-from avatar_pipeline.avatars.nerface.model import ray_bounds, render_image
+from avatar_pipeline.avatars.nerface.model import render_image
+from avatar_pipeline.avatars.volume import ray_bounds
 from avatar_pipeline.config import ModelConfig, TrackingConfig
 from avatar_pipeline.errors import CacheError, InputError
 from avatar_pipeline.stages import tracking as tracking_stage

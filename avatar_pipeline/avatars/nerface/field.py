@@ -1,5 +1,5 @@
-"""NeRFace (Gafni et al., CVPR 2021) building blocks: the conditioned radiance field and its volume
-rendering with the static background as the colour of the last sample of every ray.
+"""NeRFace (Gafni et al., CVPR 2021) building blocks: the conditioned radiance field and its coarse and
+fine renderer (the sampling and the compositing over the background are avatars/volume.py's).
 
 Following the paper: positional encoding with 10 frequencies for the position and 4 for the viewing
 direction; the position, the expression vector and a learnable per-frame latent code (32-d) enter an
@@ -18,6 +18,8 @@ import dataclasses
 
 import torch
 from torch import nn
+
+from ..volume import composite, importance_depths, stratified_depths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,55 +125,6 @@ class ConditionedField(nn.Module):
         view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
         rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
         return density, rgb
-
-
-def stratified_depths(near: torch.Tensor, far: torch.Tensor, count: int, jitter: bool) -> torch.Tensor:
-    """(R,) near/far -> (R, count) depths, one per equal bin (uniformly jittered within it when training)."""
-    bins = torch.linspace(0.0, 1.0, count + 1, device=near.device)
-    lower, width = bins[:-1], bins[1:] - bins[:-1]
-    offsets = (
-        torch.rand(near.shape[0], count, device=near.device)
-        if jitter
-        else torch.full((near.shape[0], count), 0.5, device=near.device)
-    )
-    t = lower + offsets * width
-    return near[:, None] + (far - near)[:, None] * t
-
-
-def importance_depths(depths: torch.Tensor, weights: torch.Tensor, count: int, jitter: bool) -> torch.Tensor:
-    """Draw `count` more depths per ray from the piecewise-constant distribution of `weights` over the
-    bins between consecutive `depths` (hierarchical sampling)."""
-    mids = 0.5 * (depths[:, 1:] + depths[:, :-1])
-    w = weights[:, 1:-1].detach() + 1e-5
-    pdf = w / w.sum(-1, keepdim=True)
-    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)
-    u = (
-        torch.rand(depths.shape[0], count, device=depths.device)
-        if jitter
-        else torch.linspace(0.0, 1.0, count, device=depths.device).expand(depths.shape[0], count)
-    )
-    idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(1, cdf.shape[-1] - 1)
-    lo, hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
-    t_lo, t_hi = mids.gather(-1, idx - 1), mids.gather(-1, idx)
-    frac = torch.where(hi - lo > 1e-8, (u - lo) / (hi - lo), torch.zeros_like(u))
-    return t_lo + frac * (t_hi - t_lo)
-
-
-def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, background: torch.Tensor):
-    """Volume rendering where the last sample of every ray is the background: it is fully opaque and has
-    the background pixel's colour, so light not absorbed by the head shows the static background.
-
-    density (R, S), rgb (R, S, 3), depths (R, S) sorted, background (R, 3) ->
-    colour (R, 3), per-sample weights (R, S + 1) (the last one is the background's), foreground alpha (R,)."""
-    deltas = depths[:, 1:] - depths[:, :-1]
-    deltas = torch.cat([deltas, deltas[:, -1:]], -1)
-    alpha = 1.0 - torch.exp(-density * deltas)
-    alpha = torch.cat([alpha, torch.ones_like(alpha[:, :1])], -1)  # the background sample is opaque
-    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1] + 1e-10], -1), -1)
-    weights = alpha * transmittance
-    colours = torch.cat([rgb, background[:, None]], 1)
-    colour = (weights[..., None] * colours).sum(1)
-    return colour, weights, weights[:, :-1].sum(-1)
 
 
 class NeRFaceRenderer(nn.Module):

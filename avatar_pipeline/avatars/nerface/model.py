@@ -13,8 +13,6 @@ Test-frame conditioning, by protocol:
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
@@ -22,20 +20,9 @@ from ...geometry import camera_rays, rigidly_moved
 from ...runtime import progress
 from ..base import AvatarModel, Phase, View
 from ..data import ErrorMap, SubjectFrames, psnr
-from ..trainer import is_out_of_memory
+from ..volume import SKIP_EMPTY, ray_bounds, render_rays
 from .config import NeRFaceConfig
 from .field import NeRFaceRenderer
-
-log = logging.getLogger(__name__)
-
-# rendering: rays whose coarse foreground alpha is below this show the background; the fine pass skips them
-SKIP_EMPTY = 1e-4
-
-
-def ray_bounds(camera_to_head: torch.Tensor, scene_radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Near and far depths of the rays from cameras (..., 4, 4): the ball of `scene_radius` around the head."""
-    distance = camera_to_head[..., :3, 3].norm(dim=-1)
-    return (distance - scene_radius).clamp_min(0.05), distance + scene_radius
 
 
 class NeRFaceModel(AvatarModel):
@@ -182,7 +169,6 @@ class NeRFaceModel(AvatarModel):
         return latents.detach(), rigidly_moved(test.camera_to_head.to(device), correction.detach()).cpu()
 
 
-@torch.no_grad()
 def render_image(
     renderer: NeRFaceRenderer,
     camera_to_head: torch.Tensor,
@@ -194,41 +180,25 @@ def render_image(
     far: float,
     rays_per_call: int = 8192,
 ):
-    """Full image (size, size, 3) and foreground alpha (size, size), on the CPU. Running out of memory
-    halves the rays per call (and the renderer's sample chunk) and tries again."""
+    """Full image (size, size, 3) and foreground alpha (size, size) on the CPU; out of memory, the renderer's
+    sample chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
-    origins, dirs = camera_rays(camera_to_head, focal, size, pixels)
-    bg = background.reshape(-1, 3)
-    colour, alpha = [], []
-    a = 0
-    while a < len(pixels):
-        sl = slice(a, a + rays_per_call)
-        n = len(pixels[sl])
-        try:
-            out = renderer(
-                origins[sl].to(device),
-                dirs[sl].to(device),
-                torch.full((n,), near, device=device),
-                torch.full((n,), far, device=device),
-                condition.to(device),
-                bg[sl].to(device),
-                jitter=False,
-                skip_empty=SKIP_EMPTY,
-            )
-        except RuntimeError as e:
-            if not is_out_of_memory(e) or rays_per_call <= 64:
-                raise
-            rays_per_call //= 2
-            renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
-            log.warning(
-                "rendering ran out of memory: retrying with %d rays per call and %d samples per chunk",
-                rays_per_call,
-                renderer.chunk_samples,
-            )
-            continue
-        colour.append(out["fine"].cpu())
-        alpha.append(out["fine_alpha"].cpu())
-        a += n
-    return torch.cat(colour).reshape(size, size, 3), torch.cat(alpha).reshape(size, size)
+
+    def trace(origins, dirs, background_colours):
+        n = len(origins)
+        out = renderer(
+            origins.to(device),
+            dirs.to(device),
+            torch.full((n,), near, device=device),
+            torch.full((n,), far, device=device),
+            condition.to(device),
+            background_colours.to(device),
+            jitter=False,
+            skip_empty=SKIP_EMPTY,
+        )
+        return out["fine"], out["fine_alpha"]
+
+    def shrink():
+        renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
+
+    return render_rays(trace, camera_to_head, focal, size, background, rays_per_call, shrink)

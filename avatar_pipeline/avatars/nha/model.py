@@ -22,7 +22,14 @@ import torch
 
 from ... import cache, render
 from ...errors import InputError
-from ...geometry import FLIP, GL_FROM_CV, axis_angle_to_matrix, camera_to_head_gl, matrix_to_axis_angle, project
+from ...geometry import (
+    FLIP,
+    axis_angle_to_matrix,
+    camera_to_head_gl,
+    head_to_camera_cv,
+    matrix_to_axis_angle,
+    project,
+)
 from ...models.base import barycentric_points
 from ...runtime import progress
 from ...tracking import joint_pose
@@ -499,7 +506,7 @@ class NHAModel(AvatarModel):
     # --- rendering views ----------------------------------------------------------------------
     def _view_pose(self, view: View):
         """Head-to-camera rotation (3, 3) and translation (3,) (OpenCV) of a view's camera."""
-        head_to_camera = torch.as_tensor(GL_FROM_CV) @ torch.linalg.inv(view.camera_to_head)
+        head_to_camera = head_to_camera_cv(view.camera_to_head)
         return head_to_camera[:3, :3], head_to_camera[:3, 3]
 
     def _view_parameters(self, view: View):

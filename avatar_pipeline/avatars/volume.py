@@ -1,0 +1,111 @@
+"""Volume rendering shared by the NeRF-based avatars (NeRFace, Local Deformation Fields): the ray bounds
+around the head, stratified and importance sampling along rays, compositing with the static background as
+the last sample of every ray, and a full image rendered ray batch by ray batch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from ..geometry import camera_rays
+from .trainer import is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+# rendering: rays whose foreground alpha after a first pass is below this show the background; a method's
+# second pass may skip them
+SKIP_EMPTY = 1e-4
+
+
+def ray_bounds(camera_to_head: torch.Tensor, scene_radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near and far depths of the rays from cameras (..., 4, 4): the ball of `scene_radius` around the head."""
+    distance = camera_to_head[..., :3, 3].norm(dim=-1)
+    return (distance - scene_radius).clamp_min(0.05), distance + scene_radius
+
+
+def stratified_depths(near: torch.Tensor, far: torch.Tensor, count: int, jitter: bool) -> torch.Tensor:
+    """(R,) near/far -> (R, count) depths, one per equal bin (uniformly jittered within it when training)."""
+    bins = torch.linspace(0.0, 1.0, count + 1, device=near.device)
+    lower, width = bins[:-1], bins[1:] - bins[:-1]
+    offsets = (
+        torch.rand(near.shape[0], count, device=near.device)
+        if jitter
+        else torch.full((near.shape[0], count), 0.5, device=near.device)
+    )
+    t = lower + offsets * width
+    return near[:, None] + (far - near)[:, None] * t
+
+
+def importance_depths(depths: torch.Tensor, weights: torch.Tensor, count: int, jitter: bool) -> torch.Tensor:
+    """Draw `count` more depths per ray from the piecewise-constant distribution of `weights` over the
+    bins between consecutive `depths` (hierarchical sampling)."""
+    mids = 0.5 * (depths[:, 1:] + depths[:, :-1])
+    w = weights[:, 1:-1].detach() + 1e-5
+    pdf = w / w.sum(-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], -1)
+    u = (
+        torch.rand(depths.shape[0], count, device=depths.device)
+        if jitter
+        else torch.linspace(0.0, 1.0, count, device=depths.device).expand(depths.shape[0], count)
+    )
+    idx = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(1, cdf.shape[-1] - 1)
+    lo, hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
+    t_lo, t_hi = mids.gather(-1, idx - 1), mids.gather(-1, idx)
+    frac = torch.where(hi - lo > 1e-8, (u - lo) / (hi - lo), torch.zeros_like(u))
+    return t_lo + frac * (t_hi - t_lo)
+
+
+def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, background: torch.Tensor):
+    """Volume rendering where the last sample of every ray is the background: it is fully opaque and has
+    the background pixel's colour, so light not absorbed by the head shows the static background.
+
+    density (R, S), rgb (R, S, 3), depths (R, S) sorted, background (R, 3) ->
+    colour (R, 3), per-sample weights (R, S + 1) (the last one is the background's), foreground alpha (R,)."""
+    deltas = depths[:, 1:] - depths[:, :-1]
+    deltas = torch.cat([deltas, deltas[:, -1:]], -1)
+    alpha = 1.0 - torch.exp(-density * deltas)
+    alpha = torch.cat([alpha, torch.ones_like(alpha[:, :1])], -1)  # the background sample is opaque
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1] + 1e-10], -1), -1)
+    weights = alpha * transmittance
+    colours = torch.cat([rgb, background[:, None]], 1)
+    colour = (weights[..., None] * colours).sum(1)
+    return colour, weights, weights[:, :-1].sum(-1)
+
+
+@torch.no_grad()
+def render_rays(
+    trace: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    camera_to_head: torch.Tensor,
+    focal: float,
+    size: int,
+    background: torch.Tensor,
+    rays_per_call: int = 8192,
+    shrink: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, from `trace(origins, dirs,
+    background colours)` -> (colours, alphas) over batches of rays. Running out of memory halves the rays
+    per call (and calls `shrink`, for the method to lower its own chunking) and tries again."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    origins, dirs = camera_rays(camera_to_head, focal, size, pixels)
+    bg = background.reshape(-1, 3)
+    colour, alpha = [], []
+    a = 0
+    while a < len(pixels):
+        sl = slice(a, a + rays_per_call)
+        try:
+            rgb, opacity = trace(origins[sl], dirs[sl], bg[sl])
+        except RuntimeError as e:
+            if not is_out_of_memory(e) or rays_per_call <= 64:
+                raise
+            rays_per_call //= 2
+            if shrink is not None:
+                shrink()
+            log.warning("rendering ran out of memory: retrying with %d rays per call", rays_per_call)
+            continue
+        colour.append(rgb.cpu())
+        alpha.append(opacity.cpu())
+        a += len(origins[sl])
+    return torch.cat(colour).reshape(size, size, 3), torch.cat(alpha).reshape(size, size)
