@@ -234,6 +234,7 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
         ("sweep.mp4", f"expression edit: {summary.get('sweep', {}).get('expression', '')}"),
         ("reenact.mp4", f"reenactment driven by {summary.get('reenactment', {}).get('driver', '')}"),
         ("mesh_overlay.mp4", "the avatar's mesh over the test frames"),
+        ("local_edit.mp4", "local edits: only the eye coefficients moved, then only the mouth's"),
     ):
         if (folder / "eval" / video).exists():
             parts.append(_video(f"{rel}/{video}", caption))
@@ -242,6 +243,11 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
             f"<p>Meshes: <a href='{rel}/mesh/canonical.obj'>canonical.obj</a> (with canonical.mtl and the baked "
             f"texture below; static part of the colour), test frames as PLY in <a href='{rel}/mesh/frames/'>"
             f"mesh/frames/</a></p><img src='{rel}/mesh/texture.png' width='960'>"
+        )
+    if (folder / "eval" / "attention.png").exists():
+        parts.append(
+            f"<p>Attention masks: the field centres each coefficient group reaches (filled), over the canonical "
+            f"head</p><img src='{rel}/attention.png' width='720'>"
         )
     parts.append(f"<details><summary>metric definitions</summary><pre>{esc(summary['metrics_doc'])}</pre></details>")
     return "".join(parts)

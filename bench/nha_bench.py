@@ -53,19 +53,20 @@ AVATARS = {
 }
 
 
-def steps_bench() -> None:
-    """Seconds per step of each phase at each preset, on the tracked lp_d18 of a compare run."""
-    spec = find("nha")
+def steps_bench(method: str = "nha", presets=(("fast", 256, 6), ("paper", 512, 2)), command: str = "") -> None:
+    """Seconds per step of each phase of a method at each preset, on the tracked lp_d18 of a compare run;
+    written to bench/results/<method>_steps.json."""
+    spec = find(method)
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", "lp_d18")
     compare_bench(["lp_d18.mp4"], tracking_only=True)  # (nothing runs when the caches are there)
     figures = {
-        "command": "bench/nha_bench.py steps",
+        "command": command or f"bench/{method}_bench.py steps",
         "cpu": cpu_info(),
         "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
         "commit": head_commit(),
         "step_seconds": {},
     }
-    for preset, size, repeats in (("fast", 256, 6), ("paper", 512, 2)):
+    for preset, size, repeats in presets:
         cfg = spec.config_from({"preset": preset, "size": size})
         frames = SubjectFrames(store, size, "train", **spec.model_class().training_data(cfg))
         torch.manual_seed(0)
@@ -90,12 +91,20 @@ def steps_bench() -> None:
             / 60,
             1,
         )
-    _write("nha_steps.json", figures)
+    _write(f"{method}_steps.json", figures)
 
 
-def compare_bench(clips: list[str], tracking_only: bool = False) -> None:
+def compare_bench(
+    clips: list[str],
+    tracking_only: bool = False,
+    methods: dict[str, dict] = AVATARS,
+    results: str = "nha_compare.json",
+    command: str = "bench/nha_bench.py compare CLIP ...",
+) -> None:
+    """The whole pipeline on `clips` with one avatar per entry of `methods`, each trained COMPARE_MINUTES,
+    one after the other; figures accumulate in bench/results/`results`."""
     names = [Path(c).stem for c in clips]
-    avatars = {name: {**avatar, "max_minutes": COMPARE_MINUTES} for name, avatar in AVATARS.items()}
+    avatars = {name: {**avatar, "max_minutes": COMPARE_MINUTES} for name, avatar in methods.items()}
     config_path, config = bench_config(clips, avatars)
     if tracking_only:  # the caches an NHA avatar reads, nothing trained
         needs = find("nha").needs
@@ -103,10 +112,10 @@ def compare_bench(clips: list[str], tracking_only: bool = False) -> None:
         return
     start = time.perf_counter()
     exit_code = run_workflow(config_path, [])
-    figures = _read("nha_compare.json", {"clips": {}})
+    figures = _read(results, {"clips": {}})
     figures.update(
         {
-            "command": "bench/nha_bench.py compare CLIP ...",
+            "command": command,
             "minutes_each": COMPARE_MINUTES,
             "tuned_on": list(TUNED),
             "settings": {k: v for k, v in config.items() if k not in ("subjects", "results_dir", "avatars")},
@@ -126,7 +135,7 @@ def compare_bench(clips: list[str], tracking_only: bool = False) -> None:
     work = config_path.parent
     for name in names:
         entry = {"tuned": name in TUNED}
-        for avatar in AVATARS:
+        for avatar in methods:
             folder = work / "results" / name / "avatars" / avatar
             try:
                 curve = training_curve(folder / "train")
@@ -151,7 +160,7 @@ def compare_bench(clips: list[str], tracking_only: bool = False) -> None:
                 },
             }
         figures["clips"][name] = entry
-    _write("nha_compare.json", figures)
+    _write(results, figures)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ...runtime import progress
 from ...video import VideoWriter
 from ..base import AvatarModel, Phase, View
 from ..data import SubjectFrames, psnr
-from ..volume import composite, importance_depths, ray_bounds, render_rays, stratified_depths
+from ..volume import SKIP_EMPTY, composite, importance_depths, ray_bounds, render_rays, stratified_depths
 from .canonical import CanonicalField, resize_parameter
 from .config import METRES_PER_UNIT, LDFConfig
 from .deformation import Deformation, support_radius
@@ -193,12 +193,28 @@ class LDFModel(AvatarModel):
             points, state.centres, self.canonical_centres, state.condition, state.extra, alpha, learned
         )
 
-    def trace(self, origins, dirs, near, far, background, state: FrameState, alpha: float, jitter: bool, learned: bool):
+    def trace(
+        self,
+        origins,
+        dirs,
+        near,
+        far,
+        background,
+        state: FrameState,
+        alpha: float,
+        jitter: bool,
+        learned: bool,
+        skip_empty: float = 0.0,
+    ):
         """Render rays of one frame: colour (R, 3), foreground alpha (R,), and per sample the weights
-        (R, S + 1, the background's last), the observed points (R, S, 3) and their deformation (R, S, 3)."""
+        (R, S + 1, the background's last), the observed points (R, S, 3) and their deformation (R, S, 3).
+
+        With importance samples, a first pass of density alone over the stratified samples places them.
+        skip_empty > 0 (rendering only): rays whose first-pass foreground alpha is below it show the
+        background and skip the second pass; only colour and alpha are returned then."""
         cfg = self.cfg
         depths = stratified_depths(near, far, cfg.samples, jitter)
-        rays = len(origins)
+        rays, busy = len(origins), None
         if cfg.importance_samples:
             with torch.no_grad():
                 points = (origins[:, None] + dirs[:, None] * depths[..., None]).reshape(-1, 3)
@@ -207,8 +223,20 @@ class LDFModel(AvatarModel):
                     density.view(rays, -1), depths.new_zeros(rays, cfg.samples, 3), depths, background
                 )
                 extra = importance_depths(depths, weights[:, :-1], cfg.importance_samples, jitter)
+                if skip_empty > 0:
+                    busy = weights[:, :-1].sum(-1) >= skip_empty
             depths = torch.sort(torch.cat([depths, extra], -1), -1).values
-        samples = depths.shape[1]
+        if busy is not None and not bool(busy.all()):
+            colour, opacity = background.clone(), background.new_zeros(rays)
+            if bool(busy.any()):
+                out = self._shade(origins[busy], dirs[busy], depths[busy], background[busy], state, alpha, learned)
+                colour[busy], opacity[busy] = out["colour"], out["alpha"]
+            return {"colour": colour, "alpha": opacity}
+        return self._shade(origins, dirs, depths, background, state, alpha, learned)
+
+    def _shade(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool) -> dict:
+        """The full pass over given depths (R, S): deformation, canonical density and colour, compositing."""
+        rays, samples = depths.shape
         points = origins[:, None] + dirs[:, None] * depths[..., None]
         flat = points.reshape(-1, 3)
         t = self.deform(flat, state, alpha, learned)
@@ -311,6 +339,7 @@ class LDFModel(AvatarModel):
                 alpha,
                 jitter=False,
                 learned=True,
+                skip_empty=SKIP_EMPTY,
             )
             return out["colour"], out["alpha"]
 
