@@ -172,6 +172,6 @@ def test_the_fast_preset_keeps_the_papers_structure():
     assert fast.support_units == PAPER.support_units and fast.scale_units == PAPER.scale_units
     assert fast.landmarks == "34" and fast.local_fields and fast.attention
     assert fast.field_width == 40 and fast.field_depth == 3 and fast.frequencies == 10
-    assert fast.phase_steps() == [300, 300, 400, fast.steps - fast.pretrain_steps]
+    assert fast.phase_steps() == [200, 200, 200, fast.steps - fast.pretrain_steps]
     assert fast.grid_sizes()[0] == fast.grid_start and fast.grid_sizes()[-1] == fast.grid_final
     assert PAPER.grid_sizes()[0] == 128 and PAPER.grid_sizes()[-1] == 300 and len(PAPER.phase_steps()) == 7
