@@ -145,7 +145,7 @@ def test_grid_growth_keeps_what_the_coarse_grid_learned_and_pruning_keeps_the_de
     field = CanonicalField(0.3, 16, 2, 2, 4, 8, 0)
     with torch.no_grad():  # a ball of density at the origin, as components of the coarse grid
         axis = torch.linspace(-1, 1, 16)
-        bump = torch.exp(-(axis / 0.35) ** 2)
+        bump = torch.exp(-((axis / 0.35) ** 2))
         field.density.planes.copy_((bump[:, None] * bump[None])[None, None].expand(3, 2, 16, 16))
         field.density.lines.copy_(bump[None, None, :, None].expand(3, 2, 16, 1))
     points = (torch.rand(500, 3) - 0.5) * 0.4
