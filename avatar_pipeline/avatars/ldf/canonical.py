@@ -16,15 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nerface.field import positional_encoding
+
 PLANES = ((0, 1), (0, 2), (1, 2))  # the plane of each pair, and the line along the remaining axis
 LINES = (2, 1, 0)
-
-
-def encode(x: torch.Tensor, frequencies: int) -> torch.Tensor:
-    """TensoRF's decoder encoding: x, then sin and cos of 2^k x."""
-    scales = 2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device)
-    angles = (x[..., None, :] * scales[:, None]).flatten(-2)
-    return torch.cat([x, angles.sin(), angles.cos()], -1)
 
 
 def resize_parameter(parameter: nn.Parameter, value: torch.Tensor) -> None:
@@ -130,7 +125,7 @@ class CanonicalField(nn.Module):
     def colour(self, points: torch.Tensor, directions: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] (N, 3) at points with their ray directions (N, 3) and the frame's code (D,)."""
         features = self.basis(self.appearance.read(self.unit(points)).flatten(1))
-        inputs = torch.cat([features, encode(features, 2)[:, features.shape[1] :], encode(directions, 2)], -1)
+        inputs = torch.cat([positional_encoding(features, 2), positional_encoding(directions, 2)], -1)
         inputs = torch.cat([inputs, code.expand(len(points), -1)], -1)
         return torch.sigmoid(self.decoder(inputs))
 
