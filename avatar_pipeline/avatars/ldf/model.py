@@ -53,12 +53,19 @@ MESH_PRIOR_SAMPLES = 4096  # surface samples per step the weak mesh prior measur
 
 @dataclasses.dataclass
 class FrameState:
-    """What rendering a frame needs besides its rays: the field centres (observed) and the conditions."""
+    """What rendering a frame needs besides its rays: the field centres (observed), the conditions, the
+    head pose and the frame's codes."""
 
     centres: torch.Tensor  # (L, 3) head space
     condition: torch.Tensor  # (C,) expression (and joints)
-    extra: torch.Tensor  # (POSE_DIM + deformation code,) seen by every field unmasked
-    appearance: torch.Tensor  # (appearance code,)
+    pose: torch.Tensor  # (POSE_DIM,)
+    deformation_code: torch.Tensor  # omega^p
+    appearance: torch.Tensor  # omega^a
+
+    @property
+    def extra(self) -> torch.Tensor:
+        """What every field sees unmasked: the head pose and the deformation code."""
+        return torch.cat([self.pose, self.deformation_code])
 
 
 class LDFModel(AvatarModel):
@@ -180,14 +187,15 @@ class LDFModel(AvatarModel):
         centres = self.head.centres(conditions[None].cpu())[0].to(device)
         pose = pose_feature(camera_to_head.to(device))
         code = code.to(device)
-        extra = torch.cat([pose, code[: cfg.deformation_code]])
-        return FrameState(centres, conditions.to(device), extra, code[cfg.deformation_code :])
+        return FrameState(
+            centres, conditions.to(device), pose, code[: cfg.deformation_code], code[cfg.deformation_code :]
+        )
 
     def _train_state(self, k: int, learned: bool) -> FrameState:
         deformation_code = self.deformation_codes[k] if learned else self.deformation_codes[k].detach() * 0
         appearance = self.appearance_codes[k] if learned else self.appearance_codes[k].detach() * 0
-        extra = torch.cat([self.train_poses[k], deformation_code])
-        return FrameState(self.train_centres[k], self.train_frames.conditions[k].to(self.device), extra, appearance)
+        condition = self.train_frames.conditions[k].to(self.device)
+        return FrameState(self.train_centres[k], condition, self.train_poses[k], deformation_code, appearance)
 
     def deform(self, points: torch.Tensor, state: FrameState, alpha: float, learned: bool) -> torch.Tensor:
         return self.deformation(
@@ -385,12 +393,8 @@ class LDFModel(AvatarModel):
                 origins, dirs = camera_rays(test.camera_to_head[k], test.focal, test.size, pixels)
                 target, background = (t.to(device) for t in test.colours(k, pixels))
                 code = codes[i]
-                base = states[i]
-                state = FrameState(
-                    base.centres,
-                    base.condition,
-                    torch.cat([base.extra[:POSE_DIM], code[: cfg.deformation_code]]),
-                    code[cfg.deformation_code :],
+                state = dataclasses.replace(
+                    states[i], deformation_code=code[: cfg.deformation_code], appearance=code[cfg.deformation_code :]
                 )
                 n = len(origins)
                 out = self.trace(
