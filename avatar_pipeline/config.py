@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,24 @@ import yaml
 from .errors import InputError
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "config.schema.yaml"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; configs write learning rates that way, so floats are read
+    as YAML 1.2 and JSON read them."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(stream) -> Any:
+    """A config file's contents (YAML or JSON), exponent floats included."""
+    return yaml.load(stream, Loader=ConfigLoader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +210,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.exists():
             raise InputError(str(path), "config file does not exist", "pass an existing YAML file")
         with open(path) as f:
-            config = yaml.safe_load(f) or {}
+            config = read_yaml(f) or {}
         if not isinstance(config, dict):
             raise InputError(str(path), "top level must be a mapping of keys", "see config.yaml in the repository")
     if overrides:

@@ -48,6 +48,13 @@ def test_wrong_type_is_named(tmp_path):
         load_config(bad)
 
 
+def test_exponent_floats_are_numbers_as_in_json(tmp_path):
+    # plain YAML 1.1 reads 1e-5 as the string "1e-05" and the schema would refuse it
+    path = tmp_path / "c.yaml"
+    path.write_text("avatars:\n  a: {method: nha, preset: fast, offset_lr: [1e-4, 1e-5, 2E-6]}\n")
+    assert load_config(path)["avatars"]["a"]["offset_lr"] == [1e-4, 1e-5, 2e-6]
+
+
 def test_unknown_top_level_key(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("tracking_typo: 1\n")
