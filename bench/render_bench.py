@@ -32,6 +32,7 @@ from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
 from bench.nha_bench import AVATARS, CLIPS, COMPARE_MINUTES  # noqa: E402
 
 SIZES = (128, 256, 512)
+GRID_CELLS = 64
 FRAME_STRIDE = 4
 
 
@@ -51,7 +52,7 @@ def clip_figures(name: str) -> dict:
     train_dir = store.root / "avatars" / "nerface_fast" / "train"
     settings = {**AVATARS["nerface_fast"], "max_minutes": COMPARE_MINUTES}
     dense_cfg = spec.config_from({**settings, "occupancy_cells": 0})
-    grid_cfg = spec.config_from(settings)
+    grid_cfg = spec.config_from({**settings, "occupancy_cells": GRID_CELLS})
     size = grid_cfg.size
     test = SubjectFrames(store, size, "test")
     train = SubjectFrames(store, size, "train", with_images=False)

@@ -55,8 +55,9 @@ class NeRFaceConfig(AvatarConfig):
     # rendering (not training): samples in the empty cells of an occupancy grid over the scene's cube are
     # skipped. The grid has occupancy_cells a side (0: off) and is measured from the trained fields under
     # occupancy_conditions training frames; a cell is empty when its density, met along the cube's whole
-    # width, would absorb less than occupancy_threshold of a ray's light (so skipping changes a pixel by less)
-    occupancy_cells: int = 64
+    # width, would absorb less than occupancy_threshold of a ray's light (so skipping changes a pixel by less).
+    # Off by default until bench/render_bench.py has measured it on the four clips
+    occupancy_cells: int = 0
     occupancy_conditions: int = 16
     occupancy_threshold: float = 1e-3
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
