@@ -121,15 +121,6 @@ class OccupancyGrid:
     def share(self) -> float:
         return float(self.occupied.float().mean())
 
-    def state(self) -> dict:
-        return {"radius": self.radius, "threshold": self.threshold, "occupied": self.occupied.cpu()}
-
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "OccupancyGrid":
-        grid = cls(state["radius"], state["occupied"].shape[0], state["threshold"], device)
-        grid.occupied = state["occupied"].to(device)
-        return grid
-
 
 @torch.no_grad()
 def render_rays(
