@@ -249,6 +249,22 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
     assert renderer.chunk_samples < cfg.chunk_samples  # and the lowered chunk is kept
 
 
+def test_the_occupancy_grid_renders_a_trained_avatar_as_the_dense_render_does(tracked, trained):
+    """The grid is an evaluation setting: the same checkpoint renders with it, skipping empty cells, and
+    the held-out frame comes out as without it."""
+    cfg = tiny(steps=150)
+    data = SubjectFrames(tracked, cfg.size, "test")
+    dense = load_trained(trained, cfg, tracked)
+    skipping = load_trained(trained, tiny(steps=150, occupancy_cells=32), tracked)
+    view = dense.view(data, 0)
+    expected, _ = dense.render(view)
+    image, _ = skipping.render(view)
+    grid = skipping.occupancy
+    assert dense.occupancy_grid() is None and grid is not None and skipping.occupancy_grid() is grid  # built once
+    assert grid.share < 0.9  # it does skip space
+    assert (image - expected).abs().max() < 0.01
+
+
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
     fields = cache.training_log_fields(["rgb"])
     path = tmp_path / "log.csv"

@@ -52,6 +52,14 @@ class NeRFaceConfig(AvatarConfig):
     scene_radius: float = 0.35
     density_activation: str = "softplus"  # the paper does not say; NeRF's ReLU can die from the first steps
     chunk_samples: int = 8192
+    # rendering (not training): samples in the empty cells of an occupancy grid over the scene's cube are
+    # skipped. The grid has occupancy_cells a side (0: off) and is measured from the trained fields under
+    # occupancy_conditions training frames; a cell is empty when its density, met along the cube's whole
+    # width, would absorb less than occupancy_threshold of a ray's light (so skipping changes a pixel by less).
+    # Off by default until bench/render_bench.py has measured it on the four clips
+    occupancy_cells: int = 0
+    occupancy_conditions: int = 16
+    occupancy_threshold: float = 1e-3
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
@@ -63,6 +71,9 @@ class NeRFaceConfig(AvatarConfig):
         "latent_rays",
         "latent_learning_rate",
         "pose_correction",
+        "occupancy_cells",
+        "occupancy_conditions",
+        "occupancy_threshold",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
 

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..volume import composite, importance_depths, stratified_depths
+from ..volume import OccupancyGrid, composite, importance_depths, stratified_depths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,29 +102,57 @@ class ConditionedField(nn.Module):
         for part in (self.position_in, self.condition_in):
             nn.init.normal_(part.weight, std=(2.0 / fan_in) ** 0.5)
 
-    def forward(self, points: torch.Tensor, directions: torch.Tensor, condition: torch.Tensor):
-        """points (R, S, 3), directions (R, 3) unit, condition (C,) for all rays or (R, C) per ray
-        -> density (R, S), rgb (R, S, 3)."""
-        rays, samples = points.shape[:2]
-        # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice as much
-        scaled = points.reshape(-1, 3) * self.cfg.position_scale
-        enc = positional_encoding(scaled, self.cfg.position_frequencies)
-        if self.planes is not None:
-            enc = torch.cat([enc, self.planes(scaled).to(enc.dtype)], -1)
-        # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
-        per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
-        hidden = (self.position_in(enc).view(rays, samples, -1) + per_ray[:, None]).view(rays * samples, -1)
-        features = self.backbone(hidden)
+    def _density(self, features: torch.Tensor) -> torch.Tensor:
         raw = self.density(features)[:, 0]
         # a ReLU density can die everywhere in the first steps (it did for vr_face2's coarse field: the render
         # stayed the background); the shifted softplus always has a gradient and starts as thin fog
-        density = (
-            torch.relu(raw) if self.cfg.density_activation == "relu" else torch.nn.functional.softplus(raw - 1.0)
-        ).view(rays, samples)
+        return torch.relu(raw) if self.cfg.density_activation == "relu" else torch.nn.functional.softplus(raw - 1.0)
+
+    def _encode(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) head-space points -> the first layer's position part (N, width)."""
+        scaled = points * self.cfg.position_scale
+        enc = positional_encoding(scaled, self.cfg.position_frequencies)
+        if self.planes is not None:
+            enc = torch.cat([enc, self.planes(scaled).to(enc.dtype)], -1)
+        return self.position_in(enc)
+
+    def forward(
+        self,
+        points: torch.Tensor,
+        directions: torch.Tensor,
+        condition: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ):
+        """points (R, S, 3), directions (R, 3) unit, condition (C,) for all rays or (R, C) per ray
+        -> density (R, S), rgb (R, S, 3). keep (R, S) bool: only those samples are computed, the others are
+        empty space (density 0, black)."""
+        rays, samples = points.shape[:2]
+        # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
+        per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
         view = positional_encoding(directions, self.cfg.direction_frequencies)
-        view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
-        rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
-        return density, rgb
+        if keep is None:
+            # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice
+            # as much
+            hidden = self._encode(points.reshape(-1, 3)).view(rays, samples, -1) + per_ray[:, None]
+            features = self.backbone(hidden.view(rays * samples, -1))
+            view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
+            rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
+            return self._density(features).view(rays, samples), rgb
+        index = keep.reshape(-1).nonzero()[:, 0]
+        ray = index // samples
+        features = self.backbone(self._encode(points.reshape(-1, 3)[index]) + per_ray[ray])
+        density = points.new_zeros(rays * samples)
+        rgb = points.new_zeros(rays * samples, 3)
+        if len(index):
+            density = density.index_put((index,), self._density(features).to(density.dtype))
+            rgb = rgb.index_put(
+                (index,), torch.sigmoid(self.colour(torch.cat([features, view[ray]], -1))).to(rgb.dtype)
+            )
+        return density.view(rays, samples), rgb.view(rays, samples, 3)
+
+    def density_at(self, points: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Density per metre (N,) at head-space points (N, 3) under one condition (C,); no colour."""
+        return self._density(self.backbone(self._encode(points) + self.condition_in(condition)))
 
 
 class NeRFaceRenderer(nn.Module):
@@ -144,33 +172,60 @@ class NeRFaceRenderer(nn.Module):
         self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
         self.precision, self.chunk_samples = precision, chunk_samples
 
-    def _field(self, field: ConditionedField, points, directions, condition):
-        """The field over chunks of about `chunk_samples` samples, in bf16 when asked (weights and compositing
-        stay fp32). Chunks keep every activation small enough for the C allocator to reuse memory instead of
-        mapping fresh pages for each layer, which cost as much as the matrix products themselves here."""
-        rays_per_chunk = max(1, self.chunk_samples // points.shape[1])
+    def _field(self, field: ConditionedField, points, directions, condition, keep=None):
+        """The field over chunks of about `chunk_samples` samples (of the kept ones, with `keep`), in bf16 when
+        asked (weights and compositing stay fp32). Chunks keep every activation small enough for the C
+        allocator to reuse memory instead of mapping fresh pages for each layer, which cost as much as the
+        matrix products themselves here."""
+        rays, samples = points.shape[:2]
+        if keep is None:
+            edges = [*range(0, rays, max(1, self.chunk_samples // samples)), rays]
+        else:  # ray ranges holding about chunk_samples kept samples each
+            cumulative = keep.sum(1).cumsum(0)
+            total = int(cumulative[-1]) if rays else 0
+            marks = torch.tensor(range(self.chunk_samples, total, self.chunk_samples), device=cumulative.device)
+            edges = sorted({0, rays, *torch.searchsorted(cumulative, marks, right=True).tolist()})
         densities, colours = [], []
-        for a in range(0, points.shape[0], rays_per_chunk):
-            sl = slice(a, a + rays_per_chunk)
-            cond = condition if condition.dim() == 1 else condition[sl]
+        for a, b in zip(edges[:-1], edges[1:]):
+            cond = condition if condition.dim() == 1 else condition[a:b]
             with torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                density, rgb = field(points[sl], directions[sl], cond)
+                density, rgb = field(points[a:b], directions[a:b], cond, None if keep is None else keep[a:b])
             densities.append(density.float())
             colours.append(rgb.float())
         return torch.cat(densities), torch.cat(colours)
 
+    def peak_density(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """The highest density per metre (N,) at points (N, 3) over conditions (K, C), of either field
+        (in the renderer's precision)."""
+        with torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return (
+                torch.stack([f.density_at(points, c) for f in (self.coarse, self.fine) for c in conditions])
+                .amax(0)
+                .float()
+            )
+
     def forward(
-        self, origins, directions, near, far, condition, background, jitter: bool = True, skip_empty: float = 0.0
+        self,
+        origins,
+        directions,
+        near,
+        far,
+        condition,
+        background,
+        jitter: bool = True,
+        skip_empty: float = 0.0,
+        occupancy: OccupancyGrid | None = None,
     ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
         dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,).
 
-        skip_empty > 0 (rendering only): rays whose coarse foreground alpha is below it keep the coarse
-        result instead of the fine one (they show the background), which saves most of the fine pass on
-        the background pixels of a frame."""
+        Rendering only: skip_empty > 0: rays whose coarse foreground alpha is below it keep the coarse result
+        instead of the fine one (they show the background), which saves most of the fine pass on the
+        background pixels of a frame; `occupancy`: samples in its empty cells are not computed (empty)."""
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
         points = origins[:, None] + directions[:, None] * depths[..., None]
-        density, rgb = self._field(self.coarse, points, directions, condition)
+        keep = None if occupancy is None else occupancy.contains(points)
+        density, rgb = self._field(self.coarse, points, directions, condition, keep)
         coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
         out = {"coarse": coarse, "coarse_alpha": coarse_alpha}
         busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
@@ -181,8 +236,9 @@ class NeRFaceRenderer(nn.Module):
             extra = importance_depths(depths[sel], weights[sel, :-1], self.fine_samples, jitter)
             fine_depths = torch.sort(torch.cat([depths[sel], extra], -1), -1).values
             points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
+            keep = None if occupancy is None else occupancy.contains(points)
             cond = condition if condition.dim() == 1 else condition[sel]
-            density, rgb = self._field(self.fine, points, directions[sel], cond)
+            density, rgb = self._field(self.fine, points, directions[sel], cond, keep)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
             depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
             fine, fine_alpha, fine_depth = (

@@ -20,7 +20,7 @@ from ...geometry import camera_rays, rigidly_moved
 from ...runtime import progress
 from ..base import AvatarModel, Phase, View
 from ..data import ErrorMap, SubjectFrames, psnr
-from ..volume import SKIP_EMPTY, ray_bounds, render_rays
+from ..volume import SKIP_EMPTY, OccupancyGrid, ray_bounds, render_rays
 from .config import NeRFaceConfig
 from .field import NeRFaceRenderer
 
@@ -48,6 +48,7 @@ class NeRFaceModel(AvatarModel):
             else None
         )
         self.near, self.far = ray_bounds(train.camera_to_head, cfg.scene_radius)
+        self.occupancy: OccupancyGrid | None = None  # measured from the fields when first rendered
 
     @classmethod
     def training_data(cls, cfg: NeRFaceConfig) -> dict:
@@ -67,6 +68,7 @@ class NeRFaceModel(AvatarModel):
 
     def training_step(self, phase: Phase, rng: np.random.Generator):
         cfg, data, device = self.cfg, self.train_frames, self.device
+        self.occupancy = None  # the fields change: a grid measured before this step is out of date
         k = int(rng.integers(len(data.frames)))
         pixels, *rays = data.sample(k, cfg.rays, cfg.head_fraction, rng, self.errors)
         origins, dirs, target, background, matte = (None if t is None else t.to(device) for t in rays)
@@ -98,6 +100,22 @@ class NeRFaceModel(AvatarModel):
     def untested_code(self) -> torch.Tensor:
         return self.latents.weight[0].detach()
 
+    @torch.no_grad()
+    def occupancy_grid(self) -> OccupancyGrid | None:
+        """The grid of the fields as they are now, measured under `occupancy_conditions` training frames
+        spread over the clip (expression and latent code); None when switched off."""
+        cfg = self.cfg
+        if cfg.occupancy_cells <= 0:
+            return None
+        if self.occupancy is None:
+            data = self.train_frames
+            picks = torch.linspace(0, len(data.frames) - 1, cfg.occupancy_conditions).round().long().unique()
+            conditions = torch.cat([data.conditions[picks].to(self.device), self.latents.weight[picks]], 1)
+            grid = OccupancyGrid(cfg.scene_radius, cfg.occupancy_cells, cfg.occupancy_threshold, self.device)
+            grid.build(lambda points: self.renderer.peak_density(points, conditions))
+            self.occupancy = grid
+        return self.occupancy
+
     def render(self, view: View) -> tuple[torch.Tensor, torch.Tensor]:
         condition = torch.cat([view.conditions.to(self.device), view.code.to(self.device)])
         near, far = ray_bounds(view.camera_to_head, self.cfg.scene_radius)
@@ -110,6 +128,7 @@ class NeRFaceModel(AvatarModel):
             view.background,
             float(near),
             float(far),
+            occupancy=self.occupancy_grid(),
         )
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
@@ -179,9 +198,10 @@ def render_image(
     near: float,
     far: float,
     rays_per_call: int = 8192,
+    occupancy: OccupancyGrid | None = None,
 ):
-    """Full image (size, size, 3) and foreground alpha (size, size) on the CPU; out of memory, the renderer's
-    sample chunk halves with the rays per call."""
+    """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
+    empty cells of `occupancy`; out of memory, the renderer's sample chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
 
     def trace(origins, dirs, background_colours):
@@ -195,6 +215,7 @@ def render_image(
             background_colours.to(device),
             jitter=False,
             skip_empty=SKIP_EMPTY,
+            occupancy=occupancy,
         )
         return out["fine"], out["fine_alpha"]
 
