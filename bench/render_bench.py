@@ -5,7 +5,7 @@
 Reads the `nerface_fast` avatars that `bench/nha_bench.py compare CLIP` trained into bench/work (run that
 first). Per clip: the grid's build time and share of occupied cells; seconds per frame of a held-out frame
 rendered densely (occupancy_cells 0, as before the grid) and with the grid, at 128, 256 and 512 px; and,
-over every `frame_stride`-th held-out frame at the training size, the PSNR of both renders against the real
+over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of both renders against the real
 frame (the same frames, the `first_train_frame` protocol, so no test-time fitting enters) and of the grid's
 render against the dense one. This CPU's matrix-product throughput is recorded beside the figures.
 """
@@ -27,6 +27,7 @@ from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.avatars import find  # noqa: E402
 from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.trainer import load_trained  # noqa: E402
+from avatar_pipeline.metrics import psnr  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
 from bench.nha_bench import AVATARS, CLIPS, COMPARE_MINUTES  # noqa: E402
@@ -34,10 +35,6 @@ from bench.nha_bench import AVATARS, CLIPS, COMPARE_MINUTES  # noqa: E402
 SIZES = (128, 256, 512)
 GRID_CELLS = 64
 FRAME_STRIDE = 4
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
 
 
 def timed_render(model, view) -> tuple[np.ndarray, float]:
@@ -58,8 +55,7 @@ def clip_figures(name: str) -> dict:
     train = SubjectFrames(store, size, "train", with_images=False)
     device = torch.device("cpu")
     dense = load_trained(spec, dense_cfg, train, train_dir, device)
-    fast = load_trained(spec, grid_cfg, train, train_dir, device)
-    fast.load_state_dict(dense.state_dict())  # one set of weights, two settings
+    fast = load_trained(spec, grid_cfg, train, train_dir, device)  # the same checkpoint, rendered with the grid
     start = time.perf_counter()
     grid = fast.occupancy_grid()
     figures = {
