@@ -75,6 +75,14 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, ba
     return colour, weights, weights[:, :-1].sum(-1)
 
 
+def cell_occupied(occupied: torch.Tensor, unit_points: torch.Tensor) -> torch.Tensor:
+    """Whether the cell of a (cells, cells, cells) grid over [-1, 1]^3 that holds each point (..., 3) is
+    occupied; points outside the cube read the nearest border cell."""
+    cells = occupied.shape[0]
+    index = ((unit_points.clamp(-1, 1) + 1) * 0.5 * cells).long().clamp_max(cells - 1)
+    return occupied[index[..., 0], index[..., 1], index[..., 2]]
+
+
 class OccupancyGrid:
     """Which cells of a cube of half-size `radius` metres around the head hold any density: a sample in an
     empty cell is left out of the network and counts as empty space (density 0), as in the accelerated NeRFs
@@ -95,9 +103,7 @@ class OccupancyGrid:
     def contains(self, points: torch.Tensor) -> torch.Tensor:
         """(..., 3) points in head space -> (...) bool: inside an occupied cell, or outside the cube."""
         unit = points / self.radius
-        outside = (unit.abs() > 1).any(-1)
-        index = ((unit.clamp(-1, 1) + 1) * 0.5 * self.cells).long().clamp_max(self.cells - 1)
-        return outside | self.occupied[index[..., 0], index[..., 1], index[..., 2]]
+        return (unit.abs() > 1).any(-1) | cell_occupied(self.occupied, unit)
 
     def centres(self) -> torch.Tensor:
         """(cells^3, 3) cell centres in head space, in the order of occupied.flatten()."""

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..nerface.field import positional_encoding
+from ..volume import cell_occupied
 
 PLANES = ((0, 1), (0, 2), (1, 2))  # the plane of each pair, and the line along the remaining axis
 LINES = (2, 1, 0)
@@ -107,10 +108,7 @@ class CanonicalField(nn.Module):
 
     def occupancy(self, unit_points: torch.Tensor) -> torch.Tensor:
         """Which points (in [-1, 1]^3) lie in the box and in an occupied voxel."""
-        inside = (unit_points.abs() <= 1).all(-1)
-        cells = self.occupied.shape[0]
-        index = ((unit_points.clamp(-1, 1) + 1) * 0.5 * cells).long().clamp_max(cells - 1)
-        return inside & self.occupied[index[:, 0], index[:, 1], index[:, 2]]
+        return (unit_points.abs() <= 1).all(-1) & cell_occupied(self.occupied, unit_points)
 
     def sigma(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Density per metre (N,) and which points are in occupied space (N,)."""
