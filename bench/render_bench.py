@@ -1,19 +1,23 @@
-"""Rendering speed of a trained NeRFace avatar with and without the occupancy grid.
+"""Rendering speed of a trained NeRFace avatar with and without empty-space skipping.
 
     .venv/bin/python bench/render_bench.py [CLIP ...]     # -> bench/results/render_speed.json
 
 Reads the `nerface_fast` avatars that `bench/nha_bench.py compare CLIP` trained into bench/work (run that
-first). Per clip: the grid's build time and share of occupied cells; seconds per frame of a held-out frame
-rendered densely (occupancy_cells 0, as before the grid) and with the grid, at 128, 256 and 512 px; and,
-over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of both renders against the real
-frame (the same frames, the `first_train_frame` protocol, so no test-time fitting enters) and of the grid's
-render against the dense one. This CPU's matrix-product throughput is recorded beside the figures.
+first). Per clip: the occupancy grid's build time and share of occupied cells; seconds per frame of a
+held-out frame at 128, 256 and 512 px rendered as before (every sample computed), with early ray termination
+alone, with the occupancy grid alone, and with both (`after`); and, over every FRAME_STRIDE-th held-out
+frame at the training size, the PSNR of the `before` and `after` renders against the real frame (the
+`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; for the
+first clip named, the minutes of the evaluation stage with the compare run's settings and `after` rendering
+(the compare run's own evaluation log gives the minutes before). This CPU's matrix-product throughput is
+recorded beside the figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.avatars import find  # noqa: E402
 from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
+from avatar_pipeline.avatars.evaluation import evaluate  # noqa: E402
 from avatar_pipeline.avatars.trainer import load_trained  # noqa: E402
 from avatar_pipeline.metrics import psnr  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
@@ -33,8 +38,15 @@ from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
 from bench.nha_bench import AVATARS, CLIPS, COMPARE_MINUTES  # noqa: E402
 
 SIZES = (128, 256, 512)
-GRID_CELLS = 64
 FRAME_STRIDE = 4
+# how a frame is rendered: as before this work (every sample computed, only the fine pass of rays the coarse
+# pass found empty skipped), with each speed-up alone, and with both
+VARIANTS = {
+    "before": {"occupancy_cells": 0, "early_termination": False},
+    "early_termination": {"occupancy_cells": 0, "early_termination": True},
+    "occupancy_grid": {"occupancy_cells": 64, "early_termination": False},
+    "after": {"occupancy_cells": 64, "early_termination": True},
+}
 
 
 def timed_render(model, view) -> tuple[np.ndarray, float]:
@@ -43,61 +55,68 @@ def timed_render(model, view) -> tuple[np.ndarray, float]:
     return image.clamp(0, 1).numpy(), time.perf_counter() - start
 
 
-def clip_figures(name: str) -> dict:
+def clip_figures(name: str, time_evaluation: bool) -> dict:
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     train_dir = store.root / "avatars" / "nerface_fast" / "train"
     settings = {**AVATARS["nerface_fast"], "max_minutes": COMPARE_MINUTES}
-    dense_cfg = spec.config_from({**settings, "occupancy_cells": 0})
-    grid_cfg = spec.config_from({**settings, "occupancy_cells": GRID_CELLS})
-    size = grid_cfg.size
+    configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in VARIANTS.items()}
+    size = configs["after"].size
     test = SubjectFrames(store, size, "test")
     train = SubjectFrames(store, size, "train", with_images=False)
     device = torch.device("cpu")
-    dense = load_trained(spec, dense_cfg, train, train_dir, device)
-    fast = load_trained(spec, grid_cfg, train, train_dir, device)  # the same checkpoint, rendered with the grid
+    # the same checkpoint under each rendering setting
+    models = {variant: load_trained(spec, cfg, train, train_dir, device) for variant, cfg in configs.items()}
     start = time.perf_counter()
-    grid = fast.occupancy_grid()
+    grid = models["after"].occupancy_grid()
+    build_seconds = time.perf_counter() - start
+    models["occupancy_grid"].occupancy = grid
+    after = configs["after"]
     figures = {
         "grid": {
-            "cells": grid_cfg.occupancy_cells,
-            "threshold": grid_cfg.occupancy_threshold,
-            "conditions": grid_cfg.occupancy_conditions,
-            "build_seconds": round(time.perf_counter() - start, 2),
+            "cells": after.occupancy_cells,
+            "threshold": after.occupancy_threshold,
+            "conditions": after.occupancy_conditions,
+            "build_seconds": round(build_seconds, 2),
             "occupied_share": round(grid.share, 4),
         },
         "seconds_per_frame": {},
     }
-    views = fast.test_views("first_train_frame", test)
+    views = models["after"].test_views("first_train_frame", test)
     print(name, figures["grid"], flush=True)
     for render_size in SIZES:
         at_size = SubjectFrames(store, render_size, "test", with_images=False)
         view = dataclasses.replace(views[0], size=render_size, focal=at_size.focal, background=at_size.background)
-        _, dense_seconds = timed_render(dense, view)
-        _, grid_seconds = timed_render(fast, view)
-        figures["seconds_per_frame"][f"{render_size}px"] = {
-            "dense": round(dense_seconds, 2),
-            "grid": round(grid_seconds, 2),
-            "speedup": round(dense_seconds / grid_seconds, 1),
-        }
-        print(name, render_size, figures["seconds_per_frame"][f"{render_size}px"], flush=True)
+        seconds = {variant: round(timed_render(model, view)[1], 2) for variant, model in models.items()}
+        seconds["speedup"] = round(seconds["before"] / seconds["after"], 1)
+        figures["seconds_per_frame"][f"{render_size}px"] = seconds
+        print(name, render_size, seconds, flush=True)
     rows = []
     for k in range(0, len(views), FRAME_STRIDE):
         truth = test.images[k].numpy()
-        dense_image, _ = timed_render(dense, views[k])
-        grid_image, _ = timed_render(fast, views[k])
-        rows.append((psnr(dense_image, truth), psnr(grid_image, truth), psnr(grid_image, dense_image)))
+        before, _ = timed_render(models["before"], views[k])
+        fast, _ = timed_render(models["after"], views[k])
+        rows.append((psnr(before, truth), psnr(fast, truth), psnr(fast, before)))
     table = np.array(rows)
     figures["quality"] = {
         "protocol": "first_train_frame",
         "frames": len(rows),
-        "psnr_dense": round(float(table[:, 0].mean()), 3),
-        "psnr_grid": round(float(table[:, 1].mean()), 3),
+        "psnr_before": round(float(table[:, 0].mean()), 3),
+        "psnr_after": round(float(table[:, 1].mean()), 3),
         "largest_frame_difference_db": round(float(np.abs(table[:, 0] - table[:, 1]).max()), 3),
-        "psnr_grid_against_dense": round(float(table[:, 2].mean()), 2),
-        "lowest_psnr_grid_against_dense": round(float(table[:, 2].min()), 2),
+        "psnr_after_against_before": round(float(table[:, 2].mean()), 2),
+        "lowest_psnr_after_against_before": round(float(table[:, 2].min()), 2),
     }
     print(name, figures["quality"], flush=True)
+    if not time_evaluation:
+        return figures
+    # the evaluation stage as the compare run ran it (both protocols, 60 latent steps, no orbit or sweep), now
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        evaluate(spec, store, configs["after"], train_dir, Path(scratch))
+        figures["evaluation_minutes_after"] = round((time.perf_counter() - start) / 60, 2)
+    figures["test_frames"] = len(views)
+    print(name, "evaluation minutes", figures["evaluation_minutes_after"], flush=True)
     return figures
 
 
@@ -112,8 +131,8 @@ def main(clips: list[str]) -> None:
             "commit": head_commit(),
         }
     )
-    for clip in clips:
-        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem)
+    for k, clip in enumerate(clips):
+        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, time_evaluation=k == 0)
         _write("render_speed.json", figures)
 
 
