@@ -174,6 +174,9 @@ def test_training_digest_ignores_the_step_budget_but_not_the_network():
     assert config({"preset": "fast", "width": 64}).digest() != base.digest()
     assert config({"preset": "fast", "orbit_frames": 3}).training_settings() == base.training_settings()
     assert config({"preset": "fast", "latent_steps": 3}).training_settings() == base.training_settings()
+    # a setting added later leaves the digest of its old behaviour alone, so earlier checkpoints stay valid
+    assert config({"preset": "fast", "train_occupancy_cells": 64}).digest() != base.digest()
+    assert "train_occupancy_cells" in base.training_settings() and base.added_keys["train_occupancy_cells"] == 0
 
 
 def test_unknown_avatar_key_is_named():

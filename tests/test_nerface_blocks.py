@@ -139,9 +139,11 @@ def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
     assert dirs[1, 0] > 0 and abs(dirs[1, 1]) < 1e-6  # right of centre: +x
 
 
-def _fit_tiny_nerface(steps: int = 300):
+def _fit_tiny_nerface(steps: int = 300, occupancy=None, warmup: int = 100):
     """A tiny coarse + fine renderer fitted to one 16 px frame: a coloured disc "head" in front of a grey
-    background, seen from z = 1; returns it, the frame's rays and the losses over the steps."""
+    background, seen from z = 1; returns it, the frame's rays and the losses over the steps. With an
+    `occupancy` grid, it is updated every 16 steps from `warmup` on, and the steps after skip its empty
+    cells' samples."""
     from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
     from avatar_pipeline.geometry import camera_rays
 
@@ -170,8 +172,12 @@ def _fit_tiny_nerface(steps: int = 300):
         "background": background,
     }
     losses = []
-    for _ in range(steps):
-        out = renderer(**rays)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        culling = occupancy is not None and step >= warmup
+        if culling and step % 16 == 0:
+            occupancy.update(lambda p: renderer.peak_density(p, rays["condition"][None]), 0.95, generator)
+        out = renderer(**rays, occupancy=occupancy if culling else None)
         loss = ((out["coarse"] - target) ** 2).mean() + ((out["fine"] - target) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -223,6 +229,145 @@ def test_the_occupancy_grid_skips_empty_space_without_changing_the_render():
     assert within.sum() > len(within) // 2
     assert torch.allclose(empty["fine"][within], rays["background"][within], atol=1e-6)
     assert not empty["fine_alpha"][within].any()
+
+
+def test_training_with_an_occupancy_grid_skips_empty_space_and_still_learns():
+    """Instant-NGP-style training: the grid, updated from the fields as they learn, culls part of the cube,
+    the steps after the warm-up compute fewer samples, and the fit is as good as the dense one's."""
+    from avatar_pipeline.avatars.volume import OccupancyGrid
+
+    grid = OccupancyGrid(radius=0.5, cells=16, threshold=1e-3)
+    renderer, rays, inside, losses = _fit_tiny_nerface(occupancy=grid)
+    _, _, _, dense_losses = _fit_tiny_nerface()
+    assert grid.density is not None and grid.share < 0.9
+    depths = stratified_depths(rays["near"], rays["far"], renderer.coarse_samples, jitter=False)
+    points = rays["origins"][:, None] + rays["directions"][:, None] * depths[..., None]
+    assert grid.contains(points).float().mean() < 0.95  # coarse samples it no longer computes (0.93 here)
+    assert sum(losses[-10:]) < 1.5 * sum(dense_losses[-10:])
+    with torch.no_grad():
+        out = renderer(**rays, jitter=False, occupancy=grid)
+    assert out["fine_alpha"][inside].mean() > out["fine_alpha"][~inside].mean() + 0.3
+
+
+def test_an_occupancy_grid_frees_a_cell_the_field_has_emptied_and_takes_back_a_filled_one_at_once():
+    from avatar_pipeline.avatars.volume import OccupancyGrid
+
+    grid = OccupancyGrid(radius=1.0, cells=8, threshold=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.tensor([0.9, 0.9, 0.9])
+    filled = lambda points: 10.0 * ((points - corner).norm(dim=-1) < 0.3).float()  # noqa: E731
+    empty = lambda points: torch.zeros(len(points))  # noqa: E731
+    grid.update(filled, 0.5, generator)
+    assert grid.contains(corner) and not grid.contains(-corner)
+    for _ in range(3):
+        grid.update(empty, 0.5, generator)
+    assert grid.contains(corner)  # decayed, not yet below the threshold
+    for _ in range(20):
+        grid.update(empty, 0.5, generator)
+    assert not grid.contains(corner)
+    grid.update(filled, 0.5, generator)
+    assert grid.contains(corner)
+
+
+def test_cells_no_camera_sees_count_as_empty():
+    """A camera at z = 1 looking down -z with a 0.4 m half-width at the origin: the cells around the origin
+    are seen, those far off its axis near the camera are not, and their density no longer occupies them."""
+    from avatar_pipeline.avatars.volume import OccupancyGrid
+
+    grid = OccupancyGrid(radius=1.0, cells=8, threshold=1e-3)
+    camera = torch.eye(4)
+    camera[2, 3] = 1.0
+    share = grid.restrict_to_views(camera[None], focal=20.0, size=16)
+    assert 0.05 < share < 0.7
+    off_axis = torch.tensor([0.875, 0.875, 0.625])  # 0.375 m in front of the camera, 1.2 m off its axis
+    assert grid.contains(torch.zeros(3))
+    grid.build(lambda points: torch.full((len(points),), 10.0))  # dense everywhere
+    assert grid.contains(torch.zeros(3)) and grid.contains(torch.tensor([0.3, -0.3, -0.9]))
+    assert not grid.contains(off_axis)
+    # a camera that sees the corner takes it back
+    corner_camera = torch.eye(4)
+    corner_camera[:3, 3] = torch.tensor([0.875, 0.875, 1.5])
+    grid.restrict_to_views(torch.stack([camera, corner_camera]), focal=20.0, size=16)
+    assert grid.contains(off_axis)
+
+
+def test_rays_stop_being_traced_once_their_light_is_spent():
+    """Early ray termination: a ray that meets an opaque wall is not computed behind it, an empty ray is
+    computed to its end, and both composite within the stop level of the full computation."""
+    from avatar_pipeline.avatars.volume import march
+
+    depths = torch.linspace(0.0, 1.0, 16).expand(3, 16).contiguous()
+    density = torch.zeros(3, 16)
+    density[0, 2] = 1e4  # a wall in the first segment
+    density[1, 9] = 20.0  # a thin fog in the third: about 70% of the light left, so the ray goes on
+    rgb = torch.rand(3, 16, 3)
+    computed = torch.zeros(3, 16, dtype=torch.bool)
+
+    def evaluate(rays, span):
+        computed[rays, span] = True
+        return density[rays, span], rgb[rays, span]
+
+    marched_density, marched_rgb = march(evaluate, depths, stop_below=1e-4, segments=4)
+    assert computed[0, :4].all() and not computed[0, 4:].any()
+    assert computed[1:].all()
+    background = torch.rand(3, 3)
+    full, _, full_alpha = composite(density, rgb, depths, background)
+    marched, _, marched_alpha = composite(marched_density, marched_rgb, depths, background)
+    assert (marched - full).abs().max() < 1e-4 and (marched_alpha - full_alpha).abs().max() < 1e-4
+
+
+class _SolidBall(torch.nn.Module):
+    """A field with a known answer: a dense ball of radius 0.2 around the origin, coloured by position."""
+
+    def forward(self, points, directions, condition, keep=None):
+        density = 60.0 * (points.norm(dim=-1) < 0.2).float()
+        rgb = (0.5 + points).clamp(0, 1)
+        if keep is not None:
+            density, rgb = density * keep, rgb * keep[..., None]
+        return density, rgb
+
+
+def test_early_termination_leaves_the_render_unchanged_and_stops_the_rays_that_meet_a_solid():
+    """The coarse and fine passes both stop a ray once less than the stop level of its light is left: rays
+    through a solid ball compute fewer samples, rays past it all of theirs, and no pixel moves by more than
+    a few stop levels (the coarse weights dropped behind the ball move the importance samples a little)."""
+    from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
+    from avatar_pipeline.avatars.volume import SKIP_EMPTY
+    from avatar_pipeline.geometry import camera_rays
+
+    size = 16
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c2h = torch.eye(4)
+    c2h[2, 3] = 1.0
+    origins, dirs = camera_rays(c2h, 20.0, size, torch.stack([xs.flatten(), ys.flatten()], 1).float())
+    rays = {
+        "origins": origins,
+        "directions": dirs,
+        "near": torch.full((size * size,), 0.5),
+        "far": torch.full((size * size,), 1.5),
+        "condition": torch.zeros(6),
+        "background": torch.full((size * size, 3), 0.3),
+    }
+    renderer = NeRFaceRenderer(coarse_samples=32, fine_samples=32)
+    renderer.coarse = renderer.fine = _SolidBall()
+    computed = []
+    field = renderer._field
+
+    def counting(net, points, *args):
+        computed.append(points.shape[0] * points.shape[1])
+        return field(net, points, *args)
+
+    renderer._field = counting
+    with torch.no_grad():
+        full = renderer(**rays, jitter=False, skip_empty=SKIP_EMPTY)
+        full_samples = sum(computed)
+        computed.clear()
+        stopped = renderer(**rays, jitter=False, skip_empty=SKIP_EMPTY, stop_below=SKIP_EMPTY)
+    hit = full["fine_alpha"] > 0.999
+    assert hit.sum() > 20 and (full["fine_alpha"] < 1e-4).sum() > 20  # some rays meet the ball, some miss it
+    assert sum(computed) < 0.9 * full_samples
+    assert (stopped["fine"] - full["fine"]).abs().max() < 5 * SKIP_EMPTY
+    assert (stopped["fine_alpha"] - full["fine_alpha"]).abs().max() < 5 * SKIP_EMPTY
 
 
 def test_feature_planes_read_each_projection_of_a_point_and_feed_the_backbone():

@@ -312,3 +312,24 @@ def test_training_with_error_sampling_keeps_its_error_map_across_a_resume(tracke
     # errors never rise above the starting 1, so a restored map keeps every measured cell below it (a fresh
     # map would have put the cells the last 20 steps did not revisit back to 1)
     assert (second[first < 1] < 1).all() and (second < 1).sum() > (first < 1).sum()
+
+
+def test_training_keeps_its_occupancy_grid_up_to_date_and_across_a_resume(tracked, tmp_path, monkeypatch):
+    from avatar_pipeline.avatars.nerface import model as nerface_model
+    from avatar_pipeline.avatars.volume import OccupancyGrid
+
+    monkeypatch.setattr(nerface_model, "OCCUPANCY_WARMUP", 16)  # the tiny run is shorter than the real warm-up
+    used = []
+    contains = OccupancyGrid.contains
+    monkeypatch.setattr(OccupancyGrid, "contains", lambda grid, points: used.append(1) or contains(grid, points))
+    out = tmp_path / "train"
+    train(tracked, tiny(steps=40, train_occupancy_cells=16), out)
+    first = torch.load(out / "checkpoint.pt", weights_only=False)["extra"]
+    assert first["steps_taken"] == 40 and first["training_occupancy"].shape == (16**3,)
+    assert len(used) == 2 * (40 - 16)  # coarse and fine samples culled in every step after the warm-up
+    restored = load_trained(out, tiny(steps=40, train_occupancy_cells=16), tracked).training_occupancy
+    assert torch.equal(restored.density, first["training_occupancy"])
+    assert restored.share < 0.9  # empty space found in the scene's cube
+    train(tracked, tiny(steps=60, train_occupancy_cells=16), out)
+    second = torch.load(out / "checkpoint.pt", weights_only=False)["extra"]
+    assert second["steps_taken"] == 60  # resumed, not counted from 0 (the warm-up would start over)

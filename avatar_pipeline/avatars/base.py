@@ -68,6 +68,9 @@ class AvatarConfig:
     )
     evaluation_keys: ClassVar[tuple[str, ...]] = ()  # the method's own
     resumable_keys: ClassVar[tuple[str, ...]] = ()
+    # training settings added after checkpoints existed, each with the value that trains exactly as before
+    # it: at that value a key stays out of the digest, so the checkpoints trained before it remain valid
+    added_keys: ClassVar[dict[str, object]] = {}
 
     def training_settings(self) -> dict:
         """The keys that change the trained model (the rest only change the evaluation)."""
@@ -80,6 +83,9 @@ class AvatarConfig:
         d = self.training_settings()
         for key in self.RESUMABLE_KEYS + self.resumable_keys:
             d.pop(key)
+        for key, before in self.added_keys.items():
+            if d[key] == before:
+                d.pop(key)
         d["checkpoint_format"] = CHECKPOINT_FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -16,7 +16,7 @@ from .trainer import is_out_of_memory
 log = logging.getLogger(__name__)
 
 # rendering: rays whose foreground alpha after a first pass is below this show the background; a method's
-# second pass may skip them
+# second pass may skip them. Rays also stop being traced once less than this share of their light is left
 SKIP_EMPTY = 1e-4
 
 
@@ -75,6 +75,36 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, ba
     return colour, weights, weights[:, :-1].sum(-1)
 
 
+def march(
+    evaluate: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
+    depths: torch.Tensor,
+    stop_below: float,
+    segments: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density (R, S) and colour (R, S, 3) of rays at sorted `depths` (R, S), computed by `evaluate(rays,
+    samples)` (the density and colour of those rays (index tensor) at those samples (a slice)) one depth
+    segment after another, front to back. Before each segment, rays with less than `stop_below` of their light
+    left are dropped: their later samples count as empty, which changes their colour and opacity by less than
+    `stop_below` (early ray termination, rendering only)."""
+    rays, samples = depths.shape
+    density = depths.new_zeros(rays, samples)
+    rgb = depths.new_zeros(rays, samples, 3)
+    deltas = torch.cat([depths[:, 1:] - depths[:, :-1], depths[:, -1:] - depths[:, -2:-1]], -1)
+    optical_depth = depths.new_zeros(rays)  # -log of the light left
+    limit = -torch.log(torch.tensor(stop_below)).item()
+    step = -(-samples // segments)
+    for a in range(0, samples, step):
+        span = slice(a, min(a + step, samples))
+        active = (optical_depth < limit).nonzero()[:, 0]
+        if not len(active):
+            break
+        part_density, part_rgb = evaluate(active, span)
+        density[active, span] = part_density
+        rgb[active, span] = part_rgb
+        optical_depth[active] += (part_density * deltas[active, span]).sum(-1)
+    return density, rgb
+
+
 def cell_occupied(occupied: torch.Tensor, unit_points: torch.Tensor) -> torch.Tensor:
     """Whether the cell of a (cells, cells, cells) grid over [-1, 1]^3 that holds each point (..., 3) is
     occupied; points outside the cube read the nearest border cell."""
@@ -95,6 +125,8 @@ class OccupancyGrid:
     def __init__(self, radius: float, cells: int, threshold: float, device: torch.device | str = "cpu"):
         self.radius, self.cells, self.threshold = radius, cells, threshold
         self.occupied = torch.ones(cells, cells, cells, dtype=torch.bool, device=device)
+        self.density: torch.Tensor | None = None  # per cell, in the order of centres(); None until measured
+        self.seen: torch.Tensor | None = None  # cells some training camera sees (None: all)
 
     @property
     def cell_size(self) -> float:
@@ -113,10 +145,53 @@ class OccupancyGrid:
     @torch.no_grad()
     def build(self, peak_density: Callable[[torch.Tensor], torch.Tensor], chunk: int = 65536) -> float:
         """Set the occupied cells from `peak_density(points (N, 3)) -> (N,)`, the highest density per metre at
-        the points over whatever conditions the field takes; returns the share of cells occupied."""
+        the points over whatever conditions the field takes, at the cell centres; returns the share of cells
+        occupied."""
+        self.density = _chunked(peak_density, self.centres(), chunk)
+        return self.mark_occupied()
+
+    @torch.no_grad()
+    def update(
+        self,
+        density: Callable[[torch.Tensor], torch.Tensor],
+        decay: float,
+        generator: torch.Generator,
+        chunk: int = 65536,
+    ) -> float:
+        """During training (Instant-NGP's update): each cell's density becomes the larger of its decayed old
+        value and `density` at a random point in the cell, so a cell the field has emptied is freed after a few
+        updates and one it fills is taken back at once; returns the share of cells occupied."""
+        jitter = torch.rand(self.cells**3, 3, generator=generator) - 0.5
+        points = self.centres() + jitter.to(self.occupied.device) * self.cell_size
+        measured = _chunked(density, points, chunk)
+        self.density = measured if self.density is None else torch.maximum(self.density * decay, measured)
+        return self.mark_occupied()
+
+    @torch.no_grad()
+    def restrict_to_views(self, camera_to_head: torch.Tensor, focal: float, size: int) -> float:
+        """Count as empty the cells no camera of (K, 4, 4) (OpenGL camera-to-head) sees any part of, as
+        Instant-NGP does: no training ray ever reached them, so whatever density the fields hold there is
+        untrained fog. Returns the share of cells seen."""
         centres = self.centres()
-        peak = torch.cat([peak_density(centres[a : a + chunk]) for a in range(0, len(centres), chunk)])
-        opaque = (1.0 - torch.exp(-peak * 2.0 * self.radius)) >= self.threshold
+        reach = 0.5 * 3**0.5 * self.cell_size  # a cell's half diagonal
+        seen = torch.zeros(len(centres), dtype=torch.bool, device=centres.device)
+        for camera in camera_to_head.to(centres.device):
+            local = (centres - camera[:3, 3]) @ camera[:3, :3]  # camera space; the camera looks down -z
+            depth = -local[:, 2]
+            margin = focal * reach / depth.clamp_min(1e-6)
+            x = focal * local[:, 0] / depth.clamp_min(1e-6) + size / 2
+            y = -focal * local[:, 1] / depth.clamp_min(1e-6) + size / 2
+            inside = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
+            seen |= (depth > -reach) & inside
+        self.seen = seen
+        if self.density is not None:
+            self.mark_occupied()
+        return float(seen.float().mean())
+
+    def mark_occupied(self) -> float:
+        """Set the occupied cells from the measured densities (and the cells seen); returns their share."""
+        density = self.density if self.seen is None else self.density * self.seen
+        opaque = (1.0 - torch.exp(-density * 2.0 * self.radius)) >= self.threshold
         grown = torch.nn.functional.max_pool3d(
             opaque.view(1, 1, *self.occupied.shape).float(), kernel_size=3, stride=1, padding=1
         )
@@ -126,6 +201,10 @@ class OccupancyGrid:
     @property
     def share(self) -> float:
         return float(self.occupied.float().mean())
+
+
+def _chunked(function: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([function(points[a : a + chunk]) for a in range(0, len(points), chunk)])
 
 
 @torch.no_grad()

@@ -75,8 +75,17 @@ class LDFConfig(AvatarConfig):
     fit_rays: int = 2048
     fit_every: int = 10  # the paper fits every 10th test frame; 1: all of them
     fit_learning_rate: float = 1e-3
+    # rendering: a ray's samples behind the point where it has less than 1e-4 of its light left are not
+    # computed (early ray termination; a pixel changes by less than 1e-4)
+    early_termination: bool = True
 
-    evaluation_keys: ClassVar[tuple[str, ...]] = ("fit_steps", "fit_rays", "fit_every", "fit_learning_rate")
+    evaluation_keys: ClassVar[tuple[str, ...]] = (
+        "fit_steps",
+        "fit_rays",
+        "fit_every",
+        "fit_learning_rate",
+        "early_termination",
+    )
     resumable_keys: ClassVar[tuple[str, ...]] = ()
 
     @property

@@ -37,7 +37,7 @@ from ...runtime import progress
 from ...video import VideoWriter
 from ..base import AvatarModel, Phase, View
 from ..data import SubjectFrames, psnr
-from ..volume import SKIP_EMPTY, composite, importance_depths, ray_bounds, render_rays, stratified_depths
+from ..volume import SKIP_EMPTY, composite, importance_depths, march, ray_bounds, render_rays, stratified_depths
 from .canonical import CanonicalField, resize_parameter
 from .config import METRES_PER_UNIT, LDFConfig
 from .deformation import Deformation, support_radius
@@ -220,7 +220,8 @@ class LDFModel(AvatarModel):
 
         With importance samples, a first pass of density alone over the stratified samples places them.
         skip_empty > 0 (rendering only): rays whose first-pass foreground alpha is below it show the
-        background and skip the second pass; only colour and alpha are returned then."""
+        background and skip the second pass, and with `early_termination` the others are computed only until
+        less than skip_empty of their light is left; only colour and alpha are returned then."""
         cfg = self.cfg
         depths = stratified_depths(near, far, cfg.samples, jitter)
         rays, busy = len(origins), None
@@ -235,13 +236,32 @@ class LDFModel(AvatarModel):
                 if skip_empty > 0:
                     busy = weights[:, :-1].sum(-1) >= skip_empty
             depths = torch.sort(torch.cat([depths, extra], -1), -1).values
-        if busy is not None and not bool(busy.all()):
+        if skip_empty > 0:
+            # rendering: rays the first pass found empty show the background; the others stop being traced
+            # once less than skip_empty of their light is left
+            busy = busy if busy is not None else torch.ones(rays, dtype=torch.bool, device=origins.device)
             colour, opacity = background.clone(), background.new_zeros(rays)
             if bool(busy.any()):
-                out = self._shade(origins[busy], dirs[busy], depths[busy], background[busy], state, alpha, learned)
+                shade = self._shade_marching if cfg.early_termination else self._shade
+                out = shade(origins[busy], dirs[busy], depths[busy], background[busy], state, alpha, learned)
                 colour[busy], opacity[busy] = out["colour"], out["alpha"]
             return {"colour": colour, "alpha": opacity}
         return self._shade(origins, dirs, depths, background, state, alpha, learned)
+
+    def _shade_marching(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool):
+        """Colour and alpha of the full pass, computed front to back and stopped where a ray's light is
+        spent (volume.march): rendering only."""
+
+        def evaluate(rays, span):
+            part = depths[rays, span]
+            points = (origins[rays, None] + dirs[rays, None] * part[..., None]).reshape(-1, 3)
+            t = self.deform(points, state, alpha, learned)
+            density, rgb = self.canonical(points + t, dirs[rays].repeat_interleave(part.shape[1], 0), state.appearance)
+            return density.view(part.shape), rgb.view(*part.shape, 3)
+
+        density, rgb = march(evaluate, depths, SKIP_EMPTY)
+        colour, _, opacity = composite(density, rgb, depths, background)
+        return {"colour": colour, "alpha": opacity}
 
     def _shade(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool) -> dict:
         """The full pass over given depths (R, S): deformation, canonical density and colour, compositing."""

@@ -58,8 +58,14 @@ class NeRFaceConfig(AvatarConfig):
     # width, would absorb less than occupancy_threshold of a ray's light (so skipping changes a pixel by less).
     # Off by default until bench/render_bench.py has measured it on the four clips
     occupancy_cells: int = 0
+    # training: a grid of this many cells a side (0: off) kept up to date from the fields as in Instant-NGP
+    # (every 16 steps, after 256 steps of warm-up), whose empty cells' samples are skipped (threshold 1e-3)
+    train_occupancy_cells: int = 0
     occupancy_conditions: int = 16
     occupancy_threshold: float = 1e-3
+    # rendering: a ray's samples behind the point where it has less than 1e-4 of its light left are not
+    # computed (early ray termination; a pixel changes by less than 1e-4)
+    early_termination: bool = True
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
@@ -74,8 +80,10 @@ class NeRFaceConfig(AvatarConfig):
         "occupancy_cells",
         "occupancy_conditions",
         "occupancy_threshold",
+        "early_termination",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
+    added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0}
 
     def field(self, expression_dim: int) -> FieldConfig:
         return FieldConfig(

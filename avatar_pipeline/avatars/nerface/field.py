@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..volume import OccupancyGrid, composite, importance_depths, stratified_depths
+from ..volume import OccupancyGrid, composite, importance_depths, march, stratified_depths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +194,19 @@ class NeRFaceRenderer(nn.Module):
             colours.append(rgb.float())
         return torch.cat(densities), torch.cat(colours)
 
+    def _trace(self, field, points, directions, condition, keep, depths, stop_below: float):
+        """The field at all samples of rays (R, S, 3), or with stop_below > 0 front to back, leaving out the
+        samples behind the point where a ray has less than stop_below of its light left (volume.march)."""
+        if stop_below <= 0:
+            return self._field(field, points, directions, condition, keep)
+
+        def evaluate(rays, span):
+            cond = condition if condition.dim() == 1 else condition[rays]
+            part_keep = None if keep is None else keep[rays, span]
+            return self._field(field, points[rays, span], directions[rays], cond, part_keep)
+
+        return march(evaluate, depths, stop_below)
+
     def peak_density(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The highest density per metre (N,) at points (N, 3) over conditions (K, C), of either field
         (in the renderer's precision)."""
@@ -215,17 +228,20 @@ class NeRFaceRenderer(nn.Module):
         jitter: bool = True,
         skip_empty: float = 0.0,
         occupancy: OccupancyGrid | None = None,
+        stop_below: float = 0.0,
     ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
         dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,).
 
         Rendering only: skip_empty > 0: rays whose coarse foreground alpha is below it keep the coarse result
         instead of the fine one (they show the background), which saves most of the fine pass on the
-        background pixels of a frame; `occupancy`: samples in its empty cells are not computed (empty)."""
+        background pixels of a frame; `occupancy`: samples in its empty cells are not computed (empty);
+        stop_below > 0: a ray's samples behind the point where less than stop_below of its light is left are
+        not computed (empty)."""
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
         points = origins[:, None] + directions[:, None] * depths[..., None]
         keep = None if occupancy is None else occupancy.contains(points)
-        density, rgb = self._field(self.coarse, points, directions, condition, keep)
+        density, rgb = self._trace(self.coarse, points, directions, condition, keep, depths, stop_below)
         coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
         out = {"coarse": coarse, "coarse_alpha": coarse_alpha}
         busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
@@ -238,7 +254,7 @@ class NeRFaceRenderer(nn.Module):
             points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
             keep = None if occupancy is None else occupancy.contains(points)
             cond = condition if condition.dim() == 1 else condition[sel]
-            density, rgb = self._field(self.fine, points, directions[sel], cond, keep)
+            density, rgb = self._trace(self.fine, points, directions[sel], cond, keep, fine_depths, stop_below)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
             depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
             fine, fine_alpha, fine_depth = (

@@ -24,6 +24,14 @@ from ..volume import SKIP_EMPTY, OccupancyGrid, ray_bounds, render_rays
 from .config import NeRFaceConfig
 from .field import NeRFaceRenderer
 
+# the training grid (train_occupancy_cells > 0), as in Instant-NGP: updated every few steps, each cell's
+# density decaying by this factor per update unless measured again; nothing is culled in the first steps.
+# Its threshold is fixed (occupancy_threshold is an evaluation setting, which must not change training)
+OCCUPANCY_UPDATE_EVERY = 16
+OCCUPANCY_TRAINING_THRESHOLD = 1e-3
+OCCUPANCY_DECAY = 0.95
+OCCUPANCY_WARMUP = 256
+
 
 class NeRFaceModel(AvatarModel):
     loss_terms = ("coarse", "fine", "latent", "mask")
@@ -49,6 +57,13 @@ class NeRFaceModel(AvatarModel):
         )
         self.near, self.far = ray_bounds(train.camera_to_head, cfg.scene_radius)
         self.occupancy: OccupancyGrid | None = None  # measured from the fields when first rendered
+        # kept up to date while training, to skip the samples in empty space there
+        self.training_occupancy = None
+        if cfg.train_occupancy_cells > 0:
+            grid = OccupancyGrid(cfg.scene_radius, cfg.train_occupancy_cells, OCCUPANCY_TRAINING_THRESHOLD, device)
+            grid.restrict_to_views(train.camera_to_head, train.focal, train.size)
+            self.training_occupancy = grid
+        self.steps_taken = 0
 
     @classmethod
     def training_data(cls, cfg: NeRFaceConfig) -> dict:
@@ -75,7 +90,8 @@ class NeRFaceModel(AvatarModel):
         condition = torch.cat([data.conditions[k].to(device), self.latents.weight[k]])
         near = self.near[k].expand(len(origins)).to(device)
         far = self.far[k].expand(len(origins)).to(device)
-        out = self.renderer(origins, dirs, near, far, condition, background)
+        out = self.renderer(origins, dirs, near, far, condition, background, occupancy=self._training_grid(rng))
+        self.steps_taken += 1
         mse_fine = ((out["fine"] - target) ** 2).mean()
         terms = {
             "coarse": ((out["coarse"] - target) ** 2).mean(),
@@ -90,12 +106,36 @@ class NeRFaceModel(AvatarModel):
             self.errors.update(k, pixels, ((out["fine"].detach() - target) ** 2).mean(-1).cpu())
         return terms, psnr(mse_fine.item())
 
+    def _training_grid(self, rng: np.random.Generator) -> OccupancyGrid | None:
+        """The training grid, updated when due from both fields under a random training frame's condition;
+        None while it is off or warming up."""
+        grid = self.training_occupancy
+        if grid is None or self.steps_taken < OCCUPANCY_WARMUP - OCCUPANCY_UPDATE_EVERY:
+            return None
+        if self.steps_taken % OCCUPANCY_UPDATE_EVERY == 0:
+            data = self.train_frames
+            k = int(rng.integers(len(data.frames)))
+            condition = torch.cat([data.conditions[k].to(self.device), self.latents.weight[k].detach()])
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+            grid.update(lambda points: self.renderer.peak_density(points, condition[None]), OCCUPANCY_DECAY, generator)
+        return grid if self.steps_taken >= OCCUPANCY_WARMUP else None
+
     def extra_state(self) -> dict:
-        return {"error_map": None if self.errors is None else self.errors.error}
+        grid = self.training_occupancy
+        return {
+            "error_map": None if self.errors is None else self.errors.error,
+            "steps_taken": self.steps_taken,
+            "training_occupancy": None if grid is None or grid.density is None else grid.density.cpu(),
+        }
 
     def load_extra_state(self, state: dict) -> None:
         if self.errors is not None and state.get("error_map") is not None:
             self.errors.error = state["error_map"]
+        self.steps_taken = int(state.get("steps_taken", 0))
+        grid = self.training_occupancy
+        if grid is not None and state.get("training_occupancy") is not None:
+            grid.density = state["training_occupancy"].to(self.device)
+            grid.mark_occupied()
 
     def untested_code(self) -> torch.Tensor:
         return self.latents.weight[0].detach()
@@ -112,6 +152,7 @@ class NeRFaceModel(AvatarModel):
             picks = torch.linspace(0, len(data.frames) - 1, cfg.occupancy_conditions).round().long().unique()
             conditions = torch.cat([data.conditions[picks].to(self.device), self.latents.weight[picks]], 1)
             grid = OccupancyGrid(cfg.scene_radius, cfg.occupancy_cells, cfg.occupancy_threshold, self.device)
+            grid.restrict_to_views(data.camera_to_head, data.focal, data.size)
             grid.build(lambda points: self.renderer.peak_density(points, conditions))
             self.occupancy = grid
         return self.occupancy
@@ -129,6 +170,7 @@ class NeRFaceModel(AvatarModel):
             float(near),
             float(far),
             occupancy=self.occupancy_grid(),
+            stop_early=self.cfg.early_termination,
         )
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
@@ -199,9 +241,11 @@ def render_image(
     far: float,
     rays_per_call: int = 8192,
     occupancy: OccupancyGrid | None = None,
+    stop_early: bool = False,
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
-    empty cells of `occupancy`; out of memory, the renderer's sample chunk halves with the rays per call."""
+    empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
+    SKIP_EMPTY of its light left; out of memory, the renderer's sample chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
 
     def trace(origins, dirs, background_colours):
@@ -216,6 +260,7 @@ def render_image(
             jitter=False,
             skip_empty=SKIP_EMPTY,
             occupancy=occupancy,
+            stop_below=SKIP_EMPTY if stop_early else 0.0,
         )
         return out["fine"], out["fine_alpha"]
 
