@@ -1,16 +1,16 @@
 """Rendering speed of a trained NeRFace avatar with and without empty-space skipping.
 
-    .venv/bin/python bench/render_bench.py [CLIP ...]     # -> bench/results/render_speed.json
+    .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
 
 Reads the `nerface_fast` avatars that `bench/nha_bench.py compare CLIP` trained into bench/work (run that
 first). Per clip: the occupancy grid's build time and share of occupied cells; seconds per frame of a
 held-out frame at 128, 256 and 512 px rendered as before (every sample computed), with early ray termination
 alone, with the occupancy grid alone, and with both (`after`); and, over every FRAME_STRIDE-th held-out
 frame at the training size, the PSNR of the `before` and `after` renders against the real frame (the
-`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; for the
-first clip named, the minutes of the evaluation stage with the compare run's settings and `after` rendering
-(the compare run's own evaluation log gives the minutes before). This CPU's matrix-product throughput is
-recorded beside the figures.
+`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; with
+--evaluation, for the first clip named, the minutes of the evaluation stage with the compare run's
+settings and `after` rendering (the compare run's own evaluation log gives the minutes before). This CPU's
+matrix-product throughput is recorded beside the figures.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ def clip_figures(name: str, time_evaluation: bool) -> dict:
     return figures
 
 
-def main(clips: list[str]) -> None:
+def main(clips: list[str], time_evaluation: bool) -> None:
     figures = _read("render_speed.json", {"clips": {}})
     figures.update(
         {
-            "command": "bench/render_bench.py " + " ".join(clips),
+            "command": "bench/render_bench.py " + "--evaluation " * time_evaluation + " ".join(clips),
             "cpu": cpu_info(),
             "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
             "threads": torch.get_num_threads(),
@@ -132,9 +132,10 @@ def main(clips: list[str]) -> None:
         }
     )
     for k, clip in enumerate(clips):
-        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, time_evaluation=k == 0)
+        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, time_evaluation and k == 0)
         _write("render_speed.json", figures)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CLIPS))
+    arguments = [a for a in sys.argv[1:] if a != "--evaluation"]
+    main(arguments or list(CLIPS), "--evaluation" in sys.argv[1:])
