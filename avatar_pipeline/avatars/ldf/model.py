@@ -253,27 +253,28 @@ class LDFModel(AvatarModel):
         spent (volume.march): rendering only."""
 
         def evaluate(rays, span):
-            part = depths[rays, span]
-            points = (origins[rays, None] + dirs[rays, None] * part[..., None]).reshape(-1, 3)
-            t = self.deform(points, state, alpha, learned)
-            density, rgb = self.canonical(points + t, dirs[rays].repeat_interleave(part.shape[1], 0), state.appearance)
-            return density.view(part.shape), rgb.view(*part.shape, 3)
+            _, _, density, rgb = self._samples(origins[rays], dirs[rays], depths[rays, span], state, alpha, learned)
+            return density, rgb
 
         density, rgb = march(evaluate, depths, SKIP_EMPTY)
         colour, _, opacity = composite(density, rgb, depths, background)
         return {"colour": colour, "alpha": opacity}
 
-    def _shade(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool) -> dict:
-        """The full pass over given depths (R, S): deformation, canonical density and colour, compositing."""
+    def _samples(self, origins, dirs, depths, state: FrameState, alpha: float, learned: bool):
+        """Rays' samples at depths (R, S): the observed points (R, S, 3), their deformation (R, S, 3), and the
+        canonical density (R, S) and colour (R, S, 3) where they land."""
         rays, samples = depths.shape
         points = origins[:, None] + dirs[:, None] * depths[..., None]
         flat = points.reshape(-1, 3)
         t = self.deform(flat, state, alpha, learned)
         density, rgb = self.canonical(flat + t, dirs.repeat_interleave(samples, 0), state.appearance)
-        colour, weights, opacity = composite(
-            density.view(rays, samples), rgb.view(rays, samples, 3), depths, background
-        )
-        return {"colour": colour, "alpha": opacity, "weights": weights, "points": points, "t": t.view(rays, samples, 3)}
+        return points, t.view(rays, samples, 3), density.view(rays, samples), rgb.view(rays, samples, 3)
+
+    def _shade(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool) -> dict:
+        """The full pass over given depths (R, S): deformation, canonical density and colour, compositing."""
+        points, t, density, rgb = self._samples(origins, dirs, depths, state, alpha, learned)
+        colour, weights, opacity = composite(density, rgb, depths, background)
+        return {"colour": colour, "alpha": opacity, "weights": weights, "points": points, "t": t}
 
     # --- training ---------------------------------------------------------------------------------
     def training_step(self, phase: Phase, rng: np.random.Generator):
