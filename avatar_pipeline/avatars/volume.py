@@ -6,11 +6,12 @@ full image rendered ray batch by ray batch."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
 
-from ..geometry import camera_rays
+from ..geometry import camera_rays, project
 from .trainer import is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def march(
     rgb = depths.new_zeros(rays, samples, 3)
     deltas = torch.cat([depths[:, 1:] - depths[:, :-1], depths[:, -1:] - depths[:, -2:-1]], -1)
     optical_depth = depths.new_zeros(rays)  # -log of the light left
-    limit = -torch.log(torch.tensor(stop_below)).item()
+    limit = -math.log(stop_below)
     step = -(-samples // segments)
     for a in range(0, samples, step):
         span = slice(a, min(a + step, samples))
@@ -175,14 +176,13 @@ class OccupancyGrid:
         centres = self.centres()
         reach = 0.5 * 3**0.5 * self.cell_size  # a cell's half diagonal
         seen = torch.zeros(len(centres), dtype=torch.bool, device=centres.device)
+        gl_to_cv = centres.new_tensor([1.0, -1.0, -1.0])  # OpenGL camera space (looking down -z) to OpenCV
         for camera in camera_to_head.to(centres.device):
-            local = (centres - camera[:3, 3]) @ camera[:3, :3]  # camera space; the camera looks down -z
-            depth = -local[:, 2]
-            margin = focal * reach / depth.clamp_min(1e-6)
-            x = focal * local[:, 0] / depth.clamp_min(1e-6) + size / 2
-            y = -focal * local[:, 1] / depth.clamp_min(1e-6) + size / 2
-            inside = (x > -margin) & (x < size + margin) & (y > -margin) & (y < size + margin)
-            seen |= (depth > -reach) & inside
+            local = (centres - camera[:3, 3]) @ camera[:3, :3] * gl_to_cv
+            depth = local[:, 2]
+            margin = (focal * reach / depth.clamp_min(1e-6))[:, None]
+            pixels = project(local, focal, size)
+            seen |= (depth > -reach) & ((pixels > -margin) & (pixels < size + margin)).all(-1)
         self.seen = seen
         if self.density is not None:
             self.mark_occupied()
