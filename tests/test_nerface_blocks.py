@@ -139,38 +139,44 @@ def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
     assert dirs[1, 0] > 0 and abs(dirs[1, 1]) < 1e-6  # right of centre: +x
 
 
+def _frame_rays(size: int, background: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The pixels (N, 2) of a size x size frame seen from z = 1 (focal 20) and its rays, in the renderer's
+    keyword arguments: depths 0.5 to 1.5, a zero condition (6,) and one background colour (3,)."""
+    from avatar_pipeline.geometry import camera_rays
+
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+    c2h = torch.eye(4)
+    c2h[2, 3] = 1.0
+    origins, dirs = camera_rays(c2h, 20.0, size, pixels)
+    return pixels, {
+        "origins": origins,
+        "directions": dirs,
+        "near": torch.full((len(pixels),), 0.5),
+        "far": torch.full((len(pixels),), 1.5),
+        "condition": torch.zeros(6),
+        "background": background.expand(len(pixels), 3),
+    }
+
+
 def _fit_tiny_nerface(steps: int = 300, occupancy=None, warmup: int = 100):
     """A tiny coarse + fine renderer fitted to one 16 px frame: a coloured disc "head" in front of a grey
     background, seen from z = 1; returns it, the frame's rays and the losses over the steps. With an
     `occupancy` grid, it is updated every 16 steps from `warmup` on, and the steps after skip its empty
     cells' samples."""
     from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
-    from avatar_pipeline.geometry import camera_rays
 
     torch.manual_seed(0)
     size = 16
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
-    c2h = torch.eye(4)
-    c2h[2, 3] = 1.0
-    origins, dirs = camera_rays(c2h, 20.0, size, pixels)
+    pixels, rays = _frame_rays(size, torch.tensor([0.4, 0.4, 0.4]))
     inside = (pixels - size / 2 + 0.5).norm(dim=1) < 4
     target = torch.where(inside[:, None], torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.4, 0.4, 0.4]))
-    background = torch.tensor([0.4, 0.4, 0.4]).expand(len(pixels), 3)
     renderer = NeRFaceRenderer(
         FieldConfig(width=64, depth=3, colour_width=32, colour_depth=1, expression_dim=4, latent_dim=2),
         coarse_samples=16,
         fine_samples=16,
     )
     optimizer = torch.optim.Adam(renderer.parameters(), lr=2e-3)
-    rays = {
-        "origins": origins,
-        "directions": dirs,
-        "near": torch.full((len(pixels),), 0.5),
-        "far": torch.full((len(pixels),), 1.5),
-        "condition": torch.zeros(6),
-        "background": background,
-    }
     losses = []
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -333,21 +339,8 @@ def test_early_termination_leaves_the_render_unchanged_and_stops_the_rays_that_m
     a few stop levels (the coarse weights dropped behind the ball move the importance samples a little)."""
     from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
     from avatar_pipeline.avatars.volume import SKIP_EMPTY
-    from avatar_pipeline.geometry import camera_rays
 
-    size = 16
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    c2h = torch.eye(4)
-    c2h[2, 3] = 1.0
-    origins, dirs = camera_rays(c2h, 20.0, size, torch.stack([xs.flatten(), ys.flatten()], 1).float())
-    rays = {
-        "origins": origins,
-        "directions": dirs,
-        "near": torch.full((size * size,), 0.5),
-        "far": torch.full((size * size,), 1.5),
-        "condition": torch.zeros(6),
-        "background": torch.full((size * size, 3), 0.3),
-    }
+    _, rays = _frame_rays(16, torch.full((3,), 0.3))
     renderer = NeRFaceRenderer(coarse_samples=32, fine_samples=32)
     renderer.coarse = renderer.fine = _SolidBall()
     computed = []
