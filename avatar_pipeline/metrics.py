@@ -221,6 +221,15 @@ class Lpips:
                 out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
         return out
 
+    def distance(self, a, b):
+        """The LPIPS distance of (1, 3, H, W) tensors in [-1, 1], differentiable (a training loss)."""
+        import torch
+
+        return sum(
+            (torch.nn.functional.conv2d((fa - fb) ** 2, w)).mean()
+            for fa, fb, w in zip(self._taps(a), self._taps(b), self.linear)
+        )
+
     def __call__(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
         import torch
 
@@ -230,11 +239,7 @@ class Lpips:
             torch.as_tensor(x, dtype=torch.float32).permute(2, 0, 1)[None].to(self.device) * 2 - 1 for x in (a, b)
         )
         with torch.no_grad():
-            total = sum(
-                (torch.nn.functional.conv2d((fa - fb) ** 2, w)).mean()
-                for fa, fb, w in zip(self._taps(ta), self._taps(tb), self.linear)
-            )
-        return float(total)
+            return float(self.distance(ta, tb))
 
 
 def _alexnet_features():
