@@ -249,6 +249,16 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
             f"<p>Attention masks: the field centres each coefficient group reaches (filled), over the canonical "
             f"head</p><img src='{rel}/attention.png' width='720'>"
         )
+    if (folder / "eval" / "gaussians" / "canonical.ply").exists():
+        parts.append(
+            f"<p>Gaussians: <a href='{rel}/gaussians/canonical.ply'>canonical.ply</a> (3D Gaussian splatting "
+            f"layout, opens in splat viewers), test frames as PLY in <a href='{rel}/gaussians/'>gaussians/</a></p>"
+        )
+    if (folder / "eval" / "sliders" / "index.html").exists():
+        parts.append(
+            f"<p>Expression sliders: <a href='{rel}/sliders/index.html'>drag an expression, see the avatar</a></p>"
+            f"<iframe src='{rel}/sliders/index.html' width='720' height='720' title='expression sliders'></iframe>"
+        )
     parts.append(f"<details><summary>metric definitions</summary><pre>{esc(summary['metrics_doc'])}</pre></details>")
     return "".join(parts)
 

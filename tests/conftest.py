@@ -4,6 +4,7 @@ is absent the tests that need it skip with the reason, except under CI (CI=true)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,39 @@ def workspace(videos_dir, ict_npz, tmp_path_factory):
     proc = run_cli(["workflow", "--cores", "2"], ws)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return ws
+
+
+# Chromium's background services try the network at start; this machine has none, so they are switched off
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        reason = "Chromium is not installed (scripts/setup.sh --test installs Debian's chromium as root)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"under CI the browser test must run: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    executable = _chromium()
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is a test dependency (pip install -e .[test])"
+    )
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

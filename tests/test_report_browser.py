@@ -4,35 +4,11 @@ person can see, and each subject's page starts with its summary."""
 
 import functools
 import http.server
-import os
-import shutil
 import threading
 
 import pytest
 
-# Chromium's background services try the network at start; this machine has none, so they are switched off
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 PAGES = ["index.html", "m030/report/index.html", "d18/report/index.html", "m030/qa/report.html"]
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        reason = "Chromium is not installed (scripts/setup.sh --test installs Debian's chromium as root)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"under CI the browser test must run: {reason}")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +21,6 @@ def served_results(workspace):
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = _chromium()
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is a test dependency (pip install -e .[test])"
-    )
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 # every <video> on the page: start it, let it run, and report what the browser saw

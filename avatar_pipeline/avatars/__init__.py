@@ -14,7 +14,7 @@ from typing import Any
 
 from .base import MethodSpec
 
-BUILT_IN = ("nerface", "nha", "ldf")  # packages under avatars/ that register a method on import
+BUILT_IN = ("nerface", "nha", "ldf", "gaussians")  # packages under avatars/ that register a method on import
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
