@@ -45,17 +45,23 @@ THRESHOLDS = (24.0, 26.0, 27.0, 28.0, 29.0)
 PAPER_MINUTES = 60.0
 
 
-def step_seconds(preset: str, precision: str, repeats: int) -> float:
+def step_seconds(preset: str, precision: str, repeats: int, expression_dim: int = 53) -> float:
     cfg = find("nerface").config_from({"preset": preset, "precision": precision})
     torch.manual_seed(0)
-    renderer = NeRFaceRenderer(cfg.field(53), cfg.coarse_samples, cfg.fine_samples, precision, cfg.chunk_samples)
+    renderer = NeRFaceRenderer(
+        cfg.field(expression_dim), cfg.coarse_samples, cfg.fine_samples, precision, cfg.chunk_samples
+    )
     optimizer = torch.optim.Adam(renderer.parameters(), lr=cfg.learning_rate)
     rays = cfg.rays
     origins = torch.zeros(rays, 3)
     origins[:, 2] = 1.0
     directions = torch.nn.functional.normalize(torch.randn(rays, 3) * 0.1 + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
     near, far = torch.full((rays,), 0.65), torch.full((rays,), 1.35)
-    condition, background, target = torch.randn(53 + cfg.latent_dim), torch.rand(rays, 3), torch.rand(rays, 3)
+    condition, background, target = (
+        torch.randn(expression_dim + cfg.latent_dim),
+        torch.rand(rays, 3),
+        torch.rand(rays, 3),
+    )
     times = []
     for _ in range(repeats + 1):  # the first step warms up
         start = time.perf_counter()
