@@ -116,8 +116,8 @@ def test_every_method_has_a_schema_branch_listing_exactly_its_typed_config_keys(
 
 
 def test_an_avatar_section_is_validated_against_its_own_method_only():
-    with pytest.raises(InputError, match="avatars.a.method: 'gaussians' is not one of"):
-        load_config(overrides={"avatars": {"a": {"method": "gaussians"}}})
+    with pytest.raises(InputError, match="avatars.a.method: 'mesh_only' is not one of"):
+        load_config(overrides={"avatars": {"a": {"method": "mesh_only"}}})
     with pytest.raises(InputError, match="avatars.a: unknown key.*'rayz'"):
         load_config(overrides={"avatars": {"a": {"method": "nerface", "rayz": 3}}})
     # no method written: NeRFace, and no other branch wrote its defaults into the section
