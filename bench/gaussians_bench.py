@@ -35,14 +35,8 @@ from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.gaussians.rasterizer import rasterize  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _write, head_commit  # noqa: E402
-from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_bench, steps_bench  # noqa: E402
+from bench.nha_bench import CLIPS, COMPARE_MINUTES, SHORT_RENDERS, compare_bench, steps_bench  # noqa: E402
 
-CLIPS = (
-    "lp_d18.mp4",
-    "dt_W009_front_happy_level3_001.mp4",
-    "dt_M030_front_neutral_level1_001.mp4",
-    "vr_face2.mp4",
-)
 # step counts the time budget cuts short, so both train for the same minutes
 AVATARS = {
     "cmp_gaussians": {"method": "gaussians", "preset": "fast", "steps": 100000, **SHORT_RENDERS},

@@ -46,14 +46,8 @@ from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.ldf.head import EDIT_REGIONS  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import RESULTS, _write, head_commit  # noqa: E402
-from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_bench, steps_bench  # noqa: E402
+from bench.nha_bench import CLIPS, COMPARE_MINUTES, SHORT_RENDERS, compare_bench, steps_bench  # noqa: E402
 
-CLIPS = (
-    "lp_d18.mp4",
-    "dt_W009_front_happy_level3_001.mp4",
-    "dt_M030_front_neutral_level1_001.mp4",
-    "vr_face2.mp4",
-)
 # this benchmark's own avatar names: the nerface and nha avatars of the NHA benchmark are not reused. LDF keeps
 # its preset's steps: the time budget is shared among phases in proportion to their steps, so more steps
 # would shrink its pre-training; the budget cuts the schedule where it is too long for the minutes

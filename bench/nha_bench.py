@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.avatars import find, trainer  # noqa: E402
 from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
+from avatar_pipeline.errors import CacheError  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _read, _write, bench_config, head_commit, run_workflow, training_curve  # noqa: E402
 
@@ -143,7 +144,7 @@ def compare_bench(
             folder = work / "results" / name / "avatars" / avatar
             try:
                 curve = training_curve(folder / "train")
-            except OSError as e:
+            except (OSError, CacheError) as e:  # not trained (the run failed or was stopped first)
                 entry[avatar] = {"error": str(e)}
                 continue
             metrics = cache.read_optional_json(folder / "eval" / cache.METRICS_FILE)

@@ -134,6 +134,25 @@ class SubjectFrames:
         return (pixels, origins, dirs) + self.colours(k, pixels) + (matte,)
 
 
+def textured_head_model(train: SubjectFrames, head_model: str, model_help: str):
+    """The morphable model `train`'s subject was tracked with, for the methods built on its textured mesh:
+    it must be the configured `head_model` (or any, when that is "any") and carry texture coordinates."""
+    model = train.store.tracked_model()
+    if head_model not in ("any", model.name):
+        raise InputError(
+            f"head_model: {head_model}",
+            f"the subject {train.store.subject} was tracked with the {model.name} model, not {head_model}",
+            f"set model.kind: {head_model} in config.yaml (tracking and this avatar then rerun), or head_model: any",
+        )
+    if not model.has_uvs:
+        raise InputError(
+            str(train.store.stage_dir("tracking") / "model.npz"),
+            f"the subject was tracked with the {model.name} model, which has no texture coordinates",
+            model_help,
+        )
+    return model
+
+
 class ErrorMap:
     """A running estimate of every training frame's squared colour error on a grid of cells, from which a
     share of each step's head rays is drawn (cells in proportion to their error, uniformly within a cell):

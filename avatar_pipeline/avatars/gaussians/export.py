@@ -68,22 +68,24 @@ def slider_page(model, base: View, folder: Path) -> dict:
     chosen = torch.argsort(spread, descending=True)[: cfg.slider_expressions].tolist()
     low, high = train.conditions.min(0).values, train.conditions.max(0).values
     folder.mkdir(parents=True, exist_ok=True)
+    values = {index: np.linspace(float(low[index]), float(high[index]), cfg.slider_steps) for index in chosen}
     jobs = [(index, step) for index in chosen for step in range(cfg.slider_steps)]
     files: dict[int, list[str]] = {index: [] for index in chosen}
     for index, step in progress(jobs, len(jobs), "gaussians: slider renders"):
-        value = float(low[index] + (high[index] - low[index]) * step / max(1, cfg.slider_steps - 1))
         conditions = base.conditions.clone()
-        conditions[index] = value
+        conditions[index] = float(values[index][step])
         image, _ = model.render(dataclasses.replace(base, conditions=conditions))
         files[index].append(f"{names[index]}_{step}.jpg")
         _write_jpeg(folder / files[index][-1], image)
-    sliders = []
-    for index in chosen:
-        values = np.linspace(float(low[index]), float(high[index]), cfg.slider_steps)
-        start = int(np.argmin(np.abs(values - float(base.conditions[index]))))
-        sliders.append(
-            {"name": names[index], "files": files[index], "values": values.round(3).tolist(), "start": start}
-        )
+    sliders = [
+        {
+            "name": names[index],
+            "files": files[index],
+            "values": values[index].round(3).tolist(),
+            "start": int(np.argmin(np.abs(values[index] - float(base.conditions[index])))),
+        }
+        for index in chosen
+    ]
     cache.write_text(folder / "index.html", _page(sliders))
     return {"page": str(folder / "index.html"), "expressions": [s["name"] for s in sliders]}
 

@@ -26,7 +26,7 @@ from ...geometry import head_to_camera_cv
 from ...metrics import Lpips
 from ...tracking import joint_pose
 from ..base import AvatarModel, Phase, View
-from ..data import SubjectFrames, psnr
+from ..data import SubjectFrames, psnr, textured_head_model
 from ..nha.mesh import build_head_mesh
 from .config import GaussianConfig
 from .rasterizer import Splats, gsplat_rasterize, quaternion_product, rasterize
@@ -146,21 +146,12 @@ class GaussianAvatarModel(AvatarModel):
     def __init__(self, cfg: GaussianConfig, train: SubjectFrames, device: torch.device):
         super().__init__()
         self.cfg, self.train_frames, self.device = cfg, train, device
-        model = train.store.tracked_model()
-        if cfg.head_model not in ("any", model.name):
-            raise InputError(
-                f"head_model: {cfg.head_model}",
-                f"the subject {train.store.subject} was tracked with the {model.name} model, not {cfg.head_model}",
-                f"set model.kind: {cfg.head_model} in config.yaml (tracking and this avatar then rerun), or "
-                "head_model: any",
-            )
-        if not model.has_uvs:
-            raise InputError(
-                str(train.store.stage_dir("tracking") / "model.npz"),
-                f"the subject was tracked with the {model.name} model, which has no texture coordinates, and "
-                "the Gaussians are placed through the UV map",
-                "track with model.kind: ict (the default), FLAME with model.flame_uvs, or the built-in model",
-            )
+        model = textured_head_model(
+            train,
+            cfg.head_model,
+            "the Gaussians are placed through the UV map: track with model.kind: ict (the default), FLAME with "
+            "model.flame_uvs, or the built-in model",
+        )
         self.head_model = model
         self.mesh = build_head_mesh(model, 0)  # the lower neck dropped, as for NHA
         triangles, bary = uv_raster(self.mesh, cfg.gaussians)

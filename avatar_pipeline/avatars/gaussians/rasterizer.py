@@ -97,7 +97,6 @@ class Pairs:
     pixel: torch.Tensor  # (P,) flat pixel index y * size + x
     gaussian: torch.Tensor  # (P,) index into the splats
     centre: torch.Tensor  # (P, 2) the pixel's centre (x + 0.5, y + 0.5)
-    visible: int  # Gaussians in front of the camera that reach a pixel
 
 
 def conic(covariance: torch.Tensor) -> torch.Tensor:
@@ -168,7 +167,7 @@ def pair_up(centres, covariance, depth, opacities, size: int) -> Pairs:
     slot, pixel = slot.index_select(0, lit), pixel.index_select(0, lit).long()
     row = torch.div(pixel, size, rounding_mode="floor")
     centre = torch.stack((pixel - row * size, row), -1).to(centres.dtype) + 0.5
-    return Pairs(pixel, ids.index_select(0, slot.long()), centre, len(ids))
+    return Pairs(pixel, ids.index_select(0, slot.long()), centre)
 
 
 def _log_transmittance(log_pass: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
@@ -203,6 +202,11 @@ def composite(splats: Splats, centres, covariance, pairs: Pairs, size: int):
     return out[..., :channels], out[..., channels]
 
 
+def _over(colour: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
+    """The premultiplied `colour` with coverage `alpha` over `background` (none: over black)."""
+    return colour if background is None else colour + (1 - alpha)[..., None] * background
+
+
 def rasterize(
     splats: Splats,
     rotation: torch.Tensor,
@@ -218,9 +222,7 @@ def rasterize(
     centres, covariance, depth = project(splats, rotation, translation, focal, size)
     pairs = pair_up(centres.detach(), covariance.detach(), depth.detach(), splats.opacities.detach(), size)
     colour, alpha = composite(splats, centres, covariance, pairs, size)
-    if background is not None:
-        colour = colour + (1 - alpha)[..., None] * background
-    return colour, alpha, pairs
+    return _over(colour, alpha, background), alpha, pairs
 
 
 def gsplat_rasterize(
@@ -253,7 +255,5 @@ def gsplat_rasterize(
         eps2d=BLUR,
         packed=False,
     )
-    colour, alpha = colours[0], alphas[0, ..., 0]
-    if background is not None:
-        colour = colour + (1 - alpha)[..., None] * background
-    return colour, alpha, None
+    alpha = alphas[0, ..., 0]
+    return _over(colours[0], alpha, background), alpha, None

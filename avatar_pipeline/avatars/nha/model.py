@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ... import cache, render
-from ...errors import InputError
 from ...geometry import (
     FLIP,
     axis_angle_to_matrix,
@@ -34,7 +33,7 @@ from ...models.base import barycentric_points
 from ...runtime import progress
 from ...tracking import joint_pose
 from ..base import AvatarModel, CombinedOptimizer, Phase, View
-from ..data import SubjectFrames, psnr
+from ..data import SubjectFrames, psnr, textured_head_model
 from .config import NHAConfig
 from .losses import frontal_trust, hole_filling_loss, lid_distances, masked_blur, screen_sampled
 from .mesh import (
@@ -93,20 +92,7 @@ class NHAModel(AvatarModel):
     def __init__(self, cfg: NHAConfig, train: SubjectFrames, device: torch.device):
         super().__init__()
         self.cfg, self.train_frames, self.device = cfg, train, device
-        model = train.store.tracked_model()
-        if cfg.head_model not in ("any", model.name):
-            raise InputError(
-                f"head_model: {cfg.head_model}",
-                f"the subject {train.store.subject} was tracked with the {model.name} model, not {cfg.head_model}",
-                f"set model.kind: {cfg.head_model} in config.yaml (tracking and this avatar then rerun), or "
-                "head_model: any",
-            )
-        if not model.has_uvs:
-            raise InputError(
-                str(train.store.stage_dir("tracking") / "model.npz"),
-                f"the subject was tracked with the {model.name} model, which has no texture coordinates",
-                MODEL_HELP,
-            )
+        model = textured_head_model(train, cfg.head_model, MODEL_HELP)
         self.head_model = model
         subdivisions = cfg.subdivisions if cfg.subdivisions is not None else SUBDIVISIONS.get(model.name, 0)
         self.mesh = mesh = build_head_mesh(model, subdivisions)
