@@ -60,6 +60,7 @@ def render_bench(clip: str) -> None:
         "commit": head_commit(),
         "clip": name,
         "gaussians": len(model.bary),
+        "rasterizer": model.rasterizer,
         "sizes": {},
     }
     for size in RENDER_SIZES:
@@ -75,9 +76,11 @@ def render_bench(clip: str) -> None:
             for view in views:
                 splats, rotation, translation = model.splats(view)
                 start = time.perf_counter()
-                _, _, found = rasterize(splats, rotation, translation, view.focal, view.size, view.background)
+                _, _, found = rasterize(
+                    splats, rotation, translation, view.focal, view.size, view.background, model.rasterizer == "numba"
+                )
                 raster_seconds += time.perf_counter() - start
-                pairs += len(found.pixel)
+                pairs += found
         figures["sizes"][str(size)] = {
             "frames": len(views),
             "seconds_per_frame": round(seconds, 4),

@@ -1,5 +1,6 @@
-"""The Gaussian-splatting avatar's own parts: the PyTorch rasterizer (gradients against finite differences,
-occlusion of one disc by another, agreement with a pixel-by-pixel reference and, where CUDA is, with gsplat),
+"""The Gaussian-splatting avatar's own parts: the rasterizer, both its compiled CPU walk and its tensor path
+(gradients against finite differences, occlusion of one disc by another, agreement with a pixel-by-pixel
+reference, with each other and, where CUDA is, with gsplat),
 the spherical harmonics, the placement of the Gaussians through the UV map, the PLY export and the slider
 page in a real browser. Training, a kill and resume, and evaluation are the contract test's."""
 
@@ -19,6 +20,7 @@ from avatar_pipeline.avatars.gaussians.model import sh_basis, uv_raster
 from avatar_pipeline.avatars.gaussians.rasterizer import Splats, rasterize
 from avatar_pipeline.avatars.nha.mesh import build_head_mesh
 
+PATHS = pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
 EYE = torch.eye(3, dtype=torch.float64)
 ORIGIN = torch.zeros(3, dtype=torch.float64)
 
@@ -36,12 +38,15 @@ def _random_splats(count: int, seed: int, spread: float = 0.06) -> Splats:
     )
 
 
-def test_rasterizer_gradients_match_finite_differences():
+@PATHS
+def test_rasterizer_gradients_match_finite_differences(compiled):
     splats = _random_splats(5, seed=0)
     background = torch.full((16, 16, 3), 0.2, dtype=torch.float64)
 
     def image(means, quats, scales, opacities, colours):
-        return rasterize(Splats(means, quats, scales, opacities, colours), EYE, ORIGIN, 20.0, 16, background)[0]
+        splats = Splats(means, quats, scales, opacities, colours)
+        colour, alpha, _ = rasterize(splats, EYE, ORIGIN, 20.0, 16, background, compiled)
+        return colour, alpha
 
     inputs = [
         t.clone().requires_grad_()
@@ -67,14 +72,15 @@ def _joined(*parts: Splats) -> Splats:
     )
 
 
-def test_an_opaque_disc_hides_the_one_behind_it_whatever_their_order():
+@PATHS
+def test_an_opaque_disc_hides_the_one_behind_it_whatever_their_order(compiled):
     size = focal = 48
     # a small red disc at depth 1 centred on pixel (19, 23), a wider blue one at depth 2 on pixel (30, 23)
     red = _disc((19.5 - 24) / focal, -0.5 / focal, 1.0, 0.06, [1.0, 0.0, 0.0])
     blue = _disc((30.5 - 24) / focal * 2, -0.5 / focal * 2, 2.0, 0.15, [0.0, 0.0, 1.0])
     background = torch.zeros(size, size, 3, dtype=torch.float64)
-    one, alpha, _ = rasterize(_joined(red, blue), EYE, ORIGIN, focal, size, background)
-    other, _, _ = rasterize(_joined(blue, red), EYE, ORIGIN, focal, size, background)
+    one, alpha, _ = rasterize(_joined(red, blue), EYE, ORIGIN, focal, size, background, compiled)
+    other, _, _ = rasterize(_joined(blue, red), EYE, ORIGIN, focal, size, background, compiled)
     assert torch.allclose(one, other)  # depth order, not list order
     assert one[23, 19, 0] > 0.98 and one[23, 19, 2] < 1e-3  # the red disc's centre: 0.99 red, blue hidden
     assert one[23, 30, 2] > 0.97 and one[23, 30, 0] == 0  # beyond the red disc's reach: blue alone
@@ -110,12 +116,42 @@ def _reference_image(splats: Splats, focal: float, size: int) -> torch.Tensor:
     return image
 
 
-def test_rasterizer_agrees_with_a_pixel_by_pixel_reference():
+@PATHS
+def test_rasterizer_agrees_with_a_pixel_by_pixel_reference(compiled):
     splats = _random_splats(40, seed=3)
     splats.opacities[:10] = 0.99  # some opaque ones, so that pixels stop early
-    image, _, pairs = rasterize(splats, EYE, ORIGIN, 24.0, 20)
-    assert len(pairs.pixel) > 400
+    image, _, pairs = rasterize(splats, EYE, ORIGIN, 24.0, 20, compiled=compiled)
+    assert pairs > 400
     assert torch.allclose(image, _reference_image(splats, 24.0, 20), atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_and_tensor_rasterizers_agree_in_image_and_gradients(dtype):
+    """300 overlapping Gaussians at 64 px, a third of them opaque enough for the alpha cap and the early stop;
+    a loss on both the image over a background and the alpha."""
+    splats = _random_splats(300, seed=7)
+    splats.opacities[:100] = 1.0
+    size, focal = 64, 60.0
+    background = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    weights = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    results = []
+    for compiled in (True, False):
+        leaves = [
+            getattr(splats, f).to(dtype).clone().requires_grad_()
+            for f in ("means", "quats", "scales", "opacities", "colours")
+        ]
+        image, alpha, pairs = rasterize(
+            Splats(*leaves), EYE.to(dtype), ORIGIN.to(dtype), focal, size, background, compiled
+        )
+        ((image * weights).sum() + (alpha**2).sum()).backward()
+        results.append((image.detach(), alpha.detach(), pairs, [leaf.grad for leaf in leaves]))
+    (image, alpha, pairs, grads), (image_t, alpha_t, pairs_t, grads_t) = results
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    assert pairs == pairs_t and pairs > 10000
+    assert (image - image_t).abs().max() < tolerance and (alpha - alpha_t).abs().max() < tolerance
+    for grad, grad_t in zip(grads, grads_t):
+        assert grad.abs().max() > 0
+        assert (grad - grad_t).abs().max() < tolerance * 10 * grad_t.abs().max()
 
 
 def test_gsplat_renders_the_same_image():

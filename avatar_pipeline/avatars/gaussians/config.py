@@ -52,7 +52,9 @@ class GaussianConfig(AvatarConfig):
     w_mouth: float = 40.0  # extra Huber weight inside the parsing's mouth and lips
     w_perceptual: float = 0.05  # LPIPS (VGG) inside the head mask, when its weights are present
     perceptual_from: float = 0.1  # share of the steps after which the perceptual term is on
-    rasterizer: str = "auto"  # auto (gsplat on CUDA when installed, else torch), torch, gsplat
+    # auto: gsplat on CUDA when installed, else numba on a CPU and torch elsewhere; numba (compiled CPU loops),
+    # torch (tensor operations, any device), gsplat
+    rasterizer: str = "auto"
     # evaluation
     ply_frames: int = 0  # test frames written as per-frame PLYs (the canonical one is always written)
     slider_expressions: int = 6  # expressions offered in the report's slider page

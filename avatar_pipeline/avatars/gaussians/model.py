@@ -259,11 +259,13 @@ class GaussianAvatarModel(AvatarModel):
         return Splats(means, quats, scales, opacities, colours), rotation, translation
 
     def draw(self, view: View):
-        """Image (size, size, 3) over the view's background, alpha (size, size) and the rasterizer's pairs."""
+        """Image (size, size, 3) over the view's background, alpha (size, size) and the pairs composited."""
         splats, rotation, translation = self.splats(view)
-        draw = gsplat_rasterize if self.rasterizer == "gsplat" else rasterize
         background = view.background.to(self.device)
-        return draw(splats, rotation, translation, view.focal, view.size, background)
+        if self.rasterizer == "gsplat":
+            return gsplat_rasterize(splats, rotation, translation, view.focal, view.size, background)
+        compiled = self.rasterizer == "numba"
+        return rasterize(splats, rotation, translation, view.focal, view.size, background, compiled)
 
     # --- training -----------------------------------------------------------------------------
     def training_step(self, phase: Phase, rng: np.random.Generator):
@@ -320,9 +322,14 @@ def _neighbour_log_scale(points: np.ndarray) -> torch.Tensor:
 
 
 def _pick_rasterizer(choice: str, device: torch.device) -> str:
-    """`torch` (this package's, any device) or `gsplat` (CUDA only); `auto` takes gsplat where it can run."""
-    if choice == "torch":
-        return "torch"
+    """`numba` (compiled CPU loops), `torch` (tensor operations, any device) or `gsplat` (CUDA only); `auto`
+    takes gsplat where it can run, else numba on a CPU and torch elsewhere."""
+    if choice == "numba" and device.type != "cpu":
+        raise InputError(
+            "rasterizer: numba", f"the numba rasterizer runs on a CPU, not {device}", "set rasterizer: auto"
+        )
+    if choice in ("numba", "torch"):
+        return choice
     try:
         import gsplat  # noqa: F401
 
@@ -330,8 +337,9 @@ def _pick_rasterizer(choice: str, device: torch.device) -> str:
     except ImportError:
         usable, why = False, "gsplat is not installed"
     if choice == "gsplat" and not usable:
-        raise InputError("rasterizer: gsplat", f"gsplat cannot run here: {why}", "set rasterizer: torch (or auto)")
+        raise InputError("rasterizer: gsplat", f"gsplat cannot run here: {why}", "set rasterizer: auto")
     if choice == "auto" and not usable:
-        log.info("gaussians: the PyTorch rasterizer renders (gsplat not used: %s)", why)
-        return "torch"
+        fallback = "numba" if device.type == "cpu" else "torch"
+        log.info("gaussians: the %s rasterizer renders (gsplat not used: %s)", fallback, why)
+        return fallback
     return "gsplat"

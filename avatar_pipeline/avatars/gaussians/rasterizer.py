@@ -1,15 +1,16 @@
-"""A differentiable 3D Gaussian splatting rasterizer in plain PyTorch: it runs on a CPU.
+"""A differentiable 3D Gaussian splatting rasterizer that runs without CUDA.
 
 The image model is that of 3D Gaussian splatting (Kerbl et al. 2023): each Gaussian is projected to a 2D
 Gaussian through the camera's local affine approximation (EWA splatting), with 0.3 px² added to its
 covariance; every pixel composites its Gaussians front to back, alpha = opacity * exp(-q / 2) capped at
 0.99, Gaussians below alpha 1/255 skipped, and a pixel stops once less than 1e-4 of its light is left.
 
-The CUDA rasterizers bin Gaussians into 16 px tiles and walk each tile's sorted list per pixel. Here the
-work is a flat list of (pixel, Gaussian) pairs instead: each Gaussian pairs with the pixels of the box where
-its alpha can reach 1/255, pairs are sorted by pixel then depth, and a pixel's transmittance before each
-of its pairs is a segmented cumulative sum of log(1 - alpha). Only the pair selection is index work; the
-compositing is differentiable tensor algebra, so autograd gives the gradients of every Gaussian parameter.
+Two ways to composite, which render the same image and gradients (tested against each other):
+- on a CPU, compiled loops (cpu_kernels.py) walk the depth-sorted Gaussians over their pixels, forward and
+  backward, the way the CUDA rasterizers walk a tile's list;
+- on any device, tensor operations on a flat list of (pixel, Gaussian) pairs: each Gaussian pairs with the
+  pixels of the box where its alpha can reach 1/255, pairs are sorted by pixel then depth, and a pixel's
+  transmittance before each pair is a segmented cumulative sum of log(1 - alpha); autograd differentiates.
 
 Cameras are OpenCV (x right, y down, z forward); pixel i spans [i, i + 1), as in geometry.project.
 """
@@ -96,7 +97,6 @@ class Pairs:
 
     pixel: torch.Tensor  # (P,) flat pixel index y * size + x
     gaussian: torch.Tensor  # (P,) index into the splats
-    centre: torch.Tensor  # (P, 2) the pixel's centre (x + 0.5, y + 0.5)
 
 
 def conic(covariance: torch.Tensor) -> torch.Tensor:
@@ -112,14 +112,10 @@ def _power(d: torch.Tensor, ellipse: torch.Tensor) -> torch.Tensor:
     return -0.5 * (ellipse[:, 0] * dx * dx + ellipse[:, 2] * dy * dy) - ellipse[:, 1] * dx * dy
 
 
-@torch.no_grad()
-def pair_up(centres, covariance, depth, opacities, size: int) -> Pairs:
-    """The pairs a pixel composites: every Gaussian whose alpha at the pixel's centre reaches ALPHA_MIN, front
-    to back, up to the one that would leave less than TRANSMITTANCE_MIN of the light (3DGS stops there, and
-    that pair is not added). Found without gradients, so the differentiable pass only sees pairs that count.
-    (1-D index_select and int32 indices throughout: tensor indexing is several times slower on a CPU.)"""
-    device = centres.device
-    # alpha >= ALPHA_MIN where the Mahalanobis square q <= 2 ln(opacity / ALPHA_MIN): that ellipse's box
+def _boxes(centres, covariance, depth, opacities, size: int):
+    """The Gaussians that can reach a pixel, front to back (ids), and the inclusive pixel box of each one
+    (x0, x1, y0, y1 over all N) where its alpha can reach ALPHA_MIN: where the Mahalanobis square
+    q <= 2 ln(opacity / ALPHA_MIN)."""
     reach = 2 * torch.log((opacities / ALPHA_MIN).clamp_min(1.0))
     half_w = torch.sqrt(reach * covariance[:, 0, 0])
     half_h = torch.sqrt(reach * covariance[:, 1, 1])
@@ -129,9 +125,20 @@ def pair_up(centres, covariance, depth, opacities, size: int) -> Pairs:
     y0 = torch.ceil(v - half_h - 0.5).clamp(0, size)
     y1 = torch.floor(v + half_h - 0.5).clamp(-1, size - 1)
     keep = (depth > NEAR) & (opacities > ALPHA_MIN) & (x1 >= x0) & (y1 >= y0)
-    # Gaussians numbered front to back, so that pairs listed Gaussian by Gaussian are in depth order
     ids = keep.nonzero()[:, 0]
-    ids = ids.index_select(0, torch.argsort(depth.index_select(0, ids)))
+    return ids.index_select(0, torch.argsort(depth.index_select(0, ids))), x0, x1, y0, y1
+
+
+@torch.no_grad()
+def pair_up(centres, covariance, depth, opacities, size: int) -> Pairs:
+    """The pairs a pixel composites: every Gaussian whose alpha at the pixel's centre reaches ALPHA_MIN, front
+    to back, up to the one that would leave less than TRANSMITTANCE_MIN of the light (3DGS stops there, and
+    that pair is not added). Found without gradients, so the differentiable pass only sees pairs that count.
+    (1-D index_select and int32 indices throughout: tensor indexing is several times slower on a CPU.)"""
+    device = centres.device
+    # Gaussians numbered front to back, so that pairs listed Gaussian by Gaussian are in depth order
+    ids, x0, x1, y0, y1 = _boxes(centres, covariance, depth, opacities, size)
+    u, v = centres[:, 0], centres[:, 1]
     x0, y0 = x0.index_select(0, ids).int(), y0.index_select(0, ids).int()
     width = x1.index_select(0, ids).int() - x0 + 1
     counts = width * (y1.index_select(0, ids).int() - y0 + 1)
@@ -165,9 +172,30 @@ def pair_up(centres, covariance, depth, opacities, size: int) -> Pairs:
     after = _log_transmittance(torch.log1p(-alpha.clamp(max=ALPHA_MAX)).double(), pixel)
     lit = (after >= math.log(TRANSMITTANCE_MIN)).nonzero()[:, 0]
     slot, pixel = slot.index_select(0, lit), pixel.index_select(0, lit).long()
-    row = torch.div(pixel, size, rounding_mode="floor")
-    centre = torch.stack((pixel - row * size, row), -1).to(centres.dtype) + 0.5
-    return Pairs(pixel, ids.index_select(0, slot.long()), centre)
+    return Pairs(pixel, ids.index_select(0, slot.long()))
+
+
+def composite_compiled(splats: Splats, centres, covariance, depth, size: int):
+    """composite's image and alpha by the compiled CPU walk (cpu_kernels), which finds the pairs as it goes,
+    and the number of pairs it composited."""
+    from . import cpu_kernels
+
+    with torch.no_grad():
+        order, x0, x1, y0, y1 = _boxes(centres, covariance, depth, splats.opacities, size)
+        boxes = torch.stack((x0, x1, y0, y1), 1).long()
+    stats: dict = {}
+    colour, alpha = cpu_kernels.Composite.apply(
+        centres,
+        conic(covariance),
+        splats.opacities,
+        splats.colours,
+        order,
+        boxes,
+        size,
+        (ALPHA_MIN, ALPHA_MAX, TRANSMITTANCE_MIN),
+        stats,
+    )
+    return colour.reshape(size, size, -1), alpha.reshape(size, size), stats["pairs"]
 
 
 def _log_transmittance(log_pass: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
@@ -193,7 +221,9 @@ def composite(splats: Splats, centres, covariance, pairs: Pairs, size: int):
     # one gather of everything a pair reads of its Gaussian (its gradient is one scatter)
     packed = torch.cat((centres, conic(covariance), splats.opacities[:, None], splats.colours), 1)
     centre, ellipse, opacity, colour = packed.index_select(0, g).split((2, 3, 1, channels), 1)
-    alpha = (opacity[:, 0] * torch.exp(_power(pairs.centre - centre, ellipse))).clamp(max=ALPHA_MAX)
+    row = torch.div(pixel, size, rounding_mode="floor")
+    pixel_centre = torch.stack((pixel - row * size, row), -1).to(dtype) + 0.5
+    alpha = (opacity[:, 0] * torch.exp(_power(pixel_centre - centre, ellipse))).clamp(max=ALPHA_MAX)
     log_pass = torch.log1p(-alpha).double()
     weight = alpha * torch.exp((_log_transmittance(log_pass, pixel) - log_pass).to(dtype))
     out = torch.zeros(size * size, channels + 1, dtype=dtype, device=device)
@@ -214,14 +244,23 @@ def rasterize(
     focal: float,
     size: int,
     background: torch.Tensor | None = None,
+    compiled: bool | None = None,
 ):
     """Render the splats seen by the camera x_cam = rotation @ x + translation into a size x size image.
 
     Returns the image (size, size, C) (over `background` (size, size, C) where given), the alpha (size, size)
-    and the pairs (for statistics). Differentiable in every field of `splats`."""
+    and the number of (pixel, Gaussian) pairs composited. Differentiable in every field of `splats`.
+    `compiled`: by the compiled CPU walk (None: where the splats are on the CPU), else by tensor operations
+    on a list of pairs (any device)."""
     centres, covariance, depth = project(splats, rotation, translation, focal, size)
-    pairs = pair_up(centres.detach(), covariance.detach(), depth.detach(), splats.opacities.detach(), size)
-    colour, alpha = composite(splats, centres, covariance, pairs, size)
+    if compiled is None:
+        compiled = centres.device.type == "cpu"
+    if compiled:
+        colour, alpha, pairs = composite_compiled(splats, centres, covariance, depth.detach(), size)
+    else:
+        found = pair_up(centres.detach(), covariance.detach(), depth.detach(), splats.opacities.detach(), size)
+        colour, alpha = composite(splats, centres, covariance, found, size)
+        pairs = len(found.pixel)
     return _over(colour, alpha, background), alpha, pairs
 
 
@@ -256,4 +295,4 @@ def gsplat_rasterize(
         packed=False,
     )
     alpha = alphas[0, ..., 0]
-    return _over(colours[0], alpha, background), alpha, None
+    return _over(colours[0], alpha, background), alpha, None  # (gsplat does not count pairs)
