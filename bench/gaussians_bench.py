@@ -1,8 +1,9 @@
 """The Gaussian-splatting avatar on this machine.
 
-    .venv/bin/python bench/gaussians_bench.py steps               # -> bench/results/gaussians_steps.json
-    .venv/bin/python bench/gaussians_bench.py compare [CLIP ...]  # -> bench/results/gaussians_compare.json
-    .venv/bin/python bench/gaussians_bench.py render [CLIP]       # -> bench/results/gaussians_render.json
+    .venv/bin/python bench/gaussians_bench.py steps                 # -> bench/results/gaussians_steps.json
+    .venv/bin/python bench/gaussians_bench.py compare [--figures-only] [CLIP ...]
+                                                                    # -> bench/results/gaussians_compare.json
+    .venv/bin/python bench/gaussians_bench.py render [CLIP]         # -> bench/results/gaussians_render.json
 
 `steps`: seconds per training step of the `fast` preset at 256 px and the `paper` preset at 512 px on
 lp_d18 tracked with ICT FaceKit (at the start of training, where the Gaussians are largest), with this CPU's
@@ -35,7 +36,7 @@ from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.gaussians.rasterizer import rasterize  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _write, head_commit  # noqa: E402
-from bench.nha_bench import CLIPS, COMPARE_MINUTES, SHORT_RENDERS, compare_bench, steps_bench  # noqa: E402
+from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_bench, compare_clips, steps_bench  # noqa: E402
 
 # step counts the time budget cuts short, so both train for the same minutes
 AVATARS = {
@@ -98,7 +99,8 @@ if __name__ == "__main__":
         steps_bench("gaussians", (("fast", 256, 5), ("paper", 512, 2)), command="bench/gaussians_bench.py steps")
     elif what == "compare":
         compare_bench(
-            sys.argv[2:] or list(CLIPS),
+            compare_clips(),
+            figures_only="--figures-only" in sys.argv,
             methods=AVATARS,
             results="gaussians_compare.json",
             command="bench/gaussians_bench.py compare CLIP ...",

@@ -1,7 +1,7 @@
 """Neural Head Avatars against NeRFace on this machine.
 
     .venv/bin/python bench/nha_bench.py steps                  # -> bench/results/nha_steps.json
-    .venv/bin/python bench/nha_bench.py compare [CLIP ...]     # -> bench/results/nha_compare.json
+    .venv/bin/python bench/nha_bench.py compare [--figures-only] [CLIP ...]  # -> bench/results/nha_compare.json
 
 `steps`: seconds per training step of each phase (geometry, texture, joint) of the `fast` preset at 256 px
 and of the `paper` preset at 512 px (its batch sizes 16 / 2 / 2), on lp_d18 tracked with ICT FaceKit,
@@ -95,15 +95,22 @@ def steps_bench(method: str = "nha", presets=(("fast", 256, 6), ("paper", 512, 2
     _write(f"{method}_steps.json", figures)
 
 
+def compare_clips() -> list[str]:
+    """The clips named on a compare command line (all four when none is)."""
+    return [a for a in sys.argv[2:] if not a.startswith("--")] or list(CLIPS)
+
+
 def compare_bench(
     clips: list[str],
     tracking_only: bool = False,
     methods: dict[str, dict] = AVATARS,
     results: str = "nha_compare.json",
     command: str = "bench/nha_bench.py compare CLIP ...",
+    figures_only: bool = False,
 ) -> None:
     """The whole pipeline on `clips` with one avatar per entry of `methods`, each trained COMPARE_MINUTES,
-    one after the other; figures accumulate in bench/results/`results`."""
+    one after the other; figures accumulate in bench/results/`results`. `figures_only`: nothing runs, the
+    figures of what is trained and evaluated so far are gathered (after a run stopped part way)."""
     names = [Path(c).stem for c in clips]
     avatars = {name: {**avatar, "max_minutes": COMPARE_MINUTES} for name, avatar in methods.items()}
     config_path, config = bench_config(clips, avatars)
@@ -116,7 +123,7 @@ def compare_bench(
     # existing report for an avatar whose folder was removed to retrain it
     results_dir = Path(config["results_dir"])
     evaluations = [str(results_dir / n / "avatars" / a / "eval") for n in names for a in methods]
-    exit_code = run_workflow(config_path, [*evaluations, str(results_dir / "index.html")])
+    exit_code = None if figures_only else run_workflow(config_path, [*evaluations, str(results_dir / "index.html")])
     figures = _read(results, {"clips": {}})
     figures.update(
         {
@@ -131,6 +138,7 @@ def compare_bench(
             "clips": clips,
             "avatars": avatars,
             "wall_seconds": round(time.perf_counter() - start, 1),
+            "figures_only": figures_only,
             "exit_code": exit_code,
             "cpu": cpu_info(),
             "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
@@ -173,4 +181,4 @@ if __name__ == "__main__":
     if what == "steps":
         steps_bench()
     else:
-        compare_bench(sys.argv[2:] or list(CLIPS))
+        compare_bench(compare_clips(), figures_only="--figures-only" in sys.argv)
