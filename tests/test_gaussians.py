@@ -5,6 +5,7 @@ the spherical harmonics, the placement of the Gaussians through the UV map, the 
 page in a real browser. Training, a kill and resume, and evaluation are the contract test's."""
 
 import functools
+import importlib.util
 import http.server
 import threading
 
@@ -16,9 +17,10 @@ from avatar_pipeline.avatars import avatar_method, trainer
 from avatar_pipeline.avatars.data import SubjectFrames
 from avatar_pipeline.avatars.gaussians import rasterizer
 from avatar_pipeline.avatars.gaussians.export import read_ply, slider_page, write_ply
-from avatar_pipeline.avatars.gaussians.model import sh_basis, uv_raster
+from avatar_pipeline.avatars.gaussians.model import _pick_rasterizer, sh_basis, uv_raster
 from avatar_pipeline.avatars.gaussians.rasterizer import Splats, rasterize
 from avatar_pipeline.avatars.nha.mesh import build_head_mesh
+from avatar_pipeline.errors import InputError
 
 PATHS = pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
 EYE = torch.eye(3, dtype=torch.float64)
@@ -152,6 +154,17 @@ def test_compiled_and_tensor_rasterizers_agree_in_image_and_gradients(dtype):
     for grad, grad_t in zip(grads, grads_t):
         assert grad.abs().max() > 0
         assert (grad - grad_t).abs().max() < tolerance * 10 * grad_t.abs().max()
+
+
+def test_the_rasterizer_choice_follows_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _pick_rasterizer("auto", cpu) == "numba" and _pick_rasterizer("torch", cpu) == "torch"
+    has_gsplat = importlib.util.find_spec("gsplat") is not None
+    assert _pick_rasterizer("auto", cuda) == ("gsplat" if has_gsplat else "torch")
+    with pytest.raises(InputError, match="rasterizer: numba"):
+        _pick_rasterizer("numba", cuda)
+    with pytest.raises(InputError, match="rasterizer: gsplat"):
+        _pick_rasterizer("gsplat", cpu)
 
 
 def test_gsplat_renders_the_same_image():
