@@ -5,8 +5,8 @@ the spherical harmonics, the placement of the Gaussians through the UV map, the 
 page in a real browser. Training, a kill and resume, and evaluation are the contract test's."""
 
 import functools
-import importlib.util
 import http.server
+import importlib.util
 import threading
 
 import numpy as np
