@@ -86,8 +86,8 @@ def steps_bench(method: str = "nha", presets=(("fast", 256, 6), ("paper", 512, 2
             print(preset, phase.name, figures["step_seconds"][f"{preset}/{size}px/{phase.name}"], flush=True)
         figures[f"{preset}_planned_minutes"] = round(
             sum(
-                figures["step_seconds"][f"{preset}/{size}px/{p.name}"] * n
-                for p, n in zip(model.phases(), cfg.phase_steps())
+                figures["step_seconds"][f"{preset}/{size}px/{p.name}"] * p.steps
+                for p in model.phases()
             )
             / 60,
             1,
