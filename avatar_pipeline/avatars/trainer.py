@@ -120,6 +120,7 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
     fields = cache.training_log_fields(model.loss_terms)
     log_file, writer = cache.open_training_log(log_path, fields, position["step"])
     stopped_early = False
+    closing = None  # the phase whose closing validation (at its time budget) is done
     bar = progress(range(total_steps), total_steps, f"{spec.name}: train", unit="step", initial=position["step"])
     with log_file:
         while position["phase"] < len(phases):
@@ -177,9 +178,11 @@ def train(spec: MethodSpec, store: cache.SubjectCache, cfg: AvatarConfig, out_di
                 position["step"] += 1
                 position["phase_step"] += 1
                 val_psnr = val_head_psnr = ""
-                phase_ends = position["phase_step"] == phase.steps or (
-                    deadlines is not None and elapsed() > deadlines[index] - 1.0
-                )
+                # the phase's last step validates: its last step, or the first step that ends within a second
+                # of its share of the budget (once: fast steps put several in that second)
+                phase_ends = position["phase_step"] == phase.steps
+                if deadlines is not None and elapsed() > deadlines[index] - 1.0 and closing != index:
+                    phase_ends, closing = True, index
                 if position["step"] % cfg.validate_every == 0 or phase_ends:
                     whole, head = validate(model, val, out_dir / "validation", position["step"])
                     val_psnr, val_head_psnr = f"{whole:.3f}", "" if head is None else f"{head:.3f}"
