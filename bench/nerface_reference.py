@@ -42,16 +42,25 @@ REPEATS = 3
 def _stand_ins() -> None:
     """Empty modules for the reference's imports that its training iteration never calls."""
 
-    def refuse(*args, **kwargs):
-        raise RuntimeError("a stand-in of bench/nerface_reference.py was called: the timed path changed")
-
     for name in ("pytorch3d", "pytorch3d.transforms", "torchsearchsorted", "imageio"):
         if name == "imageio" and _importable(name):
             continue
         module = types.ModuleType(name)
-        module.__getattr__ = lambda attribute: refuse  # any function looked up refuses to run
+        module.__getattr__ = _refusing  # any function looked up refuses to run
         sys.modules[name] = module
     sys.modules["pytorch3d"].transforms = sys.modules["pytorch3d.transforms"]
+
+
+def _refusing(attribute: str):
+    """A stand-in module's attribute: a function that refuses to run (module dunders stay missing, so that
+    inspect and torch's import machinery see an ordinary module)."""
+    if attribute.startswith("__"):
+        raise AttributeError(attribute)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"the stand-in {attribute} of bench/nerface_reference.py was called: the timed path changed")
+
+    return refuse
 
 
 def _importable(name: str) -> bool:

@@ -85,11 +85,7 @@ def steps_bench(method: str = "nha", presets=(("fast", 256, 6), ("paper", 512, 2
             figures["step_seconds"][f"{preset}/{size}px/{phase.name}"] = round(min(times[1:]), 3)
             print(preset, phase.name, figures["step_seconds"][f"{preset}/{size}px/{phase.name}"], flush=True)
         figures[f"{preset}_planned_minutes"] = round(
-            sum(
-                figures["step_seconds"][f"{preset}/{size}px/{p.name}"] * p.steps
-                for p in model.phases()
-            )
-            / 60,
+            sum(figures["step_seconds"][f"{preset}/{size}px/{p.name}"] * p.steps for p in model.phases()) / 60,
             1,
         )
     _write(f"{method}_steps.json", figures)
