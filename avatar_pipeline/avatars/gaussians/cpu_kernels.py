@@ -1,12 +1,13 @@
 """The rasterizer's compositing as compiled CPU loops (Numba), for when the splats live on the CPU.
 
 Same image model as the tensor path in rasterizer.py (which runs on any device and is the reference these
-are tested against), but no list of pairs is ever built: Gaussians are walked in depth order over the pixels
-of each row of the ellipse where their alpha can reach ALPHA_MIN, and every pixel keeps its own state. The forward walk goes
-front to back, keeping each pixel's light (3DGS stops a pixel before the Gaussian that would leave less than
-TRANSMITTANCE_MIN, and the walk skips that pixel from then on) and the rank of the last Gaussian it took.
-The backward walk goes back to front from that rank, recovering the light before each Gaussian by dividing
-by (1 - alpha), as 3DGS's CUDA kernel does, with each Gaussian's gradients summed in locals.
+are tested against), but no list of pairs is ever built: Gaussians are walked in depth order over the
+pixels of each row of the ellipse where their alpha can reach ALPHA_MIN, and every pixel keeps its own
+state. The forward walk goes front to back, keeping each pixel's light (3DGS stops a pixel before the
+Gaussian that would leave less than TRANSMITTANCE_MIN, and the walk skips that pixel from then on) and the
+rank of the last Gaussian it took. The backward walk goes back to front from that rank, recovering the
+light before each Gaussian by dividing by (1 - alpha), as 3DGS's CUDA kernel does, with each Gaussian's
+gradients summed in locals.
 
 The image is cut into bands of rows walked in parallel; each band adds its gradients into its own buffer.
 """
