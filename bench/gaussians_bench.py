@@ -36,7 +36,7 @@ from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.gaussians.rasterizer import rasterize  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _write, head_commit  # noqa: E402
-from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_bench, compare_clips, steps_bench  # noqa: E402
+from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_arguments, compare_bench, steps_bench  # noqa: E402
 
 # step counts the time budget cuts short, so both train for the same minutes
 AVATARS = {
@@ -99,8 +99,7 @@ if __name__ == "__main__":
         steps_bench("gaussians", (("fast", 256, 5), ("paper", 512, 2)), command="bench/gaussians_bench.py steps")
     elif what == "compare":
         compare_bench(
-            compare_clips(),
-            figures_only="--figures-only" in sys.argv,
+            **compare_arguments(),
             methods=AVATARS,
             results="gaussians_compare.json",
             command="bench/gaussians_bench.py compare CLIP ...",

@@ -47,7 +47,7 @@ from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.ldf.head import EDIT_REGIONS  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import RESULTS, _write, head_commit  # noqa: E402
-from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_bench, compare_clips, steps_bench  # noqa: E402
+from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_arguments, compare_bench, steps_bench  # noqa: E402
 
 # this benchmark's own avatar names: the nerface and nha avatars of the NHA benchmark are not reused. LDF keeps
 # its preset's steps: the time budget is shared among phases in proportion to their steps, so more steps
@@ -138,8 +138,7 @@ if __name__ == "__main__":
         steps_bench("ldf", (("fast", 256, 3), ("paper", 512, 1)))
     elif what == "compare":
         compare_bench(
-            compare_clips(),
-            figures_only="--figures-only" in sys.argv,
+            **compare_arguments(),
             methods=AVATARS,
             results="ldf_compare.json",
             command="bench/ldf_bench.py compare CLIP ...",

@@ -91,9 +91,10 @@ def steps_bench(method: str = "nha", presets=(("fast", 256, 6), ("paper", 512, 2
     _write(f"{method}_steps.json", figures)
 
 
-def compare_clips() -> list[str]:
-    """The clips named on a compare command line (all four when none is)."""
-    return [a for a in sys.argv[2:] if not a.startswith("--")] or list(CLIPS)
+def compare_arguments() -> dict:
+    """compare_bench's clips (all four when the command line names none) and figures_only (--figures-only)."""
+    clips = [a for a in sys.argv[2:] if not a.startswith("--")] or list(CLIPS)
+    return {"clips": clips, "figures_only": "--figures-only" in sys.argv[2:]}
 
 
 def compare_bench(
@@ -177,4 +178,4 @@ if __name__ == "__main__":
     if what == "steps":
         steps_bench()
     else:
-        compare_bench(compare_clips(), figures_only="--figures-only" in sys.argv)
+        compare_bench(**compare_arguments())

@@ -168,7 +168,7 @@ def bands_for(size: int) -> int:
 class Composite(torch.autograd.Function):
     """forward with backward as its gradient: (centres (N, 2), conics (N, 3), opacities (N,), colours
     (N, C)) -> (image (size², C), alpha (size²)); `order` (Gaussians front to back) and `boxes` (N, 4:
-    x0, x1, y0, y1 inclusive) say where to walk. ctx.pairs holds the number of pairs composited."""
+    x0, x1, y0, y1 inclusive) say where to walk; the number of pairs composited goes into stats["pairs"]."""
 
     @staticmethod
     def forward(ctx, centres, conics, opacities, colours, order, boxes, size: int, limits: tuple, stats: dict):
