@@ -10,8 +10,9 @@ lp_d18 tracked with ICT FaceKit (at the start of training, where the Gaussians a
 matrix-product throughput beside them.
 
 `compare`: the whole pipeline on clips of ../shared/data/videos at 256 px (last 20% held out): one
-`gaussians` and one `nerface` fast avatar per clip, each trained COMPARE_MINUTES, one after the other in
-this run. Test metrics full frame and inside the head mask, sharpness (CPBD, gradient energy), the held-out
+`gaussians` fast avatar of the head alone (as FlashAvatar), one with body Gaussians for the rest of the
+person, and one `nerface` fast avatar per clip, each trained COMPARE_MINUTES, one after the other in this
+run. Test metrics full frame and inside the head mask, sharpness (CPBD, gradient energy), the held-out
 frame's PSNR over training time. lp_d18 and dt_W009 tuned the preset; dt_M030 and vr_face2 are the
 untuned check.
 
@@ -38,9 +39,18 @@ from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.nerface_bench import _write, head_commit  # noqa: E402
 from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_arguments, compare_bench, steps_bench  # noqa: E402
 
+BODY_GAUSSIANS = 4000
 # step counts the time budget cuts short, so both train for the same minutes
 AVATARS = {
     "cmp_gaussians": {"method": "gaussians", "preset": "fast", "steps": 100000, **SHORT_RENDERS},
+    # the same with Gaussians for the rest of the person (neck, shoulders, clothes), which NeRFace's field holds
+    "cmp_gaussians_body": {
+        "method": "gaussians",
+        "preset": "fast",
+        "steps": 100000,
+        "body_gaussians": BODY_GAUSSIANS,
+        **SHORT_RENDERS,
+    },
     "cmp_nerface": {"method": "nerface", "preset": "fast", "steps": 20000, **SHORT_RENDERS},
 }
 RENDER_SIZES = (256, 512)

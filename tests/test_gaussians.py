@@ -1,9 +1,10 @@
 """The Gaussian-splatting avatar's own parts: the rasterizer, both its compiled CPU walk and its tensor path
 (gradients against finite differences, occlusion of one disc by another, agreement with a pixel-by-pixel
-reference, with each other and, where CUDA is, with gsplat),
-the spherical harmonics, the placement of the Gaussians through the UV map, the PLY export and the slider
-page in a real browser. Training, a kill and resume, and evaluation are the contract test's."""
+reference, with each other and, where CUDA is, with gsplat), the spherical harmonics, the placement of the
+Gaussians through the UV map and of the body's in the camera's space, the PLY export and the slider page in
+a real browser. Training, a kill and resume, and evaluation are the contract test's."""
 
+import dataclasses
 import functools
 import http.server
 import importlib.util
@@ -16,11 +17,13 @@ import torch
 from avatar_pipeline.avatars import avatar_method, trainer
 from avatar_pipeline.avatars.data import SubjectFrames
 from avatar_pipeline.avatars.gaussians import rasterizer
+from avatar_pipeline.avatars.gaussians.body import matrix_to_quaternion
 from avatar_pipeline.avatars.gaussians.export import read_ply, slider_page, write_ply
 from avatar_pipeline.avatars.gaussians.model import _pick_rasterizer, sh_basis, uv_raster
 from avatar_pipeline.avatars.gaussians.rasterizer import Splats, rasterize
 from avatar_pipeline.avatars.nha.mesh import build_head_mesh
 from avatar_pipeline.errors import InputError
+from avatar_pipeline.geometry import axis_angle_to_matrix
 
 PATHS = pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
 EYE = torch.eye(3, dtype=torch.float64)
@@ -68,12 +71,6 @@ def _disc(x: float, y: float, depth: float, radius: float, colour, opacity: floa
     )
 
 
-def _joined(*parts: Splats) -> Splats:
-    return Splats(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "quats", "scales", "opacities", "colours"))
-    )
-
-
 @PATHS
 def test_an_opaque_disc_hides_the_one_behind_it_whatever_their_order(compiled):
     size = focal = 48
@@ -81,8 +78,8 @@ def test_an_opaque_disc_hides_the_one_behind_it_whatever_their_order(compiled):
     red = _disc((19.5 - 24) / focal, -0.5 / focal, 1.0, 0.06, [1.0, 0.0, 0.0])
     blue = _disc((30.5 - 24) / focal * 2, -0.5 / focal * 2, 2.0, 0.15, [0.0, 0.0, 1.0])
     background = torch.zeros(size, size, 3, dtype=torch.float64)
-    one, alpha, _ = rasterize(_joined(red, blue), EYE, ORIGIN, focal, size, background, compiled)
-    other, _, _ = rasterize(_joined(blue, red), EYE, ORIGIN, focal, size, background, compiled)
+    one, alpha, _ = rasterize(rasterizer.joined(red, blue), EYE, ORIGIN, focal, size, background, compiled)
+    other, _, _ = rasterize(rasterizer.joined(blue, red), EYE, ORIGIN, focal, size, background, compiled)
     assert torch.allclose(one, other)  # depth order, not list order
     assert one[23, 19, 0] > 0.98 and one[23, 19, 2] < 1e-3  # the red disc's centre: 0.99 red, blue hidden
     assert one[23, 30, 2] > 0.97 and one[23, 30, 0] == 0  # beyond the red disc's reach: blue alone
@@ -267,3 +264,53 @@ def test_the_slider_page_changes_the_render_in_a_browser(tiny_avatar, browser, t
     images = sorted((tmp_path / "sliders").glob(f"{out['expressions'][0]}_*.jpg"))
     first, last = (np.frombuffer(p.read_bytes(), np.uint8) for p in (images[0], images[-1]))
     assert not np.array_equal(first, last)
+
+
+def test_matrix_to_quaternion_inverts_quaternion_to_matrix():
+    torch.manual_seed(0)
+    axes = torch.nn.functional.normalize(torch.randn(64, 3), dim=1)
+    angles = torch.cat([torch.rand(60) * 3.14, torch.tensor([3.1415, 3.14159, 1e-6, 0.0])])
+    for matrix in axis_angle_to_matrix(axes * angles[:, None]).double():
+        quat = matrix_to_quaternion(matrix)
+        assert torch.allclose(rasterizer.quaternion_to_matrix(quat), matrix, atol=1e-6), (matrix, quat)
+
+
+def test_body_gaussians_stay_where_the_camera_saw_them_and_explain_the_shoulders(lp_d18_ict):
+    settings = {"method": "gaussians", "size": 64, "gaussians": 3000, "network_width": 16, "network_depth": 2}
+    spec, cfg = avatar_method({**settings, "body_gaussians": 400})
+    train = SubjectFrames(lp_d18_ict, cfg.size, "train", **spec.model_class().training_data(cfg))
+    torch.manual_seed(0)
+    model = trainer.build_model(spec, cfg, train, torch.device("cpu"))
+    body = model.body
+    assert 200 < len(body.position) < 800
+    with torch.no_grad():
+        body.log_scale[:] = torch.tensor([0.02, 0.002, 0.002]).log()  # long along the camera's x
+    placed = body.position[:, :2] * train.focal / body.position[:, 2:] + cfg.size / 2  # pixels, camera space
+    roll = torch.eye(4)
+    roll[:3, :3] = axis_angle_to_matrix(torch.tensor([[0.0, 0.0, 0.6]]))[0]
+    views = [model.view(train, 0), model.view(train, len(train.frames) - 1)]  # two head poses
+    views.append(dataclasses.replace(views[0], camera_to_head=views[0].camera_to_head @ roll))  # a rolled camera
+    for view in views:  # the body stays where the camera saw it, its shape too
+        with torch.no_grad():
+            splats, rotation, translation = model.splats(view)
+            centres, covariance, _ = rasterizer.project(splats, rotation, translation, train.focal, cfg.size)
+        heads = len(model.bary)
+        assert torch.allclose(centres[heads:], placed, atol=1e-3)
+        spread = covariance[heads:] - rasterizer.BLUR * torch.eye(2)
+        assert (spread[:, 0, 0] > 50 * spread[:, 1, 1]).all()  # still long along the image's x
+        assert (spread[:, 0, 1].abs() < 0.02 * spread[:, 0, 0]).all()
+    # the pixels the body starts on are the person's
+    _, person = train.read_person(0)
+    assert person[placed[:, 1].long().clamp(0, 63), placed[:, 0].long().clamp(0, 63)].mean() > 0.8
+    # over the person pixels that the head alone leaves to the plate, the body brings the render closer
+    view = model.view(train, 0)
+    image, person = train.read_person(0)
+    with torch.no_grad():
+        with_body, _, _ = model.draw(view)
+        body_module, model.body = model.body, None
+        head_only, head_alpha, _ = model.draw(view)
+        model.body = body_module
+    region = torch.as_tensor(person) & (head_alpha < 0.05)
+    assert region.sum() > 50
+    errors = [float(((render - image) ** 2).mean(-1)[region].mean()) for render in (with_body, head_only)]
+    assert errors[0] < 0.5 * errors[1], errors

@@ -108,6 +108,15 @@ class SubjectFrames:
             else None
         )
 
+    def read_person(self, k: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Frame k's image (size, size, 3) and where the person is (size, size) (the parsing's matte from 0.5
+        on, or its head mask), read from the caches whatever this split loaded."""
+        index = int(self.frames[k])
+        person = _resized(self.store.read_matte(index), self.size).numpy() >= 0.5
+        head = self.store.read_head_mask(index).astype(np.uint8)
+        person |= cv2.resize(head, (self.size, self.size), interpolation=cv2.INTER_NEAREST) > 0
+        return _load_rgb(self.store.read_frame(index), self.size), person
+
     def sample_pixels(self, k: int, count: int, head_fraction: float, rng: np.random.Generator) -> torch.Tensor:
         """`count` pixels (x, y) of frame k, `head_fraction` of them inside the head box."""
         n_head = int(round(count * head_fraction))

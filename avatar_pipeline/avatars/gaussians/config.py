@@ -35,6 +35,11 @@ class GaussianConfig(AvatarConfig):
     initial_opacity: float = 0.1
     initial_scale: float = 1.0  # times the RMS distance to the three nearest neighbours (FlashAvatar: 1)
     max_scale: float = 0.05  # largest axis (metres of the head model); keeps a stray Gaussian from flooding the image
+    # about this many more Gaussians for the person pixels the head mesh leaves uncovered (neck, shoulders,
+    # clothes, long hair), held in the still camera's space (body.py); 0: the head alone, as FlashAvatar
+    body_gaussians: int = 0
+    body_depth: float = 0.05  # metres behind the head's centre where they start, on a plane facing the camera
+    body_position_lr: float = 1e-4  # metres
     # the offset network: encoded canonical position and the frame's conditions -> position, rotation, scale
     frequencies: int = 8
     network_width: int = 256
@@ -62,6 +67,7 @@ class GaussianConfig(AvatarConfig):
 
     evaluation_keys: ClassVar[tuple[str, ...]] = ("ply_frames", "slider_expressions", "slider_steps")
     resumable_keys: ClassVar[tuple[str, ...]] = ("rasterizer",)
+    added_keys: ClassVar[dict[str, object]] = {"body_gaussians": 0, "body_depth": 0.05, "body_position_lr": 1e-4}
 
 
 PRESETS: dict[str, dict] = {

@@ -7,7 +7,8 @@ encoded canonical position and the frame's conditions (expression coefficients, 
 the model has them) and returns offsets of its position, rotation and scale. Colour (spherical harmonics),
 opacity, scale and rotation are learned per Gaussian; no densification. The image is splatted over the
 background plate (rasterizer.py) and compared with the frame where the parsing sees the head and with the
-plate elsewhere, so the avatar is the head alone and the metrics compare what the other methods render.
+plate elsewhere, so the avatar is the head alone. With `body_gaussians`, more Gaussians held in the still
+camera's space take the rest of the person (body.py) and the frame is the target wherever the person is.
 
 Test frames (protocol `tracked`): the tracked expression and camera as they are, as FlashAvatar does.
 """
@@ -22,14 +23,15 @@ import torch
 
 from ... import cache, raster
 from ...errors import InputError
-from ...geometry import head_to_camera_cv
+from ...geometry import head_to_camera_cv, project
 from ...metrics import Lpips
 from ...tracking import joint_pose
 from ..base import AvatarModel, Phase, View
 from ..data import SubjectFrames, psnr, textured_head_model
 from ..nha.mesh import build_head_mesh
+from .body import HEAD_MARGIN, SPREAD_FRAMES, BodyGaussians, free_person_pixels, grid_over
 from .config import GaussianConfig
-from .rasterizer import Splats, gsplat_rasterize, quaternion_product, rasterize
+from .rasterizer import Splats, gsplat_rasterize, joined, quaternion_product, rasterize
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,7 @@ class GaussianAvatarModel(AvatarModel):
         self.network = OffsetNetwork(
             self.encoded.shape[1] + train.conditions.shape[1], cfg.network_width, cfg.network_depth
         )
+        self.body = self._place_body(train) if cfg.body_gaussians > 0 else None
         self.rasterizer = _pick_rasterizer(cfg.rasterizer, device)
         self.perceptual = None
         if cfg.w_perceptual > 0:
@@ -194,12 +197,46 @@ class GaussianAvatarModel(AvatarModel):
     # --- configuration of the core -----------------------------------------------------------
     @classmethod
     def training_data(cls, cfg: GaussianConfig) -> dict:
-        return {"with_masks": True, "with_labels": True}
+        return {"with_masks": True, "with_labels": True, "with_mattes": cfg.body_gaussians > 0}
 
     def describe(self) -> str:
+        body = "" if self.body is None else f" and {len(self.body.position)} on the body"
         return (
-            f"{len(self.bary)} Gaussians on the {self.head_model.name} mesh's UV map, SH degree {self.cfg.sh_degree}, "
+            f"{len(self.bary)} Gaussians on the {self.head_model.name} mesh's UV map{body}, "
+            f"SH degree {self.cfg.sh_degree}, "
             f"rasterized by {self.rasterizer}; perceptual term {'on' if self.perceptual else 'off'}"
+        )
+
+    def _place_body(self, train: SubjectFrames) -> BodyGaussians | None:
+        """The body Gaussians over the person pixels that the head's do not cover in a spread of training
+        frames (body.py); None, with a warning, when the head covers the whole person."""
+        cfg = self.cfg
+        spread = np.unique(np.linspace(0, len(train.frames) - 1, SPREAD_FRAMES).round().astype(np.int64))
+        to_camera = head_to_camera_cv(train.camera_to_head)
+
+        @torch.no_grad()
+        def head_pixels(k: int) -> np.ndarray:
+            anchors = self.surface_points(train.conditions[k][None])[0]
+            return project((anchors @ to_camera[k, :3, :3].T + to_camera[k, :3, 3]).numpy(), train.focal, train.size)
+
+        margin = max(1, round(HEAD_MARGIN * train.size / 256))
+        free, colours = free_person_pixels(train, head_pixels, spread, margin)
+        pixels, stride = grid_over(free, cfg.body_gaussians)
+        if not len(pixels):
+            log.warning("gaussians: no body Gaussians: the head's cover every pixel of the person")
+            return None
+        depth = float(to_camera[:, 2, 3].median()) + cfg.body_depth
+        at = pixels.astype(np.int64)
+        return BodyGaussians(
+            pixels,
+            stride,
+            depth,
+            train.focal,
+            train.size,
+            colours[at[:, 1], at[:, 0]],
+            torch.stack([BodyGaussians.pose(m) for m in to_camera]).mean(0),
+            lambda x: positional_encoding(x, 4),
+            cfg.max_offset,
         )
 
     def memory_hint(self) -> str:
@@ -215,6 +252,16 @@ class GaussianAvatarModel(AvatarModel):
             {"params": [self.rotation], "lr": cfg.rotation_lr},
             {"params": list(self.network.parameters()), "lr": cfg.network_lr},
         ]
+        if self.body is not None:
+            body = self.body
+            groups += [
+                {"params": [body.position], "lr": cfg.body_position_lr},
+                {"params": [body.colour_logit], "lr": cfg.colour_lr},
+                {"params": [body.opacity_logit], "lr": cfg.opacity_lr},
+                {"params": [body.log_scale], "lr": cfg.scale_lr},
+                {"params": [body.rotation], "lr": cfg.rotation_lr},
+                {"params": list(body.network.parameters()), "lr": cfg.network_lr},
+            ]
         optimizer = torch.optim.Adam(groups, eps=1e-15)
         return [Phase("joint", cfg.steps, optimizer, cfg.final_lr_ratio)]
 
@@ -237,8 +284,9 @@ class GaussianAvatarModel(AvatarModel):
     def active_degree(self) -> int:
         return min(self.cfg.sh_degree, self.steps_taken // self.cfg.sh_every)
 
-    def splats(self, view: View) -> tuple[Splats, torch.Tensor, torch.Tensor]:
-        """The view's Gaussians and its head-to-camera rotation and translation (OpenCV)."""
+    def splats(self, view: View, body: bool = True) -> tuple[Splats, torch.Tensor, torch.Tensor]:
+        """The view's Gaussians (the head's, then the body's unless `body` is False) and its head-to-camera
+        rotation and translation (OpenCV)."""
         cfg = self.cfg
         conditions = view.conditions.to(self.device)[None]
         anchors = self.surface_points(conditions)[0]
@@ -255,8 +303,10 @@ class GaussianAvatarModel(AvatarModel):
         sh = torch.cat([self.sh_constant, self.sh_higher], 1)[:, : (degree + 1) ** 2]
         directions = torch.nn.functional.normalize(means - view.camera_to_head[:3, 3].to(self.device), dim=-1)
         colours = ((sh_basis(directions, degree)[..., None] * sh).sum(1) + 0.5).clamp_min(0)
-        opacities = torch.sigmoid(self.opacity_logit)
-        return Splats(means, quats, scales, opacities, colours), rotation, translation
+        splats = Splats(means, quats, scales, torch.sigmoid(self.opacity_logit), colours)
+        if body and self.body is not None:
+            splats = joined(splats, self.body.splats(head_to_camera, cfg.max_scale))
+        return splats, rotation, translation
 
     def draw(self, view: View):
         """Image (size, size, 3) over the view's background, alpha (size, size) and the pairs composited."""
@@ -275,7 +325,8 @@ class GaussianAvatarModel(AvatarModel):
         image, _, _ = self.draw(view)
         head = torch.as_tensor(data.head_masks[k], device=self.device)[..., None]
         background = view.background.to(self.device)
-        target = torch.where(head, data.images[k].to(self.device), background)
+        shown = head if self.body is None else head | (data.mattes[k].to(self.device) >= 0.5)[..., None]
+        target = torch.where(shown, data.images[k].to(self.device), background)
         mouth = torch.as_tensor(
             np.isin(data.labels[k], [cache.PARSING_CLASS_ID[c] for c in MOUTH_CLASSES]), device=self.device
         )[..., None]

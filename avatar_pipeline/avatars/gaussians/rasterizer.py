@@ -43,6 +43,11 @@ class Splats:
     colours: torch.Tensor
 
 
+def joined(a: Splats, b: Splats) -> Splats:
+    """The Gaussians of both sets, a's first."""
+    return Splats(*(torch.cat([x, y]) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
+
+
 def quaternion_to_matrix(quats: torch.Tensor) -> torch.Tensor:
     """(..., 4) quaternions w, x, y, z (normalised here) -> (..., 3, 3) rotation matrices."""
     w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
