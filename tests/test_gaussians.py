@@ -283,6 +283,10 @@ def test_body_gaussians_stay_where_the_camera_saw_them_and_explain_the_shoulders
     model = trainer.build_model(spec, cfg, train, torch.device("cpu"))
     body = model.body
     assert 200 < len(body.position) < 800
+    terms, _ = model.training_step(model.phases()[0], np.random.default_rng(0))  # gradients reach the body
+    sum(terms.values()).backward()
+    for parameter in (body.position, body.colour_logit, body.opacity_logit, body.log_scale, body.rotation):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
     with torch.no_grad():
         body.log_scale[:] = torch.tensor([0.02, 0.002, 0.002]).log()  # long along the camera's x
     placed = body.position[:, :2] * train.focal / body.position[:, 2:] + cfg.size / 2  # pixels, camera space

@@ -45,7 +45,8 @@ class Splats:
 
 def joined(a: Splats, b: Splats) -> Splats:
     """The Gaussians of both sets, a's first."""
-    return Splats(*(torch.cat([x, y]) for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
+    # (not dataclasses.astuple, which deep-copies the tensors and so cuts them from the autograd graph)
+    return Splats(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in dataclasses.fields(Splats)))
 
 
 def quaternion_to_matrix(quats: torch.Tensor) -> torch.Tensor:
