@@ -42,7 +42,8 @@ from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_arguments, c
 BODY_GAUSSIANS = 4000
 # step counts the time budget cuts short, so both train for the same minutes
 AVATARS = {
-    "cmp_gaussians": {"method": "gaussians", "preset": "fast", "steps": 100000, **SHORT_RENDERS},
+    # the head alone, as FlashAvatar
+    "cmp_gaussians": {"method": "gaussians", "preset": "fast", "steps": 100000, "body_gaussians": 0, **SHORT_RENDERS},
     # the same with Gaussians for the rest of the person (neck, shoulders, clothes), which NeRFace's field holds
     "cmp_gaussians_body": {
         "method": "gaussians",

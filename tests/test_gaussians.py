@@ -275,7 +275,7 @@ def test_matrix_to_quaternion_inverts_quaternion_to_matrix():
         assert torch.allclose(rasterizer.quaternion_to_matrix(quat), matrix, atol=1e-6), (matrix, quat)
 
 
-def test_body_gaussians_stay_where_the_camera_saw_them_and_explain_the_shoulders(lp_d18_ict):
+def test_body_gaussians_stay_where_the_camera_saw_them_and_explain_the_shoulders(lp_d18_ict, tmp_path):
     settings = {"method": "gaussians", "size": 64, "gaussians": 3000, "network_width": 16, "network_depth": 2}
     spec, cfg = avatar_method({**settings, "body_gaussians": 400})
     train = SubjectFrames(lp_d18_ict, cfg.size, "train", **spec.model_class().training_data(cfg))
@@ -318,3 +318,4 @@ def test_body_gaussians_stay_where_the_camera_saw_them_and_explain_the_shoulders
     assert region.sum() > 50
     errors = [float(((render - image) ** 2).mean(-1)[region].mean()) for render in (with_body, head_only)]
     assert errors[0] < 0.5 * errors[1], errors
+    assert len(read_ply(write_ply(model, view, tmp_path / "head.ply"))["x"]) == len(model.bary)  # the head's only

@@ -19,8 +19,9 @@ from ..base import View
 
 @torch.no_grad()
 def write_ply(model, view: View, path: Path) -> Path:
-    """The Gaussians under the view's conditions, in the head model's frame (metres), as a binary PLY."""
-    splats, _, _ = model.splats(view)
+    """The head's Gaussians under the view's conditions, in the head model's frame (metres), as a binary PLY
+    (the body's, held in the camera's space, are left out)."""
+    splats, _, _ = model.splats(view, body=False)
     sh = torch.cat([model.sh_constant, model.sh_higher], 1)  # (N, K, 3)
     rest = sh[:, 1:].transpose(1, 2).reshape(len(sh), -1)  # channel-major, as 3DGS lays it out
     quats = torch.nn.functional.normalize(splats.quats, dim=-1)
