@@ -1,5 +1,7 @@
 """Landmarks, parsing, background and normals checked for correctness on real clips and photos."""
 
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -119,6 +121,24 @@ def test_estimated_background_matches_held_back_frames(lp_d18):
     assert np.mean(errors) < 4.0, errors  # out of 255
     bg = lp_d18.read_background()
     assert bg.shape == (128, 128, 3) and 0.3 < lp_d18.read_coverage().mean() < 1.0
+
+
+def test_masked_median_is_numpys_median_of_the_usable_samples():
+    """The sorting median against numpy's nanmedian: odd and even counts (the two middle values averaged),
+    a pixel seen once, pixels never seen (NaN), chunks of rows that do not divide the height."""
+    rng = np.random.default_rng(3)
+    stack = rng.integers(0, 256, (9, 11, 7, 3), dtype=np.uint8)
+    usable = rng.random((9, 11, 7)) < 0.6
+    usable[:, 0, 0] = False
+    usable[:, 0, 1] = np.arange(9) == 4
+    truth = np.where(usable[..., None], stack.astype(np.float32), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN pixel
+        expected = np.nanmedian(truth, axis=0)
+    found = background.masked_median(stack, usable, rows_per_chunk=4)
+    assert np.array_equal(np.isnan(found), np.isnan(expected)) and np.isnan(found[0, 0]).all()
+    assert np.allclose(found[~np.isnan(found)], expected[~np.isnan(expected)])
+    assert (found[0, 1] == stack[4, 0, 1]).all()
 
 
 def test_background_from_a_plate(images_dir, tmp_path):
