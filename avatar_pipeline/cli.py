@@ -173,7 +173,7 @@ def _dispatch(args) -> int:
 
         store = cache.SubjectCache(args.results, args.subject)
         cfg = _typed_settings(args, args.command)
-        module = stages.STAGES[args.command]
+        module = stages.stage_module(args.command)
         if args.command == "crop":
             subject = Subject(
                 args.subject,

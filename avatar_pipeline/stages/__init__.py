@@ -1,13 +1,17 @@
-"""The stages, in DAG order; each module has `run(store, cfg, ...)`."""
+"""The stages, in DAG order (cache.STAGES); each module has `run(store, cfg, ...)`.
 
-from . import background, crop, landmarks, normals, parsing, qa, tracking
+Imported on demand: a stage's process then loads only what it uses (the tracking stage's torch alone takes
+seconds to import, which every preprocessing stage paid when this package imported them all)."""
 
-STAGES = {
-    "crop": crop,
-    "landmarks": landmarks,
-    "parsing": parsing,
-    "background": background,
-    "normals": normals,
-    "qa": qa,
-    "tracking": tracking,
-}
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..cache import STAGES
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGES)}")
+    return importlib.import_module(f".{name}", __name__)
