@@ -59,24 +59,66 @@ def _recovery_errors(model, points, seed=0):
     return angle, lateral, depth, result.error_px
 
 
-def test_synthetic_ict_sequence_is_recovered(ict_status, lp_d18):
-    """Seed 0 is the hardest of the benchmark's three sequences. Depth is only weakly observable from
-    landmarks (a larger head farther away looks alike), so it is held to a looser bound than x and y;
-    mediapipe's 468 points pin the face's shape, and so its size and depth, better than the 68.
-    bench/results/tracking.json has the figures for all seeds."""
+@pytest.fixture(scope="module")
+def ict_dense(ict_status, lp_d18):
+    """ICT FaceKit and mediapipe's points placed on it from lp_d18's landmarks."""
     from avatar_pipeline.models.correspondence import mediapipe_embedding
 
     model, warnings = load_model(ModelConfig(kind="ict"), ict_status)
     assert not warnings
     lms = lp_d18.landmarks()
     embedding = mediapipe_embedding(model, lms["mp478"], lms["valid"])
-    dense = mediapipe_points(model, TrackingConfig(), embedding.faces, embedding.bary, embedding.point_ids)
+    return model, mediapipe_points(model, TrackingConfig(), embedding.faces, embedding.bary, embedding.point_ids)
+
+
+def test_synthetic_ict_sequence_is_recovered(ict_dense):
+    """Seed 0 is the hardest of the benchmark's three sequences. Depth is only weakly observable from
+    landmarks (a larger head farther away looks alike), so it is held to a looser bound than x and y;
+    mediapipe's 468 points pin the face's shape, and so its size and depth, better than the 68.
+    bench/results/tracking.json has the figures for all seeds."""
+    model, dense = ict_dense
     for points, depth_bound in ((None, 0.10), (dense, 0.05)):
         angle, lateral, depth, error_px = _recovery_errors(model, points)
         assert angle.mean() < 1.0 and angle.max() < 1.5, (angle.mean(), angle.max())
         assert lateral.mean() < 0.02, lateral.mean()
         assert depth.mean() < depth_bound, depth.mean()
         assert error_px.mean() < 1.0, error_px.mean()
+
+
+def test_fitted_points_from_their_own_bases_match_the_model_vertices(ict_dense, lp_d18):
+    """The fit evaluates its points from bases made once (template, identity and expression restricted to
+    the points); they must be where the model's vertices and the points' barycentric weights put them. Its
+    landmark term is compiled: value and gradients must be those of the same term written in torch."""
+    from avatar_pipeline.tracking import LandmarkObjective
+
+    model, dense = ict_dense
+    targets = lp_d18.landmarks()["mp478"][:6, :, :2]
+    objective = LandmarkObjective(model, targets, np.ones(targets.shape[:2]), 256, TrackingConfig(), dense)
+    assert objective.point_bases is not None  # ICT has no joints
+    params = objective.initial_params()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, scale in (("rotation", 0.3), ("identity", 1.0), ("expression", 0.5), ("translation", 0.01)):
+            params[name] += scale * torch.randn(params[name].shape, generator=generator)
+        fast, fast_cam = objective.landmarks(params)
+        vertices = objective.camera_vertices(params)
+        slow_cam = barycentric_points(vertices, dense.triangles, dense.bary)
+    assert torch.allclose(fast_cam, slow_cam, atol=1e-5), (fast_cam - slow_cam).abs().max()
+    assert torch.allclose(fast, objective.to_pixels(params, slow_cam), atol=1e-3)
+    assert fast.shape == (6, len(dense.columns), 2)
+
+    # the compiled landmark term and its gradients against the same term written in torch
+    for k in params.values():
+        k.requires_grad_(True)
+    objective.weight[0, :100] = 0.0  # missing points count for nothing
+    compiled = objective.reprojection(params)
+    compiled_grads = torch.autograd.grad(compiled, [params[k] for k in ("rotation", "expression", "log_focal")])
+    sq = ((objective.landmarks(params)[0] - objective.target) ** 2).sum(-1)
+    reference = (objective.weight * sq / (sq + objective.robust**2)).sum() / objective.weight.sum()
+    reference_grads = torch.autograd.grad(reference, [params[k] for k in ("rotation", "expression", "log_focal")])
+    assert 0.1 < reference.item() < 1.0 and abs(compiled.item() - reference.item()) < 1e-5
+    for a, b in zip(compiled_grads, reference_grads):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * float(b.abs().max())), (a - b).abs().max()
 
 
 def synthetic_mediapipe_faces(model, embedding, n=8, seed=0):
