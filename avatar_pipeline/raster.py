@@ -1,26 +1,65 @@
-"""A small CPU triangle rasterizer: painter's algorithm on OpenCV fills for visibility, then per-pixel
-interpolation through each triangle's barycentric affine map.
+"""A small CPU triangle rasterizer: a compiled z-buffer for visibility, then per-pixel interpolation through
+each triangle's barycentric affine map.
 
-Used where a non-differentiable rendering of a mesh is enough (normal maps, overlays)."""
+Used where a non-differentiable rendering of a mesh is enough (normal maps, overlays, texel charts)."""
 
 from __future__ import annotations
 
-import cv2
+import numba
 import numpy as np
-
-_SUBPIXEL_BITS = 4
 
 
 def rasterize(xy: np.ndarray, closeness: np.ndarray, triangles: np.ndarray, height: int, width: int) -> np.ndarray:
     """Visible triangle per pixel: (H, W) int32, -1 where empty.
 
-    xy: (V, 2) pixel coordinates; closeness: (V,) larger = nearer the camera; triangles: (T, 3).
+    xy: (V, 2) pixel coordinates (pixel centres at integers); closeness: (V,) larger = nearer the camera;
+    triangles: (T, 3). Coverage is conservative (every pixel a triangle touches, so meshes leave no gaps
+    and thin triangles are not lost); where triangles overlap, the nearest at the pixel centre wins (on a
+    tie, the first).
     """
-    order = np.argsort(closeness[triangles].mean(1))  # far first, near ones paint over them
+    return _zbuffer(
+        np.ascontiguousarray(xy, np.float64),
+        np.ascontiguousarray(closeness, np.float64),
+        np.ascontiguousarray(triangles, np.int64),
+        height,
+        width,
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def _zbuffer(xy, closeness, triangles, height, width):
     tri_id = np.full((height, width), -1, np.int32)
-    polygons = np.round(xy[triangles[order]] * (1 << _SUBPIXEL_BITS)).astype(np.int32)
-    for polygon, t in zip(polygons, order.tolist()):
-        cv2.fillConvexPoly(tri_id, polygon, t, lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS)
+    nearest = np.full((height, width), -np.inf)
+    for t in range(len(triangles)):
+        a, b, c = triangles[t, 0], triangles[t, 1], triangles[t, 2]
+        ax, ay, bx, by, cx, cy = xy[a, 0], xy[a, 1], xy[b, 0], xy[b, 1], xy[c, 0], xy[c, 1]
+        area = (bx - ax) * (cy - ay) - (cx - ax) * (by - ay)
+        if area == 0.0 or not np.isfinite(area):
+            continue
+        sign = 1.0 if area > 0 else -1.0
+        # edge functions, positive inside: e_k(x, y) = nx_k * x + ny_k * y + d_k (the edge opposite corner k)
+        n0x, n0y = sign * (by - cy), sign * (cx - bx)
+        n1x, n1y = sign * (cy - ay), sign * (ax - cx)
+        n2x, n2y = sign * (ay - by), sign * (bx - ax)
+        d0, d1, d2 = -(n0x * bx + n0y * by), -(n1x * cx + n1y * cy), -(n2x * ax + n2y * ay)
+        # a pixel square touches the triangle when each edge function, at the square's corner farthest inside,
+        # is not negative
+        r0, r1, r2 = 0.5 * (abs(n0x) + abs(n0y)), 0.5 * (abs(n1x) + abs(n1y)), 0.5 * (abs(n2x) + abs(n2y))
+        x0 = max(int(np.ceil(min(ax, bx, cx) - 0.5)), 0)
+        x1 = min(int(np.floor(max(ax, bx, cx) + 0.5)), width - 1)
+        y0 = max(int(np.ceil(min(ay, by, cy) - 0.5)), 0)
+        y1 = min(int(np.floor(max(ay, by, cy) + 0.5)), height - 1)
+        whole = abs(area)
+        za, zb, zc = closeness[a], closeness[b], closeness[c]
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                e0, e1, e2 = n0x * x + n0y * y + d0, n1x * x + n1y * y + d1, n2x * x + n2y * y + d2
+                if e0 + r0 < 0 or e1 + r1 < 0 or e2 + r2 < 0:
+                    continue
+                depth = (e0 * za + e1 * zb + e2 * zc) / whole
+                if depth > nearest[y, x]:
+                    nearest[y, x] = depth
+                    tri_id[y, x] = t
     return tri_id
 
 
@@ -45,15 +84,41 @@ def barycentric_maps(xy: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 def interpolate(
     values: np.ndarray, xy: np.ndarray, triangles: np.ndarray, tri_id: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Barycentric interpolation of per-vertex `values` (V, C) over the visible triangles.
+    """Barycentric interpolation of per-vertex `values` (V, C) over the visible triangles (extrapolated at the
+    pixels a triangle covers only in part, as in barycentric_maps).
 
-    Returns the covered pixels as flat arrays: rows, columns and their (N, C) values."""
-    # per triangle, values as an affine function of the pixel position: (T, C, 3)
-    affine = np.einsum("tkc,tkj->tcj", values[triangles], barycentric_maps(xy, triangles)).astype(np.float32)
+    Returns the covered pixels as flat arrays: rows, columns and their (N, C) float32 values."""
     ys, xs = np.nonzero(tri_id >= 0)
-    coef = affine[tri_id[ys, xs]]
-    fx, fy = xs.astype(np.float32)[:, None], ys.astype(np.float32)[:, None]
-    return ys, xs, coef[:, :, 0] * fx + coef[:, :, 1] * fy + coef[:, :, 2]
+    out = _interpolate(
+        np.ascontiguousarray(values, np.float64).reshape(len(values), -1),
+        np.ascontiguousarray(xy, np.float64),
+        np.ascontiguousarray(triangles, np.int64),
+        tri_id,
+        ys,
+        xs,
+    )
+    return ys, xs, out
+
+
+@numba.njit(cache=True, nogil=True)
+def _interpolate(values, xy, triangles, tri_id, ys, xs):
+    out = np.empty((len(ys), values.shape[1]), np.float32)
+    for p in range(len(ys)):
+        y, x = ys[p], xs[p]
+        t = tri_id[y, x]
+        a, b, c = triangles[t, 0], triangles[t, 1], triangles[t, 2]
+        e1x, e1y = xy[b, 0] - xy[a, 0], xy[b, 1] - xy[a, 1]
+        e2x, e2y = xy[c, 0] - xy[a, 0], xy[c, 1] - xy[a, 1]
+        den = e1x * e2y - e2x * e1y
+        if abs(den) > 1e-9:
+            px, py = x - xy[a, 0], y - xy[a, 1]
+            l1, l2 = (px * e2y - e2x * py) / den, (e1x * py - px * e1y) / den
+        else:  # degenerate: the corners' mean
+            l1 = l2 = 1.0 / 3.0
+        l0 = 1.0 - l1 - l2
+        for k in range(values.shape[1]):
+            out[p, k] = l0 * values[a, k] + l1 * values[b, k] + l2 * values[c, k]
+    return out
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
