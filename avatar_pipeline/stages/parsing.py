@@ -73,11 +73,12 @@ def labels_from_mesh(mp478: np.ndarray, matte: np.ndarray) -> np.ndarray:
     side = np.array([-up[1], up[0]])
     if np.dot(pts[facemesh.LEFT_CHEEK_EDGE, :2] - pts[facemesh.RIGHT_CHEEK_EDGE, :2], side) < 0:
         side = -side
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    rel_x, rel_y = xs - chin[0], ys - chin[1]
-    height = (rel_x * up[0] + rel_y * up[1]) / face_h  # 0 at the chin, 1 at the forehead top
+    # a column and a row broadcast to the image: the coordinates are affine in x and y
+    rel_x = (np.arange(w, dtype=np.float32) - np.float32(chin[0]))[None]
+    rel_y = (np.arange(h, dtype=np.float32) - np.float32(chin[1]))[:, None]
+    height = rel_x * np.float32(up[0] / face_h) + rel_y * np.float32(up[1] / face_h)  # 0 at the chin, 1 at the top
     centre_across = float(np.dot(pts[facemesh.FACE_OVAL, :2].mean(0) - chin, side))
-    across = ((rel_x * side[0] + rel_y * side[1]) - centre_across) / face_h  # 0 on the face midline
+    across = rel_x * np.float32(side[0] / face_h) + (rel_y * np.float32(side[1] / face_h) - centre_across / face_h)
     half_width = (
         float(np.linalg.norm(pts[facemesh.LEFT_CHEEK_EDGE, :2] - pts[facemesh.RIGHT_CHEEK_EDGE, :2])) / face_h / 2
     )
