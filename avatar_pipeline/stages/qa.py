@@ -28,8 +28,8 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return img
 
 
-def panels(store: cache.SubjectCache, index: int, lms: dict, panel_size: int) -> list[np.ndarray]:
-    """The four overlays of one frame, each panel_size square."""
+def panels(store: cache.SubjectCache, index: int, lms: dict, face_box, panel_size: int) -> list[np.ndarray]:
+    """The four overlays of one frame, each panel_size square; `face_box`: the crop stage's for the frame."""
     frame = store.read_frame(index)
     size = frame.shape[0]
     scale = panel_size / size
@@ -43,16 +43,15 @@ def panels(store: cache.SubjectCache, index: int, lms: dict, panel_size: int) ->
             cv2.circle(marks, (int(x), int(y)), 2, (255, 0, 0), -1)
     else:
         marks = _label(marks, "no landmarks")
-    box = store.crop_meta()["frames"][index]["face_box"]
-    if box:
-        x0, y0, x1, y1 = (np.array(box) * scale).astype(int)
+    if face_box:
+        x0, y0, x1, y1 = (np.array(face_box) * scale).astype(int)
         cv2.rectangle(marks, (x0, y0), (x1, y1), (255, 255, 0), 1)
 
     labels = cv2.resize(store.read_labels(index), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)
     parsing = (0.45 * small + 0.55 * PALETTE[labels]).astype(np.uint8)
 
-    normal_rgb = cv2.cvtColor(cv2.imread(str(store.normal_path(index))), cv2.COLOR_BGR2RGB)
-    normal_mask = store.read_normals(index)[1]
+    normal_rgb = cache.read_png(store.normal_path(index), "normals", color=True)  # as stored: no need to decode
+    normal_mask = cache.read_png(store.normal_mask_path(index), "normals", color=False) > 127
     normal_rgb = cv2.resize(normal_rgb, (panel_size, panel_size), interpolation=cv2.INTER_AREA)
     nmask = cv2.resize(normal_mask.astype(np.uint8), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)[
         ..., None
@@ -98,6 +97,7 @@ def summarise(store: cache.SubjectCache) -> dict:
 def run(store: cache.SubjectCache, cfg: QAConfig) -> dict:
     n = store.num_frames()
     lms = store.landmarks()
+    face_boxes = [frame["face_box"] for frame in store.crop_meta()["frames"]]
     summary = summarise(store)
     sheet_ids = sorted(set(np.linspace(0, n - 1, min(n, cfg.sheet_frames)).round().astype(int).tolist()))
     panel = 192
@@ -110,7 +110,9 @@ def run(store: cache.SubjectCache, cfg: QAConfig) -> dict:
             ),
         ]
         bg_row += [np.zeros((panel, panel, 3), np.uint8)] * (len(PANELS) - 2)
-        rows = [np.concatenate(bg_row, 1)] + [np.concatenate(panels(store, i, lms, panel), 1) for i in sheet_ids]
+        rows = [np.concatenate(bg_row, 1)] + [
+            np.concatenate(panels(store, i, lms, face_boxes[i], panel), 1) for i in sheet_ids
+        ]
         cache.write_png(stage / "contact_sheet.png", np.concatenate(rows, 0), compression=6)
 
         video_ids = np.linspace(0, n - 1, min(n, cfg.video_frames)).round().astype(int)
@@ -118,7 +120,7 @@ def run(store: cache.SubjectCache, cfg: QAConfig) -> dict:
         half = 256
         with video.VideoWriter(stage / "overlay.mp4", 2 * half, 2 * half, fps=fps) as writer:
             for i in video_ids:
-                p = panels(store, int(i), lms, half)
+                p = panels(store, int(i), lms, face_boxes[i], half)
                 writer.write(np.concatenate([np.concatenate(p[:2], 1), np.concatenate(p[2:], 1)], 0))
         cache.write_json(stage / "summary.json", summary)
         (stage / "report.html").write_text(_report_html(summary), encoding="utf-8")
