@@ -176,9 +176,13 @@ class LandmarkObjective:
 
     def landmarks(self, p: dict):
         """The fitted points of every frame: pixels (N, L, 2) and camera space (N, L, 3)."""
+        cam = self.camera_points(p)
+        return self.to_pixels(p, cam), cam
+
+    def camera_points(self, p: dict) -> torch.Tensor:
+        """The fitted points of every frame in camera space (N, L, 3)."""
         if self.point_bases is None:
-            cam = (self.camera_vertices(p, subset=self.uniq)[:, self.tri_local] * self.bary).sum(2)
-            return self.to_pixels(p, cam), cam
+            return (self.camera_vertices(p, subset=self.uniq)[:, self.tri_local] * self.bary).sum(2)
         bases = self.point_bases
         offsets = 0
         if self.ke:
@@ -187,12 +191,11 @@ class LandmarkObjective:
             offsets = offsets + p["identity"] @ bases["identity"]
         points = bases["template"] + (offsets.reshape(self.n, -1, 3) if torch.is_tensor(offsets) else 0)
         rot = axis_angle_to_matrix(p["rotation"]) @ FLIP
-        cam = torch.baddbmm(p["translation"][:, None], points.expand(self.n, -1, -1), rot.transpose(1, 2))
-        return self.to_pixels(p, cam), cam
+        return torch.baddbmm(p["translation"][:, None], points.expand(self.n, -1, -1), rot.transpose(1, 2))
 
     def reprojection(self, p: dict) -> torch.Tensor:
         """The landmark term: the weighted mean of the robust (Geman-McClure) squared pixel errors."""
-        _, cam = self.landmarks(p)
+        cam = self.camera_points(p)
         if cam.device.type == "cpu":  # one fused pass instead of about thirty over (N, L) tensors
             return RobustReprojection.apply(cam, p["log_focal"], self)
         sq = ((self.to_pixels(p, cam) - self.target) ** 2).sum(-1)
