@@ -88,37 +88,44 @@ def interpolate(
     pixels a triangle covers only in part, as in barycentric_maps).
 
     Returns the covered pixels as flat arrays: rows, columns and their (N, C) float32 values."""
-    ys, xs = np.nonzero(tri_id >= 0)
-    out = _interpolate(
+    return _interpolate(
         np.ascontiguousarray(values, np.float64).reshape(len(values), -1),
         np.ascontiguousarray(xy, np.float64),
         np.ascontiguousarray(triangles, np.int64),
-        tri_id,
-        ys,
-        xs,
+        np.ascontiguousarray(tri_id, np.int32),
     )
-    return ys, xs, out
 
 
 @numba.njit(cache=True, nogil=True)
-def _interpolate(values, xy, triangles, tri_id, ys, xs):
-    out = np.empty((len(ys), values.shape[1]), np.float32)
-    for p in range(len(ys)):
-        y, x = ys[p], xs[p]
-        t = tri_id[y, x]
-        a, b, c = triangles[t, 0], triangles[t, 1], triangles[t, 2]
-        e1x, e1y = xy[b, 0] - xy[a, 0], xy[b, 1] - xy[a, 1]
-        e2x, e2y = xy[c, 0] - xy[a, 0], xy[c, 1] - xy[a, 1]
-        den = e1x * e2y - e2x * e1y
-        if abs(den) > 1e-9:
-            px, py = x - xy[a, 0], y - xy[a, 1]
-            l1, l2 = (px * e2y - e2x * py) / den, (e1x * py - px * e1y) / den
-        else:  # degenerate: the corners' mean
-            l1 = l2 = 1.0 / 3.0
-        l0 = 1.0 - l1 - l2
-        for k in range(values.shape[1]):
-            out[p, k] = l0 * values[a, k] + l1 * values[b, k] + l2 * values[c, k]
-    return out
+def _interpolate(values, xy, triangles, tri_id):
+    height, width = tri_id.shape
+    covered = 0
+    for y in range(height):
+        for x in range(width):
+            covered += tri_id[y, x] >= 0
+    ys, xs = np.empty(covered, np.int64), np.empty(covered, np.int64)
+    out = np.empty((covered, values.shape[1]), np.float32)
+    p = 0
+    for y in range(height):
+        for x in range(width):
+            t = tri_id[y, x]
+            if t < 0:
+                continue
+            a, b, c = triangles[t, 0], triangles[t, 1], triangles[t, 2]
+            e1x, e1y = xy[b, 0] - xy[a, 0], xy[b, 1] - xy[a, 1]
+            e2x, e2y = xy[c, 0] - xy[a, 0], xy[c, 1] - xy[a, 1]
+            den = e1x * e2y - e2x * e1y
+            if abs(den) > 1e-9:
+                px, py = x - xy[a, 0], y - xy[a, 1]
+                l1, l2 = (px * e2y - e2x * py) / den, (e1x * py - px * e1y) / den
+            else:  # degenerate: the corners' mean
+                l1 = l2 = 1.0 / 3.0
+            l0 = 1.0 - l1 - l2
+            for k in range(values.shape[1]):
+                out[p, k] = l0 * values[a, k] + l1 * values[b, k] + l2 * values[c, k]
+            ys[p], xs[p] = y, x
+            p += 1
+    return ys, xs, out
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
