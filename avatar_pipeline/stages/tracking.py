@@ -346,8 +346,12 @@ def _overlay(
     size = int(data["image_size"])
     fps = min(25.0, float(crop_meta["source"]["fps"] or 25.0))
     with video.VideoWriter(path, size, size, fps=fps) as writer:
+        cams = {}
         for i in progress(frames, len(frames), "tracking: overlay"):
-            cam = model_vertices(model, data, np.array([i]), used)[0]
+            if i not in cams:  # the vertices of the next 25 frames in one product
+                batch = frames[frames >= i][:25]
+                cams = dict(zip(batch.tolist(), model_vertices(model, data, batch, used)))
+            cam = cams[i]
             uv = project(cam, float(data["focal"]), size)
             tri_id = raster.rasterize(uv, -cam[:, 2], tris_local, size, size)
             gl = cam * np.array([1, -1, -1])  # to y up, z toward the camera, for shading

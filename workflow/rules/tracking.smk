@@ -35,7 +35,7 @@ rule tracking:
         results=results_root(1),
     log:
         f"{RESULTS}/{{subject}}/logs/tracking.log",
-    threads: 1
+    threads: 2
     resources:
         mem_mb=6000,
         runtime=60,
