@@ -48,8 +48,12 @@ PAPER_MINUTES = 60.0
 def step_seconds(preset: str, precision: str, repeats: int, expression_dim: int = 53) -> float:
     cfg = find("nerface").config_from({"preset": preset, "precision": precision})
     torch.manual_seed(0)
-    renderer = NeRFaceRenderer(
-        cfg.field(expression_dim), cfg.coarse_samples, cfg.fine_samples, precision, cfg.chunk_samples
+    renderer = NeRFaceRenderer(  # `auto` resolved as training resolves it (the renderer takes fp32 or bf16)
+        cfg.field(expression_dim),
+        cfg.coarse_samples,
+        cfg.fine_samples,
+        cfg.resolved_precision(torch.device("cpu")),
+        cfg.chunk_samples,
     )
     optimizer = torch.optim.Adam(renderer.parameters(), lr=cfg.learning_rate)
     rays = cfg.rays
