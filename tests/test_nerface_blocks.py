@@ -48,6 +48,23 @@ def test_split_first_layer_is_one_layer_on_the_concatenated_input():
     assert torch.allclose(expected, got, atol=1e-5)
 
 
+def test_colour_layer_split_per_ray_is_the_layer_on_features_and_direction_together():
+    """The colour branch's first layer is applied as a per-sample features part plus a per-ray direction part:
+    the colours must be those of the paper's layer on the concatenated input, with and without skipped samples."""
+    torch.manual_seed(0)
+    field = ConditionedField(FieldConfig(expression_dim=5, latent_dim=4))
+    pts, cond = torch.randn(7, 9, 3) * 0.2, torch.randn(9)
+    dirs = torch.nn.functional.normalize(torch.randn(7, 3), dim=-1)
+    features = field.backbone(field._encode(pts.reshape(-1, 3)) + field.condition_in(cond))
+    view = positional_encoding(dirs, 4)[:, None].expand(-1, 9, -1).reshape(-1, 27)
+    expected = torch.sigmoid(field.colour(torch.cat([features, view], -1))).view(7, 9, 3)
+    _, rgb = field(pts, dirs, cond)
+    keep = torch.rand(7, 9, generator=torch.Generator().manual_seed(1)) > 0.5
+    _, rgb_kept = field(pts, dirs, cond, keep)
+    assert torch.allclose(rgb, expected, atol=1e-5) and torch.allclose(rgb_kept[keep], expected[keep], atol=1e-5)
+    assert (rgb_kept[~keep] == 0).all() and expected.std() > 0.01
+
+
 def test_positions_are_scaled_into_the_unit_ball_before_the_encoding():
     from avatar_pipeline.avatars import find
 

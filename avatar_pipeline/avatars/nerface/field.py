@@ -129,14 +129,21 @@ class ConditionedField(nn.Module):
         rays, samples = points.shape[:2]
         # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
         per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
-        view = positional_encoding(directions, self.cfg.direction_frequencies)
+        # the colour branch's first layer split the same way: its viewing-direction part is one product per ray
+        # (per-sample copies of the direction and the concatenation with the features cost more than the layer)
+        first = self.colour[0]
+        width = self.cfg.width
+        view = torch.nn.functional.linear(
+            positional_encoding(directions, self.cfg.direction_frequencies), first.weight[:, width:]
+        )
         if keep is None:
             # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice
             # as much
             hidden = self._encode(points.reshape(-1, 3)).view(rays, samples, -1) + per_ray[:, None]
             features = self.backbone(hidden.view(rays * samples, -1))
-            view = view[:, None].expand(-1, samples, -1).reshape(rays * samples, -1)
-            rgb = torch.sigmoid(self.colour(torch.cat([features, view], -1))).view(rays, samples, 3)
+            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias)
+            colour_in = (colour_in.view(rays, samples, -1) + view[:, None]).view(rays * samples, -1)
+            rgb = torch.sigmoid(self.colour[1:](colour_in)).view(rays, samples, 3)
             return self._density(features).view(rays, samples), rgb
         index = keep.reshape(-1).nonzero()[:, 0]
         ray = index // samples
@@ -145,9 +152,8 @@ class ConditionedField(nn.Module):
         rgb = points.new_zeros(rays * samples, 3)
         if len(index):
             density = density.index_put((index,), self._density(features).to(density.dtype))
-            rgb = rgb.index_put(
-                (index,), torch.sigmoid(self.colour(torch.cat([features, view[ray]], -1))).to(rgb.dtype)
-            )
+            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[ray]
+            rgb = rgb.index_put((index,), torch.sigmoid(self.colour[1:](colour_in)).to(rgb.dtype))
         return density.view(rays, samples), rgb.view(rays, samples, 3)
 
     def density_at(self, points: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
