@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
 
-Reads the `nerface_fast` avatars that `bench/nha_bench.py compare CLIP` trained into bench/work (run that
-first). Per clip: the occupancy grid's build time and share of occupied cells; seconds per frame of a
-held-out frame at 128, 256 and 512 px rendered as before (every sample computed), with early ray termination
-alone, with the occupancy grid alone, and with both (`after`); and, over every FRAME_STRIDE-th held-out
-frame at the training size, the PSNR of the `before` and `after` renders against the real frame (the
-`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; with
---evaluation, for the first clip named, the minutes of the evaluation stage with the compare run's
-settings and `after` rendering (the compare run's own evaluation log gives the minutes before). This CPU's
-matrix-product throughput is recorded beside the figures.
+Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians_bench.py compare CLIP` or
+`bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
+build time and share of occupied cells; seconds per frame of a held-out frame at 128, 256 and 512 px rendered
+as before (every sample computed), with early ray termination alone, with the occupancy grid alone, and with
+both (`after`); and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`
+and `after` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters)
+and of `after` against `before`; with --evaluation, for the first clip named, the minutes of the evaluation
+stage with the compare run's settings and `after` rendering (the compare run's own evaluation log gives the
+minutes before). This CPU's matrix-product throughput is recorded beside the figures.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ from avatar_pipeline.avatars.evaluation import evaluate  # noqa: E402
 from avatar_pipeline.avatars.trainer import load_trained  # noqa: E402
 from avatar_pipeline.metrics import psnr  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
+from bench.ldf_bench import AVATARS  # noqa: E402
 from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
-from bench.nha_bench import AVATARS, CLIPS, COMPARE_MINUTES  # noqa: E402
+from bench.nha_bench import CLIPS, COMPARE_MINUTES  # noqa: E402
+
+AVATAR = "cmp_nerface"
 
 SIZES = (128, 256, 512)
 FRAME_STRIDE = 4
@@ -58,8 +61,8 @@ def timed_render(model, view) -> tuple[np.ndarray, float]:
 def clip_figures(name: str, time_evaluation: bool) -> dict:
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
-    train_dir = store.root / "avatars" / "nerface_fast" / "train"
-    settings = {**AVATARS["nerface_fast"], "max_minutes": COMPARE_MINUTES}
+    train_dir = store.root / "avatars" / AVATAR / "train"
+    settings = {**AVATARS[AVATAR], "max_minutes": COMPARE_MINUTES}
     configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in VARIANTS.items()}
     size = configs["after"].size
     test = SubjectFrames(store, size, "test")
