@@ -18,7 +18,7 @@
         meta.json                backend, smoothing, invalid frames
       parsing/                   stage `parsing`
         labels/000000.png        uint8 label map, CelebAMask-HQ classes (see parsing.CLASSES)
-        matte/000000.png         uint8 soft person matte, 255 = person
+        matte/000000.png         uint8 soft person matte, 255 = person (the person from PERSON_MATTE on)
         meta.json                backend, class names, per-class pixel fractions
       background/                stage `background`
         background.png           RGB background without the person, crop.size square
@@ -131,6 +131,9 @@ TRACKING_ARRAYS = (
     "model",
     "expression_names",
 )
+# the parsing's soft person matte (read_matte, in [0, 1]) counts as the person from this value on: the parsing's
+# labels, the avatars' person masks and the Gaussian avatar's training target all cut it here
+PERSON_MATTE = 0.5
 # the avatars' training log: these columns, then one `loss_<term>` column per loss term of the method
 TRAINING_LOG_FIELDS = ("step", "phase", "loss", "psnr", "learning_rate", "seconds", "val_psnr", "val_head_psnr")
 

@@ -14,9 +14,6 @@ from .. import cache
 from ..errors import CacheError, InputError
 from ..geometry import camera_rays, camera_to_head_gl
 
-# the parsing's soft person matte counts as the person from this value on
-PERSON_MATTE = 0.5
-
 
 def frame_conditions(data: dict, frames: np.ndarray) -> torch.Tensor:
     """What a frame's avatar is conditioned on from tracking: the expression coefficients, plus the jaw
@@ -113,9 +110,9 @@ class SubjectFrames:
 
     def read_person(self, k: int) -> tuple[torch.Tensor, np.ndarray]:
         """Frame k's image (size, size, 3) and where the person is (size, size) (the parsing's matte from
-        PERSON_MATTE on, or its head mask), read from the caches whatever this split loaded."""
+        cache.PERSON_MATTE on, or its head mask), read from the caches whatever this split loaded."""
         index = int(self.frames[k])
-        person = _resized(self.store.read_matte(index), self.size).numpy() >= PERSON_MATTE
+        person = _resized(self.store.read_matte(index), self.size).numpy() >= cache.PERSON_MATTE
         head = self.store.read_head_mask(index).astype(np.uint8)
         person |= cv2.resize(head, (self.size, self.size), interpolation=cv2.INTER_NEAREST) > 0
         return _load_rgb(self.store.read_frame(index), self.size), person

@@ -52,8 +52,6 @@ PALETTE = np.array(
     np.uint8,
 )
 
-MATTE_PERSON = 0.5
-
 
 def _poly(mask: np.ndarray, points: np.ndarray, value: int) -> None:
     cv2.fillPoly(mask, [np.round(points[:, :2]).astype(np.int32)], int(value))
@@ -63,7 +61,7 @@ def labels_from_mesh(mp478: np.ndarray, matte: np.ndarray) -> np.ndarray:
     """Label map from one frame's 478 landmarks (crop pixels) and person matte."""
     h, w = matte.shape
     labels = np.zeros((h, w), np.uint8)
-    person = matte > MATTE_PERSON
+    person = matte > cache.PERSON_MATTE
     pts = mp478
 
     # the face's own frame: `up` from chin to forehead top, `side` towards the subject's left
@@ -144,7 +142,7 @@ def run(store: cache.SubjectCache, cfg: ParsingConfig) -> dict:
             elif lms["valid"][i]:
                 labels = labels_from_mesh(lms["mp478"][i], matte)
             else:  # no face geometry: person pixels only, without face classes
-                labels = np.where(matte > MATTE_PERSON, CLASS_ID["cloth"], 0).astype(np.uint8)
+                labels = np.where(matte > cache.PERSON_MATTE, CLASS_ID["cloth"], 0).astype(np.uint8)
             counts += np.bincount(labels.ravel(), minlength=len(CLASSES))
             writer.write(stage / "labels" / cache.frame_name(i), labels)
             writer.write(stage / "matte" / cache.frame_name(i), np.round(matte * 255).astype(np.uint8))

@@ -27,7 +27,7 @@ from ...geometry import head_to_camera_cv, project
 from ...metrics import Lpips
 from ...tracking import joint_pose
 from ..base import AvatarModel, Phase, View
-from ..data import PERSON_MATTE, SubjectFrames, psnr, textured_head_model
+from ..data import SubjectFrames, psnr, textured_head_model
 from ..nha.mesh import build_head_mesh
 from .body import HEAD_MARGIN, SPREAD_FRAMES, BodyGaussians, free_person_pixels, grid_over
 from .config import GaussianConfig
@@ -325,7 +325,7 @@ class GaussianAvatarModel(AvatarModel):
         image, _, _ = self.draw(view)
         head = torch.as_tensor(data.head_masks[k], device=self.device)[..., None]
         background = view.background.to(self.device)
-        shown = head if self.body is None else head | (data.mattes[k].to(self.device) >= PERSON_MATTE)[..., None]
+        shown = head if self.body is None else head | (data.mattes[k].to(self.device) >= cache.PERSON_MATTE)[..., None]
         target = torch.where(shown, data.images[k].to(self.device), background)
         mouth = torch.as_tensor(
             np.isin(data.labels[k], [cache.PARSING_CLASS_ID[c] for c in MOUTH_CLASSES]), device=self.device
