@@ -224,9 +224,14 @@ class SubjectCache:
 
     def read_normals(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Unit normals (H, W, 3) float32 in the documented camera frame, and the validity mask."""
-        rgb = read_png(self.normal_path(index), "normals", color=True)
-        mask = read_png(self.normal_mask_path(index), "normals", color=False) > 127
-        return decode_normals(rgb), mask
+        return decode_normals(self.read_normal_rgb(index)), self.read_normal_mask(index)
+
+    def read_normal_rgb(self, index: int) -> np.ndarray:
+        """The normal map as stored (uint8 RGB), for pictures of it."""
+        return read_png(self.normal_path(index), "normals", color=True)
+
+    def read_normal_mask(self, index: int) -> np.ndarray:
+        return read_png(self.normal_mask_path(index), "normals", color=False) > 127
 
     # --- tracking -------------------------------------------------------------------------
     def tracking(self) -> dict[str, np.ndarray]:

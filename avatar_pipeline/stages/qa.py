@@ -50,8 +50,7 @@ def panels(store: cache.SubjectCache, index: int, lms: dict, face_box, panel_siz
     labels = cv2.resize(store.read_labels(index), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)
     parsing = (0.45 * small + 0.55 * PALETTE[labels]).astype(np.uint8)
 
-    normal_rgb = cache.read_png(store.normal_path(index), "normals", color=True)  # as stored: no need to decode
-    normal_mask = cache.read_png(store.normal_mask_path(index), "normals", color=False) > 127
+    normal_rgb, normal_mask = store.read_normal_rgb(index), store.read_normal_mask(index)
     normal_rgb = cv2.resize(normal_rgb, (panel_size, panel_size), interpolation=cv2.INTER_AREA)
     nmask = cv2.resize(normal_mask.astype(np.uint8), (panel_size, panel_size), interpolation=cv2.INTER_NEAREST)[
         ..., None
