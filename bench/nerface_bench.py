@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
+ICT_ARCHIVE = SHARED / "models" / "ict-facekit-da5f95a.tar.xz"  # the ICT FaceKit release ../shared holds
 RESULTS = REPO / "bench" / "results"
 
 from avatar_pipeline import cache  # noqa: E402
@@ -118,7 +119,7 @@ def bench_config(clips: list[str], avatars: dict) -> tuple[Path, dict]:
         "results_dir": str(work / "results"),
         "subjects": {Path(c).stem: {"video": str(SHARED / "data" / "videos" / c)} for c in clips},
         "crop": {"size": 256},
-        "model": {"kind": "ict", "ict_path": str(SHARED / "models" / "ict-facekit-da5f95a.tar.xz")},
+        "model": {"kind": "ict", "ict_path": str(ICT_ARCHIVE)},
         "avatars": avatars,
     }
     config_path = work / "config.yaml"

@@ -123,10 +123,10 @@ def pipeline_report(clip: Path, work: Path, size: int, lengths: tuple[int, ...] 
     import yaml
 
     from avatar_pipeline.video import probe
+    from bench.nerface_bench import ICT_ARCHIVE
 
-    ict = REPO.parent / "shared" / "models" / "ict-facekit-da5f95a.tar.xz"
     clip_frames = probe(clip).expected_frames
-    config = {"results_dir": str(work / "results"), "model": {"kind": "ict", "ict_path": str(ict)}}
+    config = {"results_dir": str(work / "results"), "model": {"kind": "ict", "ict_path": str(ICT_ARCHIVE)}}
     runs = {}
     for frames in lengths:
         name, loops = f"f{frames}", -(-frames // clip_frames)

@@ -28,7 +28,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"
 
 from avatar_pipeline import cache  # noqa: E402
 from avatar_pipeline.config import CropConfig, LandmarksConfig, ModelConfig, TrackingConfig  # noqa: E402
@@ -37,6 +36,7 @@ from avatar_pipeline.models.correspondence import mediapipe_embedding  # noqa: E
 from avatar_pipeline.stages import crop, landmarks  # noqa: E402
 from avatar_pipeline.stages import tracking as tracking_stage  # noqa: E402
 from avatar_pipeline.tracking import fit, ibug68_points, mediapipe_points, rotation_difference_deg  # noqa: E402
+from bench.nerface_bench import ICT_ARCHIVE, SHARED  # noqa: E402
 from tests.test_tracking import in_sequence_order, synthetic_sequence  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def face_size(model, identity: np.ndarray) -> float:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tracking-bench-"))
-    prepare_ict(ModelConfig(kind="ict", ict_path=str(SHARED / "models/ict-facekit-da5f95a.tar.xz")), work / "_models")
+    prepare_ict(ModelConfig(kind="ict", ict_path=str(ICT_ARCHIVE)), work / "_models")
     status = work / "_models" / "ict.json"
     model, _ = load_model(ModelConfig(kind="ict"), status)
     report = {
