@@ -19,6 +19,8 @@ invocation at a time if need be; figures accumulate in the results file. lp_d18 
 
 from __future__ import annotations
 
+import datetime
+import re
 import sys
 import time
 from pathlib import Path
@@ -164,6 +166,7 @@ def compare_bench(
                 "head": {k: round(headline[f"head_{k}"], 4) for k in KEYS if f"head_{k}" in headline},
                 "full_frame": {k: round(headline[k], 4) for k in KEYS if k in headline},
                 "background_only_psnr": round(headline["psnr_background_only"], 2),
+                "evaluation_minutes": evaluation_minutes(folder.parents[1] / "logs" / f"avatar_eval_{avatar}.log"),
                 "all_protocols": {
                     p: {k: round(v[k], 4) for k in ("psnr", "head_psnr", "head_l1") if k in v}
                     for p, v in metrics["protocols"].items()
@@ -171,6 +174,20 @@ def compare_bench(
             }
         figures["clips"][name] = entry
     _write(results, figures)
+
+
+def evaluation_minutes(log_path: Path) -> float | None:
+    """Minutes of an evaluation job from its log: from the first timestamped line (written once the trained
+    avatar is loaded, a few seconds in) to the log's last write; None without a timestamped line."""
+    stamps = re.findall(r"^(\d\d):(\d\d):(\d\d) ", log_path.read_text(), re.MULTILINE) if log_path.exists() else []
+    if not stamps:
+        return None
+    h, m, s = (int(v) for v in stamps[0])
+    end = datetime.datetime.fromtimestamp(log_path.stat().st_mtime)
+    start = end.replace(hour=h, minute=m, second=s, microsecond=0)
+    if start > end:  # the job ran over midnight
+        start -= datetime.timedelta(days=1)
+    return round((end - start).total_seconds() / 60, 1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Rendering speed of a trained NeRFace avatar with and without empty-space skipping.
 
     .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
+    .venv/bin/python bench/render_bench.py sparse [CLIP ...]             # -> bench/results/nerface_sparse.json
 
 Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians_bench.py compare CLIP` or
 `bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
@@ -11,6 +12,11 @@ and `after` renders against the real frame (the `first_train_frame` protocol, so
 and of `after` against `before`; with --evaluation, for the first clip named, the minutes of the evaluation
 stage with the compare run's settings and `after` rendering (the compare run's own evaluation log gives the
 minutes before). This CPU's matrix-product throughput is recorded beside the figures.
+
+`sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
+avatar trained with the mask term and the training grid, each for the compare run's minutes (an existing
+`cmp_nerface` is reused), their test metrics and evaluation minutes, and the figures above for both, with a
+looser grid (`after_loose`) beside the default one.
 """
 
 from __future__ import annotations
@@ -36,9 +42,18 @@ from avatar_pipeline.metrics import psnr  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
 from bench.ldf_bench import AVATARS  # noqa: E402
 from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
-from bench.nha_bench import CLIPS, COMPARE_MINUTES  # noqa: E402
+from bench.nha_bench import CLIPS, COMPARE_MINUTES, TUNED, compare_bench  # noqa: E402
 
 AVATAR = "cmp_nerface"
+# NeRFace fast trained to leave empty space empty, so that the grid finds cells to skip: the foreground alpha
+# pulled to the parsing's person matte (mask term; RGB alone leaves fog of the background's colour in front
+# of the plate) and the training grid skipping empty samples while it trains; it renders with the grid
+SPARSE_AVATARS = {
+    AVATAR: AVATARS[AVATAR],
+    "cmp_nerface_sparse": {**AVATARS[AVATAR], "mask_weight": 0.1, "train_occupancy_cells": 64, "occupancy_cells": 64},
+}
+SPARSE_RESULTS = "nerface_sparse.json"
+TUNED_CLIPS = [c for c in CLIPS if Path(c).stem in TUNED]
 
 SIZES = (128, 256, 512)
 FRAME_STRIDE = 4
@@ -50,6 +65,10 @@ VARIANTS = {
     "occupancy_grid": {"occupancy_cells": 64, "early_termination": False},
     "after": {"occupancy_cells": 64, "early_termination": True},
 }
+# for the sparse avatars also a looser grid: a cell is empty when its density over the cube's width takes less
+# than 1% of a ray's light (1e-3 by default); nearer Instant-NGP's rule, which bounds each cell's share alone
+LOOSE_THRESHOLD = 1e-2
+SPARSE_VARIANTS = {**VARIANTS, "after_loose": {**VARIANTS["after"], "occupancy_threshold": LOOSE_THRESHOLD}}
 
 
 def timed_render(model, view) -> tuple[np.ndarray, float]:
@@ -58,59 +77,66 @@ def timed_render(model, view) -> tuple[np.ndarray, float]:
     return image.clamp(0, 1).numpy(), time.perf_counter() - start
 
 
-def clip_figures(name: str, time_evaluation: bool) -> dict:
+def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variants: dict = VARIANTS) -> dict:
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
-    train_dir = store.root / "avatars" / AVATAR / "train"
-    settings = {**AVATARS[AVATAR], "max_minutes": COMPARE_MINUTES}
-    configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in VARIANTS.items()}
+    train_dir = store.root / "avatars" / avatar / "train"
+    settings = {**SPARSE_AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
+    configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in variants.items()}
     size = configs["after"].size
     test = SubjectFrames(store, size, "test")
     train = SubjectFrames(store, size, "train", with_images=False)
     device = torch.device("cpu")
     # the same checkpoint under each rendering setting
     models = {variant: load_trained(spec, cfg, train, train_dir, device) for variant, cfg in configs.items()}
-    start = time.perf_counter()
-    grid = models["after"].occupancy_grid()
-    build_seconds = time.perf_counter() - start
-    models["occupancy_grid"].occupancy = grid
-    after = configs["after"]
-    figures = {
-        "grid": {
-            "cells": after.occupancy_cells,
-            "threshold": after.occupancy_threshold,
-            "conditions": after.occupancy_conditions,
-            "build_seconds": round(build_seconds, 2),
+    figures: dict = {"grid": {}, "seconds_per_frame": {}, "quality": {}}
+    skipping = [v for v in variants if v.startswith("after")]  # the variants that skip both ways
+    for variant in skipping:
+        start = time.perf_counter()
+        grid = models[variant].occupancy_grid()
+        cfg = configs[variant]
+        figures["grid"][variant] = {
+            "cells": cfg.occupancy_cells,
+            "threshold": cfg.occupancy_threshold,
+            "conditions": cfg.occupancy_conditions,
+            "build_seconds": round(time.perf_counter() - start, 2),
             "occupied_share": round(grid.share, 4),
-        },
-        "seconds_per_frame": {},
-    }
+        }
+    models["occupancy_grid"].occupancy = models["after"].occupancy_grid()
     views = models["after"].test_views("first_train_frame", test)
-    print(name, figures["grid"], flush=True)
+    print(name, avatar, figures["grid"], flush=True)
     for render_size in SIZES:
         at_size = SubjectFrames(store, render_size, "test", with_images=False)
         view = dataclasses.replace(views[0], size=render_size, focal=at_size.focal, background=at_size.background)
         seconds = {variant: round(timed_render(model, view)[1], 2) for variant, model in models.items()}
-        seconds["speedup"] = round(seconds["before"] / seconds["after"], 1)
+        for variant in skipping:
+            seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
-        print(name, render_size, seconds, flush=True)
+        print(name, avatar, render_size, seconds, flush=True)
+    # per frame: PSNR of the dense render against the real frame, then of each skipping variant against the
+    # real frame and against the dense render
     rows = []
     for k in range(0, len(views), FRAME_STRIDE):
         truth = test.images[k].numpy()
         before, _ = timed_render(models["before"], views[k])
-        fast, _ = timed_render(models["after"], views[k])
-        rows.append((psnr(before, truth), psnr(fast, truth), psnr(fast, before)))
+        row = [psnr(before, truth)]
+        for variant in skipping:
+            fast, _ = timed_render(models[variant], views[k])
+            row += [psnr(fast, truth), psnr(fast, before)]
+        rows.append(row)
     table = np.array(rows)
-    figures["quality"] = {
-        "protocol": "first_train_frame",
-        "frames": len(rows),
-        "psnr_before": round(float(table[:, 0].mean()), 3),
-        "psnr_after": round(float(table[:, 1].mean()), 3),
-        "largest_frame_difference_db": round(float(np.abs(table[:, 0] - table[:, 1]).max()), 3),
-        "psnr_after_against_before": round(float(table[:, 2].mean()), 2),
-        "lowest_psnr_after_against_before": round(float(table[:, 2].min()), 2),
-    }
-    print(name, figures["quality"], flush=True)
+    for j, variant in enumerate(skipping):
+        against_truth, against_before = table[:, 1 + 2 * j], table[:, 2 + 2 * j]
+        figures["quality"][variant] = {
+            "protocol": "first_train_frame",
+            "frames": len(rows),
+            "psnr_before": round(float(table[:, 0].mean()), 3),
+            "psnr": round(float(against_truth.mean()), 3),
+            "largest_frame_difference_db": round(float(np.abs(table[:, 0] - against_truth).max()), 3),
+            "psnr_against_before": round(float(against_before.mean()), 2),
+            "lowest_psnr_against_before": round(float(against_before.min()), 2),
+        }
+    print(name, avatar, figures["quality"], flush=True)
     if not time_evaluation:
         return figures
     # the evaluation stage as the compare run ran it (both protocols, 60 latent steps, no orbit or sweep), now
@@ -121,6 +147,20 @@ def clip_figures(name: str, time_evaluation: bool) -> dict:
     figures["test_frames"] = len(views)
     print(name, "evaluation minutes", figures["evaluation_minutes_after"], flush=True)
     return figures
+
+
+def sparse_bench(clips: list[str]) -> None:
+    """Both avatars of SPARSE_AVATARS trained and evaluated (the compare run's `cmp_nerface` is reused where it
+    exists), then each one's rendering speed and PSNR before and after empty-space skipping."""
+    command = "bench/render_bench.py sparse " + " ".join(clips)
+    compare_bench(clips, methods=SPARSE_AVATARS, results=SPARSE_RESULTS, command=command)
+    figures = _read(SPARSE_RESULTS, {})
+    render = figures.setdefault("render", {})
+    for clip in clips:
+        name = Path(clip).stem
+        render[name] = {avatar: clip_figures(name, False, avatar, SPARSE_VARIANTS) for avatar in SPARSE_AVATARS}
+        render[name]["gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
+        _write(SPARSE_RESULTS, figures)
 
 
 def main(clips: list[str], time_evaluation: bool) -> None:
@@ -141,4 +181,7 @@ def main(clips: list[str], time_evaluation: bool) -> None:
 
 if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if a != "--evaluation"]
-    main(arguments or list(CLIPS), "--evaluation" in sys.argv[1:])
+    if arguments[:1] == ["sparse"]:
+        sparse_bench(arguments[1:] or list(TUNED_CLIPS))
+    else:
+        main(arguments or list(CLIPS), "--evaluation" in sys.argv[1:])
