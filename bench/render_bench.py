@@ -45,10 +45,11 @@ from bench.nerface_bench import _read, _write, head_commit  # noqa: E402
 from bench.nha_bench import CLIPS, COMPARE_MINUTES, TUNED, compare_bench  # noqa: E402
 
 AVATAR = "cmp_nerface"
-# NeRFace fast trained to leave empty space empty, so that the grid finds cells to skip: the foreground alpha
-# pulled to the parsing's person matte (mask term; RGB alone leaves fog of the background's colour in front
-# of the plate) and the training grid skipping empty samples while it trains; it renders with the grid
-SPARSE_AVATARS = {
+# the NeRFace avatars this benchmark renders: the compare run's, and (`sparse`) NeRFace fast trained to leave
+# empty space empty, so that the grid finds cells to skip: the foreground alpha pulled to the parsing's person
+# matte (mask term; RGB alone leaves fog of the background's colour in front of the plate) and the training
+# grid skipping empty samples while it trains; it renders with the grid
+NERFACE_AVATARS = {
     AVATAR: AVATARS[AVATAR],
     "cmp_nerface_sparse": {**AVATARS[AVATAR], "mask_weight": 0.1, "train_occupancy_cells": 64, "occupancy_cells": 64},
 }
@@ -81,7 +82,7 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     train_dir = store.root / "avatars" / avatar / "train"
-    settings = {**SPARSE_AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
+    settings = {**NERFACE_AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
     configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in variants.items()}
     size = configs["after"].size
     test = SubjectFrames(store, size, "test")
@@ -150,15 +151,15 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
 
 
 def sparse_bench(clips: list[str]) -> None:
-    """Both avatars of SPARSE_AVATARS trained and evaluated (the compare run's `cmp_nerface` is reused where it
+    """Both avatars of NERFACE_AVATARS trained and evaluated (the compare run's `cmp_nerface` is reused where it
     exists), then each one's rendering speed and PSNR before and after empty-space skipping."""
     command = "bench/render_bench.py sparse " + " ".join(clips)
-    compare_bench(clips, methods=SPARSE_AVATARS, results=SPARSE_RESULTS, command=command)
+    compare_bench(clips, methods=NERFACE_AVATARS, results=SPARSE_RESULTS, command=command)
     figures = _read(SPARSE_RESULTS, {})
     render = figures.setdefault("render", {})
     for clip in clips:
         name = Path(clip).stem
-        render[name] = {avatar: clip_figures(name, False, avatar, SPARSE_VARIANTS) for avatar in SPARSE_AVATARS}
+        render[name] = {avatar: clip_figures(name, False, avatar, SPARSE_VARIANTS) for avatar in NERFACE_AVATARS}
         render[name]["gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
         _write(SPARSE_RESULTS, figures)
 
