@@ -1,22 +1,24 @@
 """Rendering speed of a trained NeRFace avatar with and without empty-space skipping.
 
     .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
-    .venv/bin/python bench/render_bench.py sparse [CLIP ...]             # -> bench/results/nerface_sparse.json
+    .venv/bin/python bench/render_bench.py sparse [--render-only] [CLIP ...]   # -> bench/results/nerface_sparse.json
 
 Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians_bench.py compare CLIP` or
 `bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
 build time and share of occupied cells; seconds per frame of a held-out frame at 128, 256 and 512 px rendered
 as before (every sample computed), with early ray termination alone, with the occupancy grid alone, and with
-both (`after`); and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`
-and `after` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters)
-and of `after` against `before`; with --evaluation, for the first clip named, the minutes of the evaluation
-stage with the compare run's settings and `after` rendering (the compare run's own evaluation log gives the
-minutes before). This CPU's matrix-product throughput is recorded beside the figures.
+both (`after`), and the samples per pixel each computes at the training size; and, over every FRAME_STRIDE-th
+held-out frame at the training size, the PSNR of the `before` and `after` renders against the real frame (the
+`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; with
+--evaluation, for the first clip named, the minutes of the evaluation stage with the compare run's settings
+and `after` rendering (the compare run's own evaluation log gives the minutes before). This CPU's
+matrix-product throughput is recorded beside the figures.
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
 avatar trained with the mask term and the training grid, each for the compare run's minutes (an existing
 `cmp_nerface` is reused), their test metrics and evaluation minutes, and the figures above for both, with a
-looser grid (`after_loose`) beside the default one.
+looser grid (`after_loose`) and the fine field alone marched through the grid (`after_marched_N`, N evenly
+spaced samples a ray) beside the default one; --render-only renders the avatars already trained.
 """
 
 from __future__ import annotations
@@ -69,13 +71,28 @@ VARIANTS = {
 # for the sparse avatars also a looser grid: a cell is empty when its density over the cube's width takes less
 # than 1% of a ray's light (1e-3 by default); nearer Instant-NGP's rule, which bounds each cell's share alone
 LOOSE_THRESHOLD = 1e-2
-SPARSE_VARIANTS = {**VARIANTS, "after_loose": {**VARIANTS["after"], "occupancy_threshold": LOOSE_THRESHOLD}}
+# and the fine field alone marched through the grid at evenly spaced samples (Instant-NGP's rendering), without
+# the coarse pass: 128 and 256 samples per ray (5.5 and 2.7 mm apart over the scene's 0.7 m)
+MARCH_SAMPLES = (128, 256)
+SPARSE_VARIANTS = {
+    **VARIANTS,
+    "after_loose": {**VARIANTS["after"], "occupancy_threshold": LOOSE_THRESHOLD},
+    **{f"after_marched_{n}": {**VARIANTS["after"], "march_samples": n} for n in MARCH_SAMPLES},
+}
 
 
 def timed_render(model, view) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     image, _ = model.render(view)
     return image.clamp(0, 1).numpy(), time.perf_counter() - start
+
+
+def samples_per_pixel(model, view) -> float:
+    """Samples a render of `view` sends through the fields, per pixel (96 at most for NeRFace fast: 32 coarse,
+    and 64 fine on the rays the coarse pass finds busy)."""
+    before = model.renderer.samples_computed
+    model.render(view)
+    return round((model.renderer.samples_computed - before) / view.size**2, 1)
 
 
 def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variants: dict = VARIANTS) -> dict:
@@ -113,6 +130,8 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
         for variant in skipping:
             seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
+        if render_size == size:
+            figures["samples_per_pixel"] = {v: samples_per_pixel(model, view) for v, model in models.items()}
         print(name, avatar, render_size, seconds, flush=True)
     # per frame: PSNR of the dense render against the real frame, then of each skipping variant against the
     # real frame and against the dense render
@@ -150,12 +169,15 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
     return figures
 
 
-def sparse_bench(clips: list[str]) -> None:
+def sparse_bench(clips: list[str], render_only: bool = False) -> None:
     """Both avatars of NERFACE_AVATARS trained and evaluated (the compare run's `cmp_nerface` is reused where it
-    exists), then each one's rendering speed and PSNR before and after empty-space skipping."""
-    command = "bench/render_bench.py sparse " + " ".join(clips)
-    compare_bench(clips, methods=NERFACE_AVATARS, results=SPARSE_RESULTS, command=command)
+    exists), then each one's rendering speed and PSNR before and after empty-space skipping. `render_only`: the
+    avatars trained before are rendered as they are (rendering code changed since: Snakemake would retrain)."""
+    command = "bench/render_bench.py sparse " + "--render-only " * render_only + " ".join(clips)
+    if not render_only:
+        compare_bench(clips, methods=NERFACE_AVATARS, results=SPARSE_RESULTS, command=command)
     figures = _read(SPARSE_RESULTS, {})
+    figures["render_command"], figures["render_commit"] = command, head_commit()
     render = figures.setdefault("render", {})
     for clip in clips:
         name = Path(clip).stem
@@ -181,8 +203,8 @@ def main(clips: list[str], time_evaluation: bool) -> None:
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a != "--evaluation"]
+    arguments = [a for a in sys.argv[1:] if a not in ("--evaluation", "--render-only")]
     if arguments[:1] == ["sparse"]:
-        sparse_bench(arguments[1:] or list(TUNED_CLIPS))
+        sparse_bench(arguments[1:] or list(TUNED_CLIPS), "--render-only" in sys.argv[1:])
     else:
         main(arguments or list(CLIPS), "--evaluation" in sys.argv[1:])

@@ -35,6 +35,24 @@ def test_field_is_the_paper_architecture_and_uses_its_conditioning():
     assert torch.allclose(rgb, rgb_per_ray) and torch.allclose(density, density_per_ray)
 
 
+def test_kept_samples_get_what_the_dense_field_gives_them_and_the_others_stay_empty():
+    """The keep path packs the kept samples and makes the per-ray terms only for rays with one (some rays here
+    keep none): for a shared and a per-ray condition alike, every kept sample has the dense field's density and
+    colour, every other one is empty."""
+    torch.manual_seed(0)
+    field = ConditionedField(FieldConfig(width=32, depth=2, colour_width=16, colour_depth=1, plane_resolutions=(8,)))
+    pts, dirs = torch.randn(6, 10, 3) * 0.5, torch.nn.functional.normalize(torch.randn(6, 3), dim=-1)
+    keep = torch.rand(6, 10) < 0.4
+    keep[[1, 4]] = False  # rays with nothing kept
+    for cond in (torch.randn(85), torch.randn(6, 85)):
+        with torch.no_grad():
+            density, rgb = field(pts, dirs, cond)
+            kept_density, kept_rgb = field(pts, dirs, cond, keep)
+        assert torch.allclose(kept_density[keep], density[keep], atol=1e-5)
+        assert torch.allclose(kept_rgb[keep], rgb[keep], atol=1e-5)
+        assert not kept_density[~keep].any() and not kept_rgb[~keep].any()
+
+
 def test_split_first_layer_is_one_layer_on_the_concatenated_input():
     field = ConditionedField(FieldConfig(width=32, depth=2, colour_width=16, colour_depth=1))
     pts, cond = torch.randn(3, 5, 3), torch.randn(85)
@@ -252,6 +270,35 @@ def test_the_occupancy_grid_skips_empty_space_without_changing_the_render():
     assert within.sum() > len(within) // 2
     assert torch.allclose(empty["fine"][within], rays["background"][within], atol=1e-6)
     assert not empty["fine_alpha"][within].any()
+
+
+def test_the_marched_render_is_the_fine_field_composited_at_even_depths_over_occupied_cells():
+    """render_marched (Instant-NGP's way: the fine field alone at evenly spaced depths, empty cells skipped,
+    early termination) on a fitted tiny model: with every cell occupied and no early stop it is exactly the
+    fine field composited at those depths; with a measured grid and early termination it stays within the
+    grid's tolerance of that; rays whose samples all lie in empty cells show the background untouched."""
+    from avatar_pipeline.avatars.volume import SKIP_EMPTY, OccupancyGrid
+
+    renderer, rays, inside, _ = _fit_tiny_nerface()
+    samples = 48
+    grid = OccupancyGrid(radius=0.5, cells=16, threshold=1e-3)
+    args = [rays[k] for k in ("origins", "directions", "near", "far", "condition", "background")]
+    with torch.no_grad():
+        depths = stratified_depths(rays["near"], rays["far"], samples, jitter=False)
+        points = rays["origins"][:, None] + rays["directions"][:, None] * depths[..., None]
+        density, rgb = renderer.fine(points, rays["directions"], rays["condition"])
+        expected, _, expected_alpha = composite(density, rgb, depths, rays["background"])
+        every, every_alpha = renderer.render_marched(*args, grid, samples, stop_below=0.0)
+        assert torch.allclose(every, expected, atol=1e-5) and torch.allclose(every_alpha, expected_alpha, atol=1e-5)
+        assert grid.build(lambda p: renderer.peak_density(p, rays["condition"][None])) < 0.8
+        fast, fast_alpha = renderer.render_marched(*args, grid, samples, stop_below=SKIP_EMPTY)
+        assert (fast - expected).abs().max() < 2e-3 and (fast_alpha - expected_alpha).abs().max() < 2e-3
+        assert fast_alpha[inside].mean() > fast_alpha[~inside].mean() + 0.3  # the head is still there
+        grid.occupied.zero_()
+        empty, empty_alpha = renderer.render_marched(*args, grid, samples, stop_below=SKIP_EMPTY)
+    within = (points.abs() <= 0.5).all(-1).all(-1)  # the central rays: the evenly spaced ends leave the cube
+    assert within.sum() >= 16
+    assert torch.equal(empty[within], rays["background"][within]) and not empty_alpha[within].any()
 
 
 def test_training_with_an_occupancy_grid_skips_empty_space_and_still_learns():

@@ -21,6 +21,9 @@ from torch import nn
 
 from ..volume import OccupancyGrid, composite, importance_depths, march, stratified_depths
 
+# early ray termination (rendering): the most samples a ray takes between two checks of its light left
+MARCH_SEGMENT = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class FieldConfig:
@@ -127,32 +130,45 @@ class ConditionedField(nn.Module):
         -> density (R, S), rgb (R, S, 3). keep (R, S) bool: only those samples are computed, the others are
         empty space (density 0, black)."""
         rays, samples = points.shape[:2]
-        # one product per ray either way, so a shared condition gives exactly what per-ray copies of it give
-        per_ray = self.condition_in(condition.expand(rays, -1) if condition.dim() == 1 else condition)
-        # the colour branch's first layer split the same way: its viewing-direction part is one product per ray
-        # (per-sample copies of the direction and the concatenation with the features cost more than the layer)
+        shared = condition.dim() == 1
+        # the colour branch's first layer is split like the backbone's: its viewing-direction part is one
+        # product per ray (per-sample copies of the direction and the concatenation with the features cost more
+        # than the layer)
         first = self.colour[0]
         width = self.cfg.width
-        view = torch.nn.functional.linear(
-            positional_encoding(directions, self.cfg.direction_frequencies), first.weight[:, width:]
-        )
+
+        def per_ray_terms(directions, condition):
+            """The first layers' parts that are constant along a ray: conditioning (one row for a shared
+            condition) and viewing direction."""
+            view = torch.nn.functional.linear(
+                positional_encoding(directions, self.cfg.direction_frequencies), first.weight[:, width:]
+            )
+            return self.condition_in(condition), view
+
         if keep is None:
+            conditioned, view = per_ray_terms(directions, condition)
             # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice
             # as much
-            hidden = self._encode(points.reshape(-1, 3)).view(rays, samples, -1) + per_ray[:, None]
+            hidden = self._encode(points.reshape(-1, 3)).view(rays, samples, -1)
+            hidden = hidden + (conditioned if shared else conditioned[:, None])
             features = self.backbone(hidden.view(rays * samples, -1))
             colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias)
             colour_in = (colour_in.view(rays, samples, -1) + view[:, None]).view(rays * samples, -1)
             rgb = torch.sigmoid(self.colour[1:](colour_in)).view(rays, samples, 3)
             return self._density(features).view(rays, samples), rgb
+        # the kept samples packed, ray by ray; the per-ray terms only for the rays with a kept sample (a chunk of
+        # sparse rays spans thousands of rays, and their products with the 85-wide condition cost more than the
+        # samples' layers when made for every ray)
         index = keep.reshape(-1).nonzero()[:, 0]
-        ray = index // samples
-        features = self.backbone(self._encode(points.reshape(-1, 3)[index]) + per_ray[ray])
+        hit, of_sample = torch.unique_consecutive(index // samples, return_inverse=True)
+        conditioned, view = per_ray_terms(directions[hit], condition if shared else condition[hit])
+        hidden = self._encode(points.reshape(-1, 3)[index])
+        features = self.backbone(hidden + (conditioned if shared else conditioned[of_sample]))
         density = points.new_zeros(rays * samples)
         rgb = points.new_zeros(rays * samples, 3)
         if len(index):
             density = density.index_put((index,), self._density(features).to(density.dtype))
-            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[ray]
+            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[of_sample]
             rgb = rgb.index_put((index,), torch.sigmoid(self.colour[1:](colour_in)).to(rgb.dtype))
         return density.view(rays, samples), rgb.view(rays, samples, 3)
 
@@ -177,6 +193,7 @@ class NeRFaceRenderer(nn.Module):
         self.coarse, self.fine = ConditionedField(cfg), ConditionedField(cfg)
         self.coarse_samples, self.fine_samples = coarse_samples, fine_samples
         self.precision, self.chunk_samples = precision, chunk_samples
+        self.samples_computed = 0  # samples sent through a field so far (what skipping saves; benchmarks read it)
 
     def _field(self, field: ConditionedField, points, directions, condition, keep=None):
         """The field over chunks of about `chunk_samples` samples (of the kept ones, with `keep`), in bf16 when
@@ -186,9 +203,11 @@ class NeRFaceRenderer(nn.Module):
         rays, samples = points.shape[:2]
         if keep is None:
             edges = [*range(0, rays, max(1, self.chunk_samples // samples)), rays]
+            self.samples_computed += rays * samples
         else:  # ray ranges holding about chunk_samples kept samples each
             cumulative = keep.sum(1).cumsum(0)
             total = int(cumulative[-1]) if rays else 0
+            self.samples_computed += total
             marks = torch.tensor(range(self.chunk_samples, total, self.chunk_samples), device=cumulative.device)
             edges = sorted({0, rays, *torch.searchsorted(cumulative, marks, right=True).tolist()})
         densities, colours = [], []
@@ -211,7 +230,9 @@ class NeRFaceRenderer(nn.Module):
             part_keep = None if keep is None else keep[rays, span]
             return self._field(field, points[rays, span], directions[rays], cond, part_keep)
 
-        return march(evaluate, depths, stop_below)
+        # a ray is checked for spent light between segments: at least 4, of at most MARCH_SEGMENT samples each,
+        # so the long evenly spaced rays of render_marched stop within a few samples of where their light ends
+        return march(evaluate, depths, stop_below, segments=max(4, -(-depths.shape[1] // MARCH_SEGMENT)))
 
     def peak_density(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """The highest density per metre (N,) at points (N, 3) over conditions (K, C), of either field
@@ -222,6 +243,36 @@ class NeRFaceRenderer(nn.Module):
                 .amax(0)
                 .float()
             )
+
+    @torch.no_grad()
+    def render_marched(
+        self,
+        origins,
+        directions,
+        near,
+        far,
+        condition,
+        background,
+        occupancy: OccupancyGrid,
+        samples: int,
+        stop_below: float,
+    ):
+        """Rendering only, as the accelerated NeRFs render (Instant-NGP): the fine field alone at `samples`
+        evenly spaced depths per ray, without the coarse pass and its importance samples; samples in the
+        grid's empty cells are not computed, nor (stop_below > 0) those behind the point where a ray has less
+        than stop_below of its light left; rays with no sample in an occupied cell show the background.
+        -> colours (R, 3), foreground alphas (R,)."""
+        depths = stratified_depths(near, far, samples, jitter=False)
+        points = origins[:, None] + directions[:, None] * depths[..., None]
+        keep = occupancy.contains(points)
+        colour, alpha = background.clone(), background.new_zeros(len(origins))
+        hit = keep.any(1).nonzero()[:, 0]
+        if len(hit):
+            cond = condition if condition.dim() == 1 else condition[hit]
+            depths = depths[hit]
+            density, rgb = self._trace(self.fine, points[hit], directions[hit], cond, keep[hit], depths, stop_below)
+            colour[hit], _, alpha[hit] = composite(density, rgb, depths, background[hit])
+        return colour, alpha
 
     def forward(
         self,

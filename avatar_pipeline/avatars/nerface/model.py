@@ -171,6 +171,7 @@ class NeRFaceModel(AvatarModel):
             float(far),
             occupancy=self.occupancy_grid(),
             stop_early=self.cfg.early_termination,
+            march_samples=self.cfg.march_samples,
         )
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
@@ -242,25 +243,42 @@ def render_image(
     rays_per_call: int = 8192,
     occupancy: OccupancyGrid | None = None,
     stop_early: bool = False,
+    march_samples: int = 0,
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
     empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
-    SKIP_EMPTY of its light left; out of memory, the renderer's sample chunk halves with the rays per call."""
+    SKIP_EMPTY of its light left; with an occupancy grid and march_samples > 0, the fine field alone along
+    that many evenly spaced samples (NeRFaceRenderer.render_marched). Out of memory, the renderer's sample
+    chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
+    stop_below = SKIP_EMPTY if stop_early else 0.0
 
     def trace(origins, dirs, background_colours):
         n = len(origins)
+        near_all, far_all = torch.full((n,), near, device=device), torch.full((n,), far, device=device)
+        if occupancy is not None and march_samples > 0:
+            return renderer.render_marched(
+                origins.to(device),
+                dirs.to(device),
+                near_all,
+                far_all,
+                condition.to(device),
+                background_colours.to(device),
+                occupancy,
+                march_samples,
+                stop_below,
+            )
         out = renderer(
             origins.to(device),
             dirs.to(device),
-            torch.full((n,), near, device=device),
-            torch.full((n,), far, device=device),
+            near_all,
+            far_all,
             condition.to(device),
             background_colours.to(device),
             jitter=False,
             skip_empty=SKIP_EMPTY,
             occupancy=occupancy,
-            stop_below=SKIP_EMPTY if stop_early else 0.0,
+            stop_below=stop_below,
         )
         return out["fine"], out["fine_alpha"]
 
