@@ -255,31 +255,17 @@ def render_image(
 
     def trace(origins, dirs, background_colours):
         n = len(origins)
-        near_all, far_all = torch.full((n,), near, device=device), torch.full((n,), far, device=device)
-        if occupancy is not None and march_samples > 0:
-            return renderer.render_marched(
-                origins.to(device),
-                dirs.to(device),
-                near_all,
-                far_all,
-                condition.to(device),
-                background_colours.to(device),
-                occupancy,
-                march_samples,
-                stop_below,
-            )
-        out = renderer(
+        rays = (
             origins.to(device),
             dirs.to(device),
-            near_all,
-            far_all,
+            torch.full((n,), near, device=device),
+            torch.full((n,), far, device=device),
             condition.to(device),
             background_colours.to(device),
-            jitter=False,
-            skip_empty=SKIP_EMPTY,
-            occupancy=occupancy,
-            stop_below=stop_below,
         )
+        if occupancy is not None and march_samples > 0:
+            return renderer.render_marched(*rays, occupancy, march_samples, stop_below)
+        out = renderer(*rays, jitter=False, skip_empty=SKIP_EMPTY, occupancy=occupancy, stop_below=stop_below)
         return out["fine"], out["fine_alpha"]
 
     def shrink():
