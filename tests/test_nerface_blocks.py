@@ -274,8 +274,8 @@ def test_the_occupancy_grid_skips_empty_space_without_changing_the_render():
 
 def test_the_marched_render_is_the_fine_field_composited_at_even_depths_over_occupied_cells():
     """render_marched (Instant-NGP's way: the fine field alone at evenly spaced depths, empty cells skipped,
-    early termination) on a fitted tiny model: with every cell occupied and no early stop it is exactly the
-    fine field composited at those depths; with a measured grid and early termination it stays within the
+    early termination) on a fitted tiny model: with every cell occupied, or no grid, and no early stop it is
+    exactly the fine field composited at those depths; with a measured grid and early termination it stays within the
     grid's tolerance of that; rays whose samples all lie in empty cells show the background untouched."""
     from avatar_pipeline.avatars.volume import SKIP_EMPTY, OccupancyGrid
 
@@ -290,6 +290,8 @@ def test_the_marched_render_is_the_fine_field_composited_at_even_depths_over_occ
         expected, _, expected_alpha = composite(density, rgb, depths, rays["background"])
         every, every_alpha = renderer.render_marched(*args, grid, samples, stop_below=0.0)
         assert torch.allclose(every, expected, atol=1e-5) and torch.allclose(every_alpha, expected_alpha, atol=1e-5)
+        no_grid, no_grid_alpha = renderer.render_marched(*args, None, samples, stop_below=0.0)
+        assert torch.allclose(no_grid, expected, atol=1e-5) and torch.allclose(no_grid_alpha, expected_alpha, atol=1e-5)
         assert grid.build(lambda p: renderer.peak_density(p, rays["condition"][None])) < 0.8
         fast, fast_alpha = renderer.render_marched(*args, grid, samples, stop_below=SKIP_EMPTY)
         assert (fast - expected).abs().max() < 2e-3 and (fast_alpha - expected_alpha).abs().max() < 2e-3

@@ -66,9 +66,9 @@ class NeRFaceConfig(AvatarConfig):
     # rendering: a ray's samples behind the point where it has less than 1e-4 of its light left are not
     # computed (early ray termination; a pixel changes by less than 1e-4)
     early_termination: bool = True
-    # rendering with an occupancy grid: > 0 renders with the fine field alone at this many evenly spaced samples
-    # per ray (empty cells skipped, early termination), as Instant-NGP renders, instead of the coarse pass and
-    # its importance samples; 0: the paper's coarse + fine rendering
+    # rendering: > 0 renders with the fine field alone at this many evenly spaced samples per ray (the occupancy
+    # grid's empty cells skipped when it is on, early termination when on), as Instant-NGP renders, instead of the
+    # coarse pass and its importance samples; 0: the paper's coarse + fine rendering
     march_samples: int = 0
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100

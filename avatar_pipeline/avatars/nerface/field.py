@@ -253,17 +253,21 @@ class NeRFaceRenderer(nn.Module):
         far,
         condition,
         background,
-        occupancy: OccupancyGrid,
+        occupancy: OccupancyGrid | None,
         samples: int,
         stop_below: float,
     ):
         """Rendering only, as the accelerated NeRFs render (Instant-NGP): the fine field alone at `samples`
-        evenly spaced depths per ray, without the coarse pass and its importance samples; samples in the
-        grid's empty cells are not computed, nor (stop_below > 0) those behind the point where a ray has less
-        than stop_below of its light left; rays with no sample in an occupied cell show the background.
-        -> colours (R, 3), foreground alphas (R,)."""
+        evenly spaced depths per ray, without the coarse pass and its importance samples; with `occupancy`,
+        samples in the grid's empty cells are not computed and rays with no sample in an occupied cell show the
+        background; with stop_below > 0, nor are those behind the point where a ray has less than stop_below of
+        its light left. -> colours (R, 3), foreground alphas (R,)."""
         depths = stratified_depths(near, far, samples, jitter=False)
         points = origins[:, None] + directions[:, None] * depths[..., None]
+        if occupancy is None:
+            density, rgb = self._trace(self.fine, points, directions, condition, None, depths, stop_below)
+            colour, _, alpha = composite(density, rgb, depths, background)
+            return colour, alpha
         keep = occupancy.contains(points)
         colour, alpha = background.clone(), background.new_zeros(len(origins))
         hit = keep.any(1).nonzero()[:, 0]

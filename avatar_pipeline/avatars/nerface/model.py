@@ -247,8 +247,8 @@ def render_image(
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
     empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
-    SKIP_EMPTY of its light left; with an occupancy grid and march_samples > 0, the fine field alone along
-    that many evenly spaced samples (NeRFaceRenderer.render_marched). Out of memory, the renderer's sample
+    SKIP_EMPTY of its light left; with march_samples > 0, the fine field alone along that many evenly spaced
+    samples (NeRFaceRenderer.render_marched, skipping the same). Out of memory, the renderer's sample
     chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
     stop_below = SKIP_EMPTY if stop_early else 0.0
@@ -263,7 +263,7 @@ def render_image(
             condition.to(device),
             background_colours.to(device),
         )
-        if occupancy is not None and march_samples > 0:
+        if march_samples > 0:
             return renderer.render_marched(*rays, occupancy, march_samples, stop_below)
         out = renderer(*rays, jitter=False, skip_empty=SKIP_EMPTY, occupancy=occupancy, stop_below=stop_below)
         return out["fine"], out["fine_alpha"]
