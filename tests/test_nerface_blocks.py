@@ -51,6 +51,10 @@ def test_kept_samples_get_what_the_dense_field_gives_them_and_the_others_stay_em
         assert torch.allclose(kept_density[keep], density[keep], atol=1e-5)
         assert torch.allclose(kept_rgb[keep], rgb[keep], atol=1e-5)
         assert not kept_density[~keep].any() and not kept_rgb[~keep].any()
+        # a chunk of rays with nothing kept (early termination's later segments of a sparse avatar) is empty space
+        with torch.no_grad():
+            none_density, none_rgb = field(pts, dirs, cond, torch.zeros_like(keep))
+        assert none_density.shape == (6, 10) and not none_density.any() and not none_rgb.any()
 
 
 def test_split_first_layer_is_one_layer_on_the_concatenated_input():

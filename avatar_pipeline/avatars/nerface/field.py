@@ -160,16 +160,17 @@ class ConditionedField(nn.Module):
         # sparse rays spans thousands of rays, and their products with the 85-wide condition cost more than the
         # samples' layers when made for every ray)
         index = keep.reshape(-1).nonzero()[:, 0]
+        if not len(index):  # nothing kept: all empty space (the layers cannot take zero rows)
+            return points.new_zeros(rays, samples), points.new_zeros(rays, samples, 3)
         hit, of_sample = torch.unique_consecutive(index // samples, return_inverse=True)
         conditioned, view = per_ray_terms(directions[hit], condition if shared else condition[hit])
         hidden = self._encode(points.reshape(-1, 3)[index])
         features = self.backbone(hidden + (conditioned if shared else conditioned[of_sample]))
-        density = points.new_zeros(rays * samples)
-        rgb = points.new_zeros(rays * samples, 3)
-        if len(index):
-            density = density.index_put((index,), self._density(features).to(density.dtype))
-            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[of_sample]
-            rgb = rgb.index_put((index,), torch.sigmoid(self.colour[1:](colour_in)).to(rgb.dtype))
+        density = points.new_zeros(rays * samples).index_put((index,), self._density(features).to(points.dtype))
+        colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[of_sample]
+        rgb = points.new_zeros(rays * samples, 3).index_put(
+            (index,), torch.sigmoid(self.colour[1:](colour_in)).to(points.dtype)
+        )
         return density.view(rays, samples), rgb.view(rays, samples, 3)
 
     def density_at(self, points: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
