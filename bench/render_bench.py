@@ -54,6 +54,9 @@ AVATAR = "cmp_nerface"
 NERFACE_AVATARS = {
     AVATAR: AVATARS[AVATAR],
     "cmp_nerface_sparse": {**AVATARS[AVATAR], "mask_weight": 0.1, "train_occupancy_cells": 64, "occupancy_cells": 64},
+    # the mask term and Mip-NeRF 360's distortion loss (its weight, 0.01), which pulls each ray's weight into one
+    # short stretch: opaque surfaces and empty space, which the render grid and early termination skip
+    "cmp_nerface_opaque": {**AVATARS[AVATAR], "mask_weight": 0.1, "distortion_weight": 0.01, "occupancy_cells": 64},
 }
 SPARSE_RESULTS = "nerface_sparse.json"
 TUNED_CLIPS = [c for c in CLIPS if Path(c).stem in TUNED]

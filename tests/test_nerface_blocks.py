@@ -3,7 +3,7 @@
 import torch
 
 from avatar_pipeline.avatars.nerface.field import ConditionedField, FeaturePlanes, FieldConfig, positional_encoding
-from avatar_pipeline.avatars.volume import composite, importance_depths, stratified_depths
+from avatar_pipeline.avatars.volume import composite, distortion_loss, importance_depths, stratified_depths
 
 
 def test_positional_encoding_matches_the_paper_sizes():
@@ -154,6 +154,29 @@ def test_empty_space_shows_the_background_and_opaque_space_hides_it():
         alpha, torch.ones(2), atol=1e-4
     )
     assert torch.allclose(weights.sum(-1), torch.ones(2), atol=1e-5)  # every ray ends somewhere
+
+
+def test_distortion_loss_is_mip_nerf_360s_pairwise_sum_and_smaller_for_a_surface_than_for_fog():
+    generator = torch.Generator().manual_seed(0)
+    near, far = torch.tensor([0.5, 1.0]), torch.tensor([1.5, 3.0])
+    depths = stratified_depths(near, far, 12, jitter=False)
+    weights = torch.rand(2, 12, generator=generator) * 0.1
+    # the definition (Barron et al. 2022, eq. 15) summed pair by pair on depths normalised to [0, 1]
+    expected = []
+    for r in range(2):
+        t = (depths[r] - near[r]) / (far[r] - near[r])
+        widths = torch.cat([t[1:] - t[:-1], t[-1:] - t[-2:-1]])
+        mids = t + 0.5 * widths
+        w = weights[r]
+        pairs = (w[:, None] * w[None] * (mids[:, None] - mids[None]).abs()).sum()
+        expected.append(pairs + (w**2 * widths).sum() / 3)
+    assert torch.allclose(distortion_loss(weights, depths, near, far), torch.stack(expected).mean(), rtol=1e-5)
+    # the same total weight on one sample (a surface) costs less than spread evenly along the ray (fog)
+    surface = torch.zeros(2, 12)
+    surface[:, 5] = 0.9
+    fog = torch.full((2, 12), 0.9 / 12)
+    assert distortion_loss(surface, depths, near, far) < 0.2 * distortion_loss(fog, depths, near, far)
+    assert distortion_loss(torch.zeros(2, 12), depths, near, far) == 0
 
 
 def test_importance_samples_gather_where_the_weights_are():

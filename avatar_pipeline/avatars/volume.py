@@ -76,6 +76,23 @@ def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, ba
     return colour, weights, weights[:, :-1].sum(-1)
 
 
+def distortion_loss(weights: torch.Tensor, depths: torch.Tensor, near: torch.Tensor, far: torch.Tensor):
+    """Mip-NeRF 360's distortion loss (Barron et al. 2022, eq. 15), mean over rays: small when a ray's weight
+    sits in one short stretch (an opaque surface, or nothing), large when it is spread along the ray (fog).
+    weights (R, S) of the foreground samples at sorted depths (R, S), each sample standing for the interval up
+    to the next one (as `composite` integrates); near/far (R,) map depths to [0, 1] along the ray."""
+    span = (far - near)[:, None]
+    widths = torch.cat([depths[:, 1:] - depths[:, :-1], depths[:, -1:] - depths[:, -2:-1]], -1) / span
+    mids = (depths - near[:, None]) / span + 0.5 * widths
+    # sum over pairs of w_i w_j |m_i - m_j| in one pass: the mids are sorted, so each pair is counted once
+    # from its later sample, against the weight and weighted mid of all before it
+    weight_before = weights.cumsum(-1) - weights
+    weighted_mid_before = (weights * mids).cumsum(-1) - weights * mids
+    between = 2.0 * (weights * (mids * weight_before - weighted_mid_before)).sum(-1)
+    within = (weights**2 * widths).sum(-1) / 3.0
+    return (between + within).mean()
+
+
 def march(
     evaluate: Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]],
     depths: torch.Tensor,

@@ -36,6 +36,10 @@ class NeRFaceConfig(AvatarConfig):
     # weight of the squared difference between the rendered foreground alpha and the parsing stage's person
     # matte (0: NeRFace's RGB loss only, which leaves the head half transparent over the background)
     mask_weight: float = 0.0
+    # weight of Mip-NeRF 360's distortion loss on both passes' sample weights (0: the paper, none): it pulls each
+    # ray's weight into one short stretch, so the fields become opaque surfaces and empty space instead of fog,
+    # which the occupancy grid and early ray termination can then skip
+    distortion_weight: float = 0.0
     # share of the head-box rays drawn where the running colour error is largest (0: the paper's uniform draw)
     error_sampling: float = 0.0
     latent_dim: int = 32
@@ -88,7 +92,7 @@ class NeRFaceConfig(AvatarConfig):
         "march_samples",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
-    added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0}
+    added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0, "distortion_weight": 0.0}
 
     def field(self, expression_dim: int) -> FieldConfig:
         return FieldConfig(

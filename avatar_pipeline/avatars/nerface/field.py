@@ -293,7 +293,9 @@ class NeRFaceRenderer(nn.Module):
         stop_below: float = 0.0,
     ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
-        dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,).
+        dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,); the
+        coarse samples' depths and weights (R, S) (the background's left out), and the fine ones' when every ray
+        took the fine pass.
 
         Rendering only: skip_empty > 0: rays whose coarse foreground alpha is below it keep the coarse result
         instead of the fine one (they show the background), which saves most of the fine pass on the
@@ -305,7 +307,12 @@ class NeRFaceRenderer(nn.Module):
         keep = None if occupancy is None else occupancy.contains(points)
         density, rgb = self._trace(self.coarse, points, directions, condition, keep, depths, stop_below)
         coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
-        out = {"coarse": coarse, "coarse_alpha": coarse_alpha}
+        out = {
+            "coarse": coarse,
+            "coarse_alpha": coarse_alpha,
+            "coarse_weights": weights[:, :-1],
+            "coarse_depths": depths,
+        }
         busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
         fine, fine_alpha, fine_depth = coarse.clone(), coarse_alpha.clone(), far.clone()
         if busy.any():
@@ -319,6 +326,8 @@ class NeRFaceRenderer(nn.Module):
             density, rgb = self._trace(self.fine, points, directions[sel], cond, keep, fine_depths, stop_below)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])
             depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
+            if isinstance(sel, slice):  # every ray (training): the weights along them, for losses on their shape
+                out.update(fine_weights=fine_weights[:, :-1], fine_depths=fine_depths)
             fine, fine_alpha, fine_depth = (
                 whole.index_put((sel,), part) if not isinstance(sel, slice) else part
                 for whole, part in ((fine, colour), (fine_alpha, alpha), (fine_depth, depth))

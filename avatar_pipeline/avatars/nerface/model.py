@@ -20,7 +20,7 @@ from ...geometry import camera_rays, rigidly_moved
 from ...runtime import progress
 from ..base import AvatarModel, Phase, View
 from ..data import ErrorMap, SubjectFrames, psnr
-from ..volume import SKIP_EMPTY, OccupancyGrid, ray_bounds, render_rays
+from ..volume import SKIP_EMPTY, OccupancyGrid, distortion_loss, ray_bounds, render_rays
 from .config import NeRFaceConfig
 from .field import NeRFaceRenderer
 
@@ -34,7 +34,8 @@ OCCUPANCY_WARMUP = 256
 
 
 class NeRFaceModel(AvatarModel):
-    loss_terms = ("coarse", "fine", "latent", "mask")
+    # "mask" last: a training log written before "distortion" existed still resumes (cache.open_training_log)
+    loss_terms = ("coarse", "fine", "latent", "distortion", "mask")
     protocols = ("optimised", "first_train_frame")
 
     def __init__(self, cfg: NeRFaceConfig, train: SubjectFrames, device: torch.device):
@@ -98,6 +99,11 @@ class NeRFaceModel(AvatarModel):
             "fine": mse_fine,
             "latent": cfg.latent_weight * (self.latents.weight[k] ** 2).sum(),
         }
+        if cfg.distortion_weight > 0:
+            terms["distortion"] = cfg.distortion_weight * (
+                distortion_loss(out["coarse_weights"], out["coarse_depths"], near, far)
+                + distortion_loss(out["fine_weights"], out["fine_depths"], near, far)
+            )
         if matte is not None:
             terms["mask"] = cfg.mask_weight * (
                 ((out["coarse_alpha"] - matte) ** 2).mean() + ((out["fine_alpha"] - matte) ** 2).mean()
