@@ -15,7 +15,8 @@ and `after` rendering (the compare run's own evaluation log gives the minutes be
 matrix-product throughput is recorded beside the figures.
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
-avatar trained with the mask term and the training grid, each for the compare run's minutes (an existing
+avatar trained with the mask term and the training grid, and `cmp_nerface_opaque`, with the mask term and the
+distortion loss, each for the compare run's minutes (an existing
 `cmp_nerface` is reused), their test metrics and evaluation minutes, and the figures above for both, with a
 looser grid (`after_loose`) and the fine field alone marched through the grid (`after_marched_N`, N evenly
 spaced samples a ray) beside the default one; --render-only renders the avatars already trained.
