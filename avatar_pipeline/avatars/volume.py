@@ -59,15 +59,20 @@ def importance_depths(depths: torch.Tensor, weights: torch.Tensor, count: int, j
     return t_lo + frac * (t_hi - t_lo)
 
 
+def sample_widths(depths: torch.Tensor) -> torch.Tensor:
+    """(R, S) sorted depths -> (R, S) the length of ray each sample stands for: up to the next sample, the
+    last one as long as the one before it (the background sample comes after it)."""
+    gaps = depths[:, 1:] - depths[:, :-1]
+    return torch.cat([gaps, gaps[:, -1:]], -1)
+
+
 def composite(density: torch.Tensor, rgb: torch.Tensor, depths: torch.Tensor, background: torch.Tensor):
     """Volume rendering where the last sample of every ray is the background: it is fully opaque and has
     the background pixel's colour, so light not absorbed by the head shows the static background.
 
     density (R, S), rgb (R, S, 3), depths (R, S) sorted, background (R, 3) ->
     colour (R, 3), per-sample weights (R, S + 1) (the last one is the background's), foreground alpha (R,)."""
-    deltas = depths[:, 1:] - depths[:, :-1]
-    deltas = torch.cat([deltas, deltas[:, -1:]], -1)
-    alpha = 1.0 - torch.exp(-density * deltas)
+    alpha = 1.0 - torch.exp(-density * sample_widths(depths))
     alpha = torch.cat([alpha, torch.ones_like(alpha[:, :1])], -1)  # the background sample is opaque
     transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1] + 1e-10], -1), -1)
     weights = alpha * transmittance
@@ -82,7 +87,7 @@ def distortion_loss(weights: torch.Tensor, depths: torch.Tensor, near: torch.Ten
     weights (R, S) of the foreground samples at sorted depths (R, S), each sample standing for the interval up
     to the next one (as `composite` integrates); near/far (R,) map depths to [0, 1] along the ray."""
     span = (far - near)[:, None]
-    widths = torch.cat([depths[:, 1:] - depths[:, :-1], depths[:, -1:] - depths[:, -2:-1]], -1) / span
+    widths = sample_widths(depths) / span
     mids = (depths - near[:, None]) / span + 0.5 * widths
     # sum over pairs of w_i w_j |m_i - m_j| in one pass: the mids are sorted, so each pair is counted once
     # from its later sample, against the weight and weighted mid of all before it
@@ -107,7 +112,7 @@ def march(
     rays, samples = depths.shape
     density = depths.new_zeros(rays, samples)
     rgb = depths.new_zeros(rays, samples, 3)
-    deltas = torch.cat([depths[:, 1:] - depths[:, :-1], depths[:, -1:] - depths[:, -2:-1]], -1)
+    deltas = sample_widths(depths)
     optical_depth = depths.new_zeros(rays)  # -log of the light left
     limit = -math.log(stop_below)
     step = -(-samples // segments)
