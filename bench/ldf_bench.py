@@ -4,7 +4,8 @@
     .venv/bin/python bench/ldf_bench.py compare [--figures-only] [CLIP ...]
                                                                # -> bench/results/ldf_compare.json
     .venv/bin/python bench/ldf_bench.py locality [CLIP]        # -> bench/results/ldf_locality.json + .png
-    .venv/bin/python bench/ldf_bench.py ablation [CLIP]        # -> bench/results/ldf_ablation.json
+    .venv/bin/python bench/ldf_bench.py ablation [--locality-only] [CLIP]
+                                                               # -> bench/results/ldf_ablation.json + _locality.png
 
 `steps`: seconds per training step of each phase (the canonical pre-training stretches, one per grid
 size, and the joint training) of the `fast` preset at 256 px and the `paper` preset at 512 px, on lp_d18
@@ -25,7 +26,9 @@ mouth region (mouth, lips), each grown by REGION_MARGIN of the image so eyelids 
 as inside; lower is more local.
 
 `ablation`: the paper's ablation on one clip at equal time: local fields against one global field of about
-the same parameter count, without the attention masks, without the local control loss.
+the same parameter count, without the attention masks, without the local control loss; test metrics as in
+`compare`, then the locality measure above on each of the four (the same coefficients, chosen by the full
+model's masks); --locality-only measures the avatars already trained.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from avatar_pipeline.avatars import avatar_method, trainer  # noqa: E402
 from avatar_pipeline.avatars.data import SubjectFrames  # noqa: E402
 from avatar_pipeline.avatars.ldf.head import EDIT_REGIONS  # noqa: E402
 from avatar_pipeline.runtime import cpu_info, matmul_gflops  # noqa: E402
-from bench.nerface_bench import RESULTS, _write, head_commit  # noqa: E402
+from bench.nerface_bench import RESULTS, _read, _write, head_commit  # noqa: E402
 from bench.nha_bench import COMPARE_MINUTES, SHORT_RENDERS, compare_arguments, compare_bench, steps_bench  # noqa: E402
 
 # this benchmark's own avatar names: the nerface and nha avatars of the NHA benchmark are not reused. LDF keeps
@@ -67,12 +70,14 @@ REGION_CLASSES = {"eyes": ("l_brow", "r_brow", "l_eye", "r_eye", "eye_g"), "mout
 REGION_MARGIN = 0.05  # of the image side
 
 
-def locality_bench(clip: str) -> None:
+def locality_figures(clip: str, avatars: dict[str, dict], command: str) -> tuple[dict, np.ndarray]:
+    """The locality measure on the trained `avatars` (name -> settings) of a clip, the coefficients of each region
+    chosen by the attention masks of the first LDF avatar with masks on (the same edit for every avatar);
+    -> figures and the picture of every edit (before, after, change with the region outlined)."""
     name = Path(clip).stem
-    work = REPO / "bench" / "work" / "results"
-    store = cache.SubjectCache(work, name)
+    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     figures = {
-        "command": f"bench/ldf_bench.py locality {clip}",
+        "command": command,
         "cpu": cpu_info(),
         "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
         "commit": head_commit(),
@@ -83,11 +88,12 @@ def locality_bench(clip: str) -> None:
     }
     device = torch.device("cpu")
     models = {}
-    for avatar in ("cmp_ldf", "cmp_nerface"):
-        spec, cfg = avatar_method({**AVATARS[avatar], "max_minutes": COMPARE_MINUTES})
+    for avatar, settings in avatars.items():
+        spec, cfg = avatar_method({**settings, "max_minutes": COMPARE_MINUTES})
         train = SubjectFrames(store, cfg.size, "train", with_images=False)
         models[avatar] = trainer.load_trained(spec, cfg, train, store.training_dir(avatar), device)
-    ldf = models["cmp_ldf"]
+        figures["methods"][avatar] = {"steps": _trained_steps(store.training_dir(avatar))}
+    ldf = next(m for a, m in models.items() if avatars[a]["method"] == "ldf" and avatars[a].get("attention", True))
     train = ldf.train_frames
     names = ldf.condition_names()
     high = train.conditions.max(0).values
@@ -109,7 +115,7 @@ def locality_bench(clip: str) -> None:
             after, _ = model.render(dataclasses.replace(neutral, conditions=conditions))
             change = (after - before).abs().mean(-1).numpy()
             total = float(change.sum())
-            figures["methods"].setdefault(avatar, {})[region] = {
+            figures["methods"][avatar][region] = {
                 "share_outside": round(float(change[~inside].sum()) / max(total, 1e-12), 4),
                 "mean_change_inside": round(float(change[inside].mean()), 5),
                 "mean_change_outside": round(float(change[~inside].mean()), 5),
@@ -122,14 +128,38 @@ def locality_bench(clip: str) -> None:
             strip = np.concatenate(row, 1)
             cv2.putText(strip, f"{avatar} {region}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
             panels.append(strip)
+    return figures, np.concatenate(panels, 0)
+
+
+def _trained_steps(train_dir: Path) -> int | None:
+    done = cache.read_optional_json(train_dir / cache.DONE_FILE)
+    return None if done is None else done.get("steps")
+
+
+def locality_bench(clip: str) -> None:
+    avatars = {a: AVATARS[a] for a in ("cmp_ldf", "cmp_nerface")}
+    figures, picture = locality_figures(clip, avatars, f"bench/ldf_bench.py locality {clip}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cache.write_png(RESULTS / "ldf_locality.png", np.concatenate(panels, 0))
+    cache.write_png(RESULTS / "ldf_locality.png", picture)
     _write("ldf_locality.json", figures)
 
 
-def ablation_bench(clip: str) -> None:
-    avatars = {name: {**AVATARS["cmp_ldf"], **overrides} for name, overrides in ABLATIONS.items()}
-    compare_bench([clip], methods=avatars, results="ldf_ablation.json", command=f"bench/ldf_bench.py ablation {clip}")
+def ablation_avatars() -> dict[str, dict]:
+    return {name: {**AVATARS["cmp_ldf"], **overrides} for name, overrides in ABLATIONS.items()}
+
+
+def ablation_bench(clip: str, locality_only: bool = False) -> None:
+    """The ablation's avatars trained and evaluated, then the locality measure on each of them (the paper's
+    claims for the masks and the local control loss are about locality more than PSNR). `locality_only`: the
+    measure alone, on the avatars as trained (after a code change Snakemake would retrain them)."""
+    command = f"bench/ldf_bench.py ablation {'--locality-only ' * locality_only}{clip}"
+    if not locality_only:
+        compare_bench([clip], methods=ablation_avatars(), results="ldf_ablation.json", command=command)
+    figures = _read("ldf_ablation.json", {})
+    figures["locality"], picture = locality_figures(clip, ablation_avatars(), command)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache.write_png(RESULTS / "ldf_ablation_locality.png", picture)
+    _write("ldf_ablation.json", figures)
 
 
 if __name__ == "__main__":
@@ -146,6 +176,7 @@ if __name__ == "__main__":
     elif what == "locality":
         locality_bench(sys.argv[2] if len(sys.argv) > 2 else "lp_d18.mp4")
     elif what == "ablation":
-        ablation_bench(sys.argv[2] if len(sys.argv) > 2 else "lp_d18.mp4")
+        clips = [a for a in sys.argv[2:] if a != "--locality-only"]
+        ablation_bench(clips[0] if clips else "lp_d18.mp4", "--locality-only" in sys.argv[2:])
     else:
         sys.exit(f"unknown benchmark {what!r}: steps, compare, locality or ablation")
