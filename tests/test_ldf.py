@@ -18,7 +18,7 @@ from avatar_pipeline.avatars.ldf.deformation import (
     support_weights,
     windowed_encoding,
 )
-from avatar_pipeline.avatars.ldf.head import TrackedHead
+from avatar_pipeline.avatars.ldf.head import EDIT_REGIONS, TrackedHead
 from avatar_pipeline.models.base import MorphableModel
 
 PAPER = LDFConfig()
@@ -98,6 +98,11 @@ def test_an_eye_blendshape_reaches_only_fields_around_the_eyes(ict_npz):
         assert chosen & set(eye), (name, chosen)
     jaw = set(centre_ids[masks[:, model.expression_names.index("jawOpen")]].tolist())
     assert jaw & mouth_and_jaw and not jaw & set(range(17, 27)), jaw
+    # without masks (the ablation) every field sees every coefficient, so none is local to a region
+    unmasked = head.attention(model.num_expression, masked=False)
+    assert unmasked.dtype == bool and unmasked.all() and unmasked.shape == masks.shape
+    assert all(head.region_coefficients(unmasked, region) == [] for region in EDIT_REGIONS)
+    assert head.region_coefficients(masks, "eyes")
 
 
 def test_a_local_displacement_is_learned_by_the_nearest_field_and_by_no_other():

@@ -65,8 +65,11 @@ class TrackedHead:
         neutral = self.centres(torch.zeros(1, condition_dim))
         return (self.centres(probes) - neutral).norm(dim=-1).t().numpy()
 
-    def attention(self, condition_dim: int) -> np.ndarray:
-        """Binary masks (L, C) of which coefficients each field sees (paper Sec. 3.3)."""
+    def attention(self, condition_dim: int, masked: bool = True) -> np.ndarray:
+        """Binary masks (L, C) of which coefficients each field sees (paper Sec. 3.3); every field sees every
+        coefficient when not `masked` (the ablation without masks)."""
+        if not masked:
+            return np.ones((self.fields, condition_dim), dtype=bool)
         return attention_masks(self.landmark_motion(condition_dim))
 
     def centre_ids(self) -> list[tuple[int, ...]]:

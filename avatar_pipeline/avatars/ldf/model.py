@@ -77,7 +77,8 @@ class LDFModel(AvatarModel):
         self.cfg, self.train_frames, self.device = cfg, train, device
         self.head = TrackedHead(train.store.tracked_model(), train.tracking, cfg.landmarks)
         condition_dim = train.conditions.shape[1]
-        attention = self.head.attention(condition_dim) if cfg.attention else np.ones((self.head.fields, condition_dim))
+        # float masks broke the attention drawing after the ablation's evaluation (bitwise and on floats)
+        attention = self.head.attention(condition_dim, cfg.attention)
         self.attention = attention
         self.deformation = Deformation(
             self.head.fields,
