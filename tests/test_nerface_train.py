@@ -290,28 +290,6 @@ def test_the_occupancy_grid_renders_a_trained_avatar_as_the_dense_render_does(tr
     assert (image - expected).abs().max() < 0.05  # at most the threshold's share of a ray's light
 
 
-def test_a_grid_measured_for_each_frame_holds_only_that_frames_cells_and_renders_as_the_dense_render_does(
-    tracked, trained
-):
-    settings = dict(steps=150, occupancy_cells=32, occupancy_threshold=0.05)
-    dense = load_trained(trained, tiny(steps=150), tracked)
-    union = load_trained(trained, tiny(**settings), tracked)
-    per_frame = load_trained(trained, tiny(**settings, occupancy_per_frame=True), tracked)
-    # the first training frame with its own code is one of the conditions the union grid is measured under, so
-    # its own grid can only hold fewer cells
-    first = dense.view(SubjectFrames(tracked, dense.cfg.size, "train", with_images=False), 0)
-    condition = torch.cat([first.conditions, first.code])
-    own = per_frame.frame_occupancy_grid(condition)
-    assert union.frame_occupancy_grid(condition) is union.occupancy_grid()  # off: the one union grid
-    assert not (own.occupied & ~union.occupancy_grid().occupied).any()
-    assert own.share < union.occupancy_grid().share
-    assert per_frame.frame_occupancy_grid(condition) is not own  # measured anew for every frame
-    held_out = dense.view(SubjectFrames(tracked, dense.cfg.size, "test"), 0)
-    expected, _ = dense.render(held_out)
-    image, _ = per_frame.render(held_out)
-    assert (image - expected).abs().max() < 0.05  # at most the threshold's share of a ray's light
-
-
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
     fields = cache.training_log_fields(["rgb"])
     path = tmp_path / "log.csv"

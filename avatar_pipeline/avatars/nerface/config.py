@@ -67,10 +67,6 @@ class NeRFaceConfig(AvatarConfig):
     train_occupancy_cells: int = 0
     occupancy_conditions: int = 16
     occupancy_threshold: float = 1e-3
-    # rendering: the grid measured anew for each rendered frame under that frame's own expression and code,
-    # instead of once under occupancy_conditions training frames: the union of many frames keeps every cell
-    # that any of them fills (the shoulders and hair move in head space), one frame only its own
-    occupancy_per_frame: bool = False
     # rendering: a ray's samples behind the point where it has less than 1e-4 of its light left are not
     # computed (early ray termination; a pixel changes by less than 1e-4)
     early_termination: bool = True
@@ -92,7 +88,6 @@ class NeRFaceConfig(AvatarConfig):
         "occupancy_cells",
         "occupancy_conditions",
         "occupancy_threshold",
-        "occupancy_per_frame",
         "early_termination",
         "march_samples",
     )

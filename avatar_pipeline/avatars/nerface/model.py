@@ -58,7 +58,6 @@ class NeRFaceModel(AvatarModel):
         )
         self.near, self.far = ray_bounds(train.camera_to_head, cfg.scene_radius)
         self.occupancy: OccupancyGrid | None = None  # measured from the fields when first rendered
-        self._seen_cells: torch.Tensor | None = None  # the render grid's cells some training camera sees
         # kept up to date while training, to skip the samples in empty space there
         self.training_occupancy = None
         if cfg.train_occupancy_cells > 0:
@@ -158,28 +157,11 @@ class NeRFaceModel(AvatarModel):
             data = self.train_frames
             picks = torch.linspace(0, len(data.frames) - 1, cfg.occupancy_conditions).round().long().unique()
             conditions = torch.cat([data.conditions[picks].to(self.device), self.latents.weight[picks]], 1)
-            self.occupancy = self._measured_grid(conditions)
-        return self.occupancy
-
-    @torch.no_grad()
-    def frame_occupancy_grid(self, condition: torch.Tensor) -> OccupancyGrid | None:
-        """The grid a frame of `condition` (C,) renders with: measured under that condition alone with
-        occupancy_per_frame, else the one of occupancy_grid()."""
-        if not self.cfg.occupancy_per_frame or self.cfg.occupancy_cells <= 0:
-            return self.occupancy_grid()
-        return self._measured_grid(condition[None])
-
-    def _measured_grid(self, conditions: torch.Tensor) -> OccupancyGrid:
-        """A grid measured from both fields' highest density under conditions (K, C), its cells restricted to
-        those the training cameras see (worked out once: it depends on the cameras only)."""
-        cfg, data = self.cfg, self.train_frames
-        grid = OccupancyGrid(cfg.scene_radius, cfg.occupancy_cells, cfg.occupancy_threshold, self.device)
-        if self._seen_cells is None:
+            grid = OccupancyGrid(cfg.scene_radius, cfg.occupancy_cells, cfg.occupancy_threshold, self.device)
             grid.restrict_to_views(data.camera_to_head, data.focal, data.size)
-            self._seen_cells = grid.seen
-        grid.seen = self._seen_cells
-        grid.build(lambda points: self.renderer.peak_density(points, conditions))
-        return grid
+            grid.build(lambda points: self.renderer.peak_density(points, conditions))
+            self.occupancy = grid
+        return self.occupancy
 
     def render(self, view: View) -> tuple[torch.Tensor, torch.Tensor]:
         condition = torch.cat([view.conditions.to(self.device), view.code.to(self.device)])
@@ -193,7 +175,7 @@ class NeRFaceModel(AvatarModel):
             view.background,
             float(near),
             float(far),
-            occupancy=self.frame_occupancy_grid(condition),
+            occupancy=self.occupancy_grid(),
             stop_early=self.cfg.early_termination,
             march_samples=self.cfg.march_samples,
         )
