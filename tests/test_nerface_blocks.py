@@ -390,26 +390,6 @@ def test_cells_no_camera_sees_count_as_empty():
     assert grid.contains(off_axis)
 
 
-def test_a_grid_measures_only_the_cells_a_camera_sees_and_marks_the_same_cells():
-    from avatar_pipeline.avatars.volume import OccupancyGrid
-
-    camera = torch.eye(4)  # at z = 1 looking down -z, as in the test above
-    camera[2, 3] = 1.0
-    everywhere, restricted = OccupancyGrid(1.0, 16, 1e-3), OccupancyGrid(1.0, 16, 1e-3)
-    restricted.restrict_to_views(camera[None], 20.0, 16)
-    asked = []
-
-    def ball(points):
-        asked.append(len(points))
-        return 50.0 * (points.norm(dim=-1) < 0.5).float()
-
-    everywhere.build(ball)
-    everywhere.restrict_to_views(camera[None], 20.0, 16)
-    restricted.build(ball)
-    assert asked[1] == int(restricted.seen.sum()) < asked[0] == 16**3  # only the seen cells are measured
-    assert torch.equal(everywhere.occupied, restricted.occupied) and restricted.share > 0
-
-
 def test_rays_stop_being_traced_once_their_light_is_spent():
     """Early ray termination: a ray that meets an opaque wall is not computed behind it, an empty ray is
     computed to its end, and both composite within the stop level of the full computation."""

@@ -168,15 +168,9 @@ class OccupancyGrid:
     @torch.no_grad()
     def build(self, peak_density: Callable[[torch.Tensor], torch.Tensor], chunk: int = 65536) -> float:
         """Set the occupied cells from `peak_density(points (N, 3)) -> (N,)`, the highest density per metre at
-        the points over whatever conditions the field takes, at the cell centres (only those of cells some
-        training camera sees, when that is known: the others count as empty anyway); returns the share of
-        cells occupied."""
-        centres = self.centres()
-        if self.seen is None:
-            self.density = _chunked(peak_density, centres, chunk)
-        else:
-            self.density = centres.new_zeros(len(centres))
-            self.density[self.seen] = _chunked(peak_density, centres[self.seen], chunk)
+        the points over whatever conditions the field takes, at the cell centres; returns the share of cells
+        occupied."""
+        self.density = _chunked(peak_density, self.centres(), chunk)
         return self.mark_occupied()
 
     @torch.no_grad()
