@@ -92,7 +92,7 @@ def locality_figures(clip: str, avatars: dict[str, dict], command: str) -> tuple
         spec, cfg = avatar_method({**settings, "max_minutes": COMPARE_MINUTES})
         train = SubjectFrames(store, cfg.size, "train", with_images=False)
         models[avatar] = trainer.load_trained(spec, cfg, train, store.training_dir(avatar), device)
-        figures["methods"][avatar] = {"steps": _trained_steps(store.training_dir(avatar))}
+        figures["methods"][avatar] = {"steps": (store.training_summary(avatar) or {}).get("steps")}
     ldf = next(m for a, m in models.items() if avatars[a]["method"] == "ldf" and avatars[a].get("attention", True))
     train = ldf.train_frames
     names = ldf.condition_names()
@@ -129,11 +129,6 @@ def locality_figures(clip: str, avatars: dict[str, dict], command: str) -> tuple
             cv2.putText(strip, f"{avatar} {region}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
             panels.append(strip)
     return figures, np.concatenate(panels, 0)
-
-
-def _trained_steps(train_dir: Path) -> int | None:
-    done = cache.read_optional_json(train_dir / cache.DONE_FILE)
-    return None if done is None else done.get("steps")
 
 
 def locality_bench(clip: str) -> None:

@@ -77,9 +77,7 @@ class LDFModel(AvatarModel):
         self.cfg, self.train_frames, self.device = cfg, train, device
         self.head = TrackedHead(train.store.tracked_model(), train.tracking, cfg.landmarks)
         condition_dim = train.conditions.shape[1]
-        # float masks broke the attention drawing after the ablation's evaluation (bitwise and on floats)
-        attention = self.head.attention(condition_dim, cfg.attention)
-        self.attention = attention
+        self.attention = attention = self.head.attention(condition_dim, cfg.attention)
         self.deformation = Deformation(
             self.head.fields,
             condition_dim + POSE_DIM + cfg.deformation_code,
