@@ -1,4 +1,4 @@
-"""Rendering speed of a trained NeRFace avatar with and without empty-space skipping.
+"""Rendering speed of trained NeRFace and LDF avatars with and without empty-space skipping and adaptive sampling.
 
     .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
     .venv/bin/python bench/render_bench.py sparse [--render-only] [CLIP ...]   # -> bench/results/nerface_sparse.json
@@ -7,12 +7,14 @@ Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians
 `bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
 build time and share of occupied cells; seconds per frame of a held-out frame at 128, 256 and 512 px rendered
 as before (every sample computed), with early ray termination alone, with the occupancy grid alone, and with
-both (`after`), and the samples per pixel each computes at the training size; and, over every FRAME_STRIDE-th
-held-out frame at the training size, the PSNR of the `before` and `after` renders against the real frame (the
-`first_train_frame` protocol, so no test-time fitting enters) and of `after` against `before`; with
---evaluation, for the first clip named, the minutes of the evaluation stage with the compare run's settings
-and `after` rendering (the compare run's own evaluation log gives the minutes before). This CPU's
-matrix-product throughput is recorded beside the figures.
+both (`after`), with adaptive sampling in image space and early termination (`adaptive`, the fast preset's
+rendering) and with the grid as well (`adaptive_grid`), and the samples per pixel each computes at the training
+size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`, `after` and
+`adaptive` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters) and
+of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every pixel traced, and
+adaptive sampling); with --evaluation, for the first clip named, the minutes of the evaluation stage with the
+compare run's settings and `adaptive` rendering (the compare run's own evaluation log gives the minutes before).
+This CPU's matrix-product throughput is recorded beside the figures.
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
 avatar trained with the mask term and the training grid, and `cmp_nerface_opaque`, with the mask term and the
@@ -67,11 +69,20 @@ FRAME_STRIDE = 4
 # how a frame is rendered: as before this work (every sample computed, only the fine pass of rays the coarse
 # pass found empty skipped), with each speed-up alone, and with both
 VARIANTS = {
-    "before": {"occupancy_cells": 0, "early_termination": False},
-    "early_termination": {"occupancy_cells": 0, "early_termination": True},
-    "occupancy_grid": {"occupancy_cells": 64, "early_termination": False},
-    "after": {"occupancy_cells": 64, "early_termination": True},
+    "before": {"occupancy_cells": 0, "early_termination": False, "adaptive_block": 0},
+    "early_termination": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 0},
+    "occupancy_grid": {"occupancy_cells": 64, "early_termination": False, "adaptive_block": 0},
+    "after": {"occupancy_cells": 64, "early_termination": True, "adaptive_block": 0},
+    # adaptive sampling in image space (the fast preset's 8 px blocks and 8/255), with early termination, without
+    # and with the grid
+    "adaptive": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8},
+    "adaptive_grid": {"occupancy_cells": 64, "early_termination": True, "adaptive_block": 8},
 }
+# the variants whose renders are also compared with the dense one over the held-out frames
+COMPARED = ("after", "adaptive")
+# Local Deformation Fields (`cmp_ldf` of the compare run): every pixel traced, and adaptive sampling
+LDF_AVATAR = "cmp_ldf"
+LDF_VARIANTS = {"before": {"adaptive_block": 0}, "adaptive": {"adaptive_block": 8}}
 # for the sparse avatars also a looser grid: a cell is empty when its density over the cube's width takes less
 # than 1% of a ray's light (1e-3 by default); nearer Instant-NGP's rule, which bounds each cell's share alone
 LOOSE_THRESHOLD = 1e-2
@@ -104,8 +115,8 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
     # the same checkpoint under each rendering setting
     models = {variant: load_trained(spec, cfg, train, train_dir, device) for variant, cfg in configs.items()}
     figures: dict = {"grid": {}, "seconds_per_frame": {}, "quality": {}}
-    skipping = [v for v in variants if v.startswith("after")]  # the variants that skip both ways
-    for variant in skipping:
+    skipping = [v for v in variants if v.startswith(COMPARED)]
+    for variant in [v for v in skipping if v.startswith("after")]:
         start = time.perf_counter()
         grid = models[variant].occupancy_grid()
         cfg = configs[variant]
@@ -116,7 +127,9 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
             "build_seconds": round(time.perf_counter() - start, 2),
             "occupied_share": round(grid.share, 4),
         }
-    models["occupancy_grid"].occupancy = models["after"].occupancy_grid()
+    for variant in variants:  # the default grid for the other variants that use one
+        if configs[variant].occupancy_cells and models[variant].occupancy is None:
+            models[variant].occupancy = models["after"].occupancy_grid()
     views = models["after"].test_views("first_train_frame", test)
     print(name, avatar, figures["grid"], flush=True)
     for render_size in SIZES:
@@ -164,10 +177,51 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
     # the evaluation stage as the compare run ran it (both protocols, 60 latent steps, no orbit or sweep), now
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        evaluate(spec, store, configs["after"], train_dir, Path(scratch))
-        figures["evaluation_minutes_after"] = round((time.perf_counter() - start) / 60, 2)
+        evaluate(spec, store, configs["adaptive"], train_dir, Path(scratch))
+        figures["evaluation_minutes_adaptive"] = round((time.perf_counter() - start) / 60, 2)
     figures["test_frames"] = len(views)
-    print(name, "evaluation minutes", figures["evaluation_minutes_after"], flush=True)
+    print(name, "evaluation minutes", figures["evaluation_minutes_adaptive"], flush=True)
+    return figures
+
+
+def ldf_figures(name: str) -> dict:
+    """Local Deformation Fields' `cmp_ldf`: seconds per held-out frame at each size with every pixel traced and
+    with adaptive sampling, and the PSNR of both over every FRAME_STRIDE-th held-out frame (first_train_frame
+    codes) against the real frame and of the adaptive render against the dense one."""
+    spec = find("ldf")
+    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
+    settings = {**AVATARS[LDF_AVATAR], "max_minutes": COMPARE_MINUTES}
+    configs = {v: spec.config_from({**settings, **keys}) for v, keys in LDF_VARIANTS.items()}
+    size = configs["before"].size
+    test = SubjectFrames(store, size, "test")
+    train = SubjectFrames(store, size, "train", with_images=False)
+    train_dir = store.root / "avatars" / LDF_AVATAR / "train"
+    models = {v: load_trained(spec, cfg, train, train_dir, torch.device("cpu")) for v, cfg in configs.items()}
+    views = models["before"].test_views("first_train_frame", test)
+    figures: dict = {"seconds_per_frame": {}}
+    for render_size in SIZES:
+        at_size = SubjectFrames(store, render_size, "test", with_images=False)
+        view = dataclasses.replace(views[0], size=render_size, focal=at_size.focal, background=at_size.background)
+        seconds = {v: round(timed_render(model, view)[1], 2) for v, model in models.items()}
+        seconds["speedup_adaptive"] = round(seconds["before"] / seconds["adaptive"], 1)
+        figures["seconds_per_frame"][f"{render_size}px"] = seconds
+        print(name, LDF_AVATAR, render_size, seconds, flush=True)
+    rows = []
+    for k in range(0, len(views), FRAME_STRIDE):
+        truth = test.images[k].numpy()
+        before, adaptive = (timed_render(models[v], views[k])[0] for v in ("before", "adaptive"))
+        rows.append([psnr(before, truth), psnr(adaptive, truth), psnr(adaptive, before)])
+    table = np.array(rows)
+    figures["quality"] = {
+        "protocol": "first_train_frame",
+        "frames": len(rows),
+        "psnr_before": round(float(table[:, 0].mean()), 3),
+        "psnr": round(float(table[:, 1].mean()), 3),
+        "largest_frame_difference_db": round(float(np.abs(table[:, 0] - table[:, 1]).max()), 3),
+        "psnr_against_before": round(float(table[:, 2].mean()), 2),
+        "lowest_psnr_against_before": round(float(table[:, 2].min()), 2),
+    }
+    print(name, LDF_AVATAR, figures["quality"], flush=True)
     return figures
 
 
@@ -202,6 +256,11 @@ def main(clips: list[str], time_evaluation: bool) -> None:
     for k, clip in enumerate(clips):
         figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, time_evaluation and k == 0)
         _write("render_speed.json", figures)
+    for clip in clips:
+        figures.setdefault("ldf", {})[Path(clip).stem] = ldf_figures(Path(clip).stem)
+        _write("render_speed.json", figures)
+    figures["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
+    _write("render_speed.json", figures)
 
 
 if __name__ == "__main__":

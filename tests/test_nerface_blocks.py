@@ -481,3 +481,62 @@ def test_feature_planes_read_each_projection_of_a_point_and_feed_the_backbone():
     (density.sum() + rgb.sum()).backward()
     # every resolution is learned: the rendered colour and density reach every plane
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.planes.planes)
+
+
+def _counting(image: torch.Tensor):
+    """trace_pixels over a known (size, size, C) image, and the list of the pixel batches it was asked for."""
+    asked = []
+
+    def trace_pixels(pixels):
+        asked.append(pixels)
+        return image[pixels[:, 1], pixels[:, 0]]
+
+    return trace_pixels, asked
+
+
+def test_adaptive_sampling_traces_the_edges_and_interpolates_the_smooth_parts():
+    """A gradient with a sharp disc on it: the gradient is filled by interpolation (exact for a linear ramp),
+    the disc's edge is traced, each pixel at most once, and far fewer pixels are traced than the image has."""
+    from avatar_pipeline.avatars.volume import adaptive_pixels
+
+    size = 45
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    disc = (((xs - 20) ** 2 + (ys - 23) ** 2) < 81).float()
+    image = torch.stack([xs / size, 0.3 * ys / size, disc], -1)
+    trace_pixels, asked = _counting(image)
+    filled, source, traced = adaptive_pixels(trace_pixels, size, block=8, tolerance=0.05)
+    pixels = torch.cat(asked)
+    assert len(torch.unique(pixels[:, 1] * size + pixels[:, 0])) == len(pixels) == traced  # none traced twice
+    assert traced < 0.35 * size * size
+    assert torch.allclose(filled, image, atol=1e-5)
+    assert (source == -1).sum() == traced and (source[source != -1] == 0).all()
+    # the disc's rim (pixels with a neighbour across the edge) is all traced
+    rim = (disc != torch.roll(disc, 1, 0)) | (disc != torch.roll(disc, 1, 1))
+    assert (source[rim] == -1).all()
+    # a tolerance below every step the image takes traces every pixel but the ramp's own interpolable ones
+    exact, _, _ = adaptive_pixels(_counting(image)[0], size, block=8, tolerance=0.0)
+    assert torch.allclose(exact, image, atol=1e-5)
+
+
+def test_adaptive_image_reads_fog_of_the_background_colour_from_its_difference_to_the_background():
+    """Thin fog of the background's own colour over a textured background: its premultiplied colour carries the
+    texture, its difference from the background is nothing, so the image is interpolated from a few traced
+    pixels and still equals the dense composite; an opaque head over the same texture is read premultiplied."""
+    from avatar_pipeline.avatars.volume import adaptive_image
+
+    torch.manual_seed(0)
+    size = 41
+    background = torch.rand(size, size, 3)
+    fog = torch.cat([0.2 * background, torch.full((size, size, 1), 0.2)], -1)
+    trace_pixels, asked = _counting(fog)
+    image, alpha = adaptive_image(trace_pixels, background, block=8, tolerance=1 / 255)
+    assert sum(len(p) for p in asked) < 0.1 * size * size
+    assert torch.allclose(image, background, atol=1e-5) and torch.allclose(alpha, torch.full_like(alpha, 0.2))
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    head = torch.cat(
+        [torch.stack([xs / size, ys / size, 0.5 * torch.ones_like(xs)], -1), torch.ones(size, size, 1)], -1
+    )
+    trace_pixels, asked = _counting(head)
+    image, alpha = adaptive_image(trace_pixels, background, block=8, tolerance=1 / 255)
+    assert sum(len(p) for p in asked) < 0.2 * size * size
+    assert torch.allclose(image, head[..., :3], atol=1e-5) and torch.allclose(alpha, torch.ones_like(alpha))

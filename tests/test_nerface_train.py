@@ -290,6 +290,23 @@ def test_the_occupancy_grid_renders_a_trained_avatar_as_the_dense_render_does(tr
     assert (image - expected).abs().max() < 0.05  # at most the threshold's share of a ray's light
 
 
+def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_fewer_samples(tracked, trained):
+    """Adaptive sampling in image space is an evaluation setting: the same checkpoint renders the held-out frame
+    from fewer rays, and every pixel stays near the dense render (interpolation errors are bounded by the
+    tolerance where the corners predicted the midpoints, a few times it in between)."""
+    cfg = tiny(steps=150)
+    data = SubjectFrames(tracked, cfg.size, "test")
+    dense = load_trained(trained, cfg, tracked)
+    adaptive = load_trained(trained, tiny(steps=150, adaptive_block=4, adaptive_tolerance=8 / 255), tracked)
+    view = dense.view(data, 0)
+    expected, expected_alpha = dense.render(view)
+    before = adaptive.renderer.samples_computed
+    image, alpha = adaptive.render(view)
+    assert adaptive.renderer.samples_computed - before < 0.8 * dense.renderer.samples_computed
+    assert (image - expected).abs().max() < 0.1 and (alpha - expected_alpha).abs().max() < 0.1
+    assert ((image - expected) ** 2).mean() < 1e-4  # above 40 dB
+
+
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):
     fields = cache.training_log_fields(["rgb"])
     path = tmp_path / "log.csv"

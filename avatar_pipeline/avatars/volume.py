@@ -238,29 +238,202 @@ def render_rays(
     background: torch.Tensor,
     rays_per_call: int = 8192,
     shrink: Callable[[], None] | None = None,
+    adaptive: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, from `trace(origins, dirs,
     background colours)` -> (colours, alphas) over batches of rays. Running out of memory halves the rays
-    per call (and calls `shrink`, for the method to lower its own chunking) and tries again."""
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    pixels = torch.stack([xs.flatten(), ys.flatten()], 1).float()
-    origins, dirs = camera_rays(camera_to_head, focal, size, pixels)
-    bg = background.reshape(-1, 3)
-    colour, alpha = [], []
-    a = 0
-    while a < len(pixels):
-        sl = slice(a, a + rays_per_call)
-        try:
-            rgb, opacity = trace(origins[sl], dirs[sl], bg[sl])
-        except RuntimeError as e:
-            if not is_out_of_memory(e) or rays_per_call <= 64:
-                raise
-            rays_per_call //= 2
-            if shrink is not None:
-                shrink()
-            log.warning("rendering ran out of memory: retrying with %d rays per call", rays_per_call)
-            continue
-        colour.append(rgb.cpu())
-        alpha.append(opacity.cpu())
-        a += len(origins[sl])
-    return torch.cat(colour).reshape(size, size, 3), torch.cat(alpha).reshape(size, size)
+    per call (and calls `shrink`, for the method to lower its own chunking) and tries again. With `adaptive`
+    (block, tolerance), only the pixels `adaptive_pixels` picks are traced and the others interpolated."""
+    bg = background.reshape(size, size, 3)
+    calls = {"rays": rays_per_call}
+
+    def trace_pixels(pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 2) integer (x, y) -> (N, 4): the foreground's colour premultiplied by its alpha, and the alpha."""
+        origins, dirs = camera_rays(camera_to_head, focal, size, pixels.float())
+        behind = bg[pixels[:, 1], pixels[:, 0]]
+        out = []
+        a = 0
+        while a < len(pixels):
+            sl = slice(a, a + calls["rays"])
+            try:
+                rgb, opacity = trace(origins[sl], dirs[sl], behind[sl])
+            except RuntimeError as e:
+                if not is_out_of_memory(e) or calls["rays"] <= 64:
+                    raise
+                calls["rays"] //= 2
+                if shrink is not None:
+                    shrink()
+                log.warning("rendering ran out of memory: retrying with %d rays per call", calls["rays"])
+                continue
+            rgb, opacity = rgb.cpu().float(), opacity.cpu().float()
+            # the background is the last sample: colour = premultiplied foreground + (1 - alpha) background
+            out.append(torch.cat([rgb - (1.0 - opacity)[:, None] * behind[sl], opacity[:, None]], 1))
+            a += len(origins[sl])
+        return torch.cat(out)
+
+    if adaptive is None:
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        values = trace_pixels(torch.stack([xs.flatten(), ys.flatten()], 1)).reshape(size, size, 4)
+        alpha = values[..., 3]
+        return values[..., :3] + (1.0 - alpha)[..., None] * bg, alpha
+
+    return adaptive_image(trace_pixels, bg, *adaptive)
+
+
+def adaptive_image(
+    trace_pixels: Callable[[torch.Tensor], torch.Tensor], background: torch.Tensor, block: int, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (size, size, 3) and foreground alpha (size, size) over `background` (size, size, 3) from the pixels
+    adaptive_pixels picks, `trace_pixels((N, 2) x, y) -> (N, 4)` giving their premultiplied foreground colour and
+    alpha. A pixel is interpolated either as that (smooth over an opaque head in front of a textured background)
+    or as its difference from the background (smooth where a thin fog of the background's own colour lies in
+    front of it): each block takes the one its corners predict better."""
+
+    def trace_both(pixels: torch.Tensor) -> torch.Tensor:
+        values = trace_pixels(pixels)
+        return torch.cat([values, values[:, :3] - values[:, 3:] * background[pixels[:, 1], pixels[:, 0]]], 1)
+
+    # what a pixel looks like, read either way: the error that matters is the composited colour's
+    def premultiplied(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        return values[:, :3] + (1.0 - values[:, 3:4]) * background[pixels[:, 1], pixels[:, 0]]
+
+    def difference(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        return background[pixels[:, 1], pixels[:, 0]] + values[:, 4:]
+
+    size = background.shape[0]
+    values, source, _ = adaptive_pixels(
+        trace_both, size, block, tolerance, groups=[slice(0, 4), slice(4, 7)], readouts=[premultiplied, difference]
+    )
+    alpha = values[..., 3]
+    composited = values[..., :3] + (1.0 - alpha)[..., None] * background
+    return torch.where((source == 1)[..., None], background + values[..., 4:], composited), alpha
+
+
+def adaptive_pixels(
+    trace_pixels: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    block: int,
+    tolerance: float,
+    groups: list[slice] | None = None,
+    readouts: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A (size, size, C) image of which only some pixels are traced (adaptive sampling in image space, as ray
+    tracers refine where an image changes): the corners of blocks of `block` pixels first; a block whose
+    corners differ by at most `tolerance` in every channel of one of the channel `groups` (default: all
+    channels) is filled by bilinear interpolation between them; else its five midpoints (edges and centre) are
+    traced, and if its corners predicted them within `tolerance` its quarters are filled from their own corners
+    (a gradient is not a detail), otherwise each quarter is taken in the same way, down to single pixels. With
+    `readouts` (one per group, `(values (N, C), pixels (N, 2)) -> (N, K)`), a prediction is judged by what the
+    group's readout makes of it against what it makes of the traced values.
+    `trace_pixels((N, 2) integer x, y) -> (N, C)`. Returns the image, per pixel the group a filled pixel's value
+    is to be read from (-1 where traced), and the number of pixels traced. A detail smaller than a block that
+    none of the points traced touches is missed: the block size bounds what can be lost."""
+    groups = groups or [slice(None)]
+    lattice = torch.tensor(sorted(set(range(0, size, block)) | {size - 1}))
+    image: torch.Tensor | None = None
+    source = torch.full((size, size), -1, dtype=torch.int8)
+
+    def trace(xs: torch.Tensor, ys: torch.Tensor) -> None:
+        nonlocal image
+        key = torch.unique(ys * size + xs)
+        key = key[~traced.view(-1)[key]]
+        if not len(key):
+            return
+        values = trace_pixels(torch.stack([key % size, key // size], 1))
+        if image is None:
+            image = values.new_zeros(size, size, values.shape[1])
+        image.view(-1, values.shape[1])[key] = values
+        traced.view(-1)[key] = True
+        source.view(-1)[key] = -1  # a pixel filled before and traced now is read as traced
+
+    def best_group(deviation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) per-channel deviations -> (B,) whether some group stays within the tolerance, and which."""
+        per_group = torch.stack([deviation[:, g].amax(1) for g in groups], 1)
+        smallest, group = per_group.min(1)
+        return smallest <= tolerance, group
+
+    def fill(blocks: torch.Tensor, group: torch.Tensor) -> None:
+        _fill_bilinear(image, source, traced, blocks, _corners(image, blocks), group)
+
+    traced = torch.zeros(size, size, dtype=torch.bool)
+    gy, gx = torch.meshgrid(lattice, lattice, indexing="ij")
+    trace(gx.flatten(), gy.flatten())
+    # blocks as rows (x0, x1, y0, y1) between neighbouring lattice coordinates
+    x0, y0 = torch.meshgrid(lattice[:-1], lattice[:-1], indexing="xy")
+    x1, y1 = torch.meshgrid(lattice[1:], lattice[1:], indexing="xy")
+    blocks = torch.stack([x0.flatten(), x1.flatten(), y0.flatten(), y1.flatten()], 1)
+    while len(blocks):
+        corners = _corners(image, blocks)
+        smooth, group = best_group(corners.amax(1) - corners.amin(1))
+        fill(blocks[smooth], group[smooth])
+        rough, corners = blocks[~smooth], corners[~smooth]
+        x0, x1, y0, y1 = rough.T
+        xm, ym = (x0 + x1) // 2, (y0 + y1) // 2
+        middles = (torch.cat([xm, xm, x0, x1, xm]), torch.cat([y0, y1, ym, ym, ym]))
+        trace(*middles)
+        u = ((middles[0] - x0.repeat(5)) / (x1 - x0).clamp_min(1).repeat(5))[:, None]
+        v = ((middles[1] - y0.repeat(5)) / (y1 - y0).clamp_min(1).repeat(5))[:, None]
+        c = corners.repeat(5, 1, 1)
+        predicted = (1 - u) * (1 - v) * c[:, 0] + u * (1 - v) * c[:, 1] + (1 - u) * v * c[:, 2] + u * v * c[:, 3]
+        truth = image[middles[1], middles[0]]
+        if readouts is None:
+            error = (predicted - truth).abs().view(5, len(rough), image.shape[-1]).amax(0)
+            predictable, group = best_group(error)
+        else:
+            pixels = torch.stack(middles, 1)
+            errors = [(read(predicted, pixels) - read(truth, pixels)).abs().amax(1) for read in readouts]
+            smallest, group = torch.stack(errors, 1).view(5, len(rough), len(readouts)).amax(0).min(1)
+            predictable = smallest <= tolerance
+        # children: halves along each side longer than one pixel step (a side of one step stays whole); a block
+        # whose pixels are all corners is done
+        wide, tall = x1 - x0 > 1, y1 - y0 > 1
+        left_end, right_start = torch.where(wide, xm, x1), torch.where(wide, xm, x0)
+        top_end, bottom_start = torch.where(tall, ym, y1), torch.where(tall, ym, y0)
+        children = torch.cat(
+            [
+                torch.stack([x0, left_end, y0, top_end], 1),
+                torch.stack([right_start, x1, y0, top_end], 1),
+                torch.stack([x0, left_end, bottom_start, y1], 1),
+                torch.stack([right_start, x1, bottom_start, y1], 1),
+            ]
+        )
+        predictable, group = predictable.repeat(4), group.repeat(4)
+        fill(children[predictable], group[predictable])
+        children = torch.unique(children[~predictable], dim=0)
+        blocks = children[(children[:, 1] - children[:, 0] > 1) | (children[:, 3] - children[:, 2] > 1)]
+    return image, source, int(traced.sum())
+
+
+def _corners(image: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(B, 4, C) values at the corners of blocks (x0, x1, y0, y1): top left, top right, bottom left, bottom right."""
+    x0, x1, y0, y1 = blocks.T
+    return torch.stack([image[y0, x0], image[y0, x1], image[y1, x0], image[y1, x1]], 1)
+
+
+def _fill_bilinear(
+    image: torch.Tensor,
+    source: torch.Tensor,
+    traced: torch.Tensor,
+    blocks: torch.Tensor,
+    corners: torch.Tensor,
+    group: torch.Tensor,
+) -> None:
+    """Fill the untraced pixels of each block (x0, x1, y0, y1) by bilinear interpolation of its corner values
+    (B, 4, C) (top left, top right, bottom left, bottom right) and mark them as read from the block's `group`,
+    blocks of one shape at a time."""
+    if not len(blocks):
+        return
+    shapes = blocks[:, [1, 3]] - blocks[:, [0, 2]]
+    for width, height in torch.unique(shapes, dim=0).tolist():
+        pick = (shapes[:, 0] == width) & (shapes[:, 1] == height)
+        b, c = blocks[pick], corners[pick]
+        u = torch.arange(width + 1) / max(width, 1)
+        v = torch.arange(height + 1) / max(height, 1)
+        vv, uu = torch.meshgrid(v, u, indexing="ij")  # (h + 1, w + 1)
+        w = torch.stack([(1 - uu) * (1 - vv), uu * (1 - vv), (1 - uu) * vv, uu * vv], -1)  # (h + 1, w + 1, 4)
+        values = torch.einsum("hwk,bkc->bhwc", w, c)
+        ys = (b[:, 2, None, None] + torch.arange(height + 1)[None, :, None]).expand(-1, height + 1, width + 1)
+        xs = (b[:, 0, None, None] + torch.arange(width + 1)[None, None, :]).expand(-1, height + 1, width + 1)
+        keep = ~traced[ys, xs]
+        image[ys[keep], xs[keep]] = values[keep]
+        source[ys[keep], xs[keep]] = group[pick].to(source.dtype)[:, None, None].expand_as(keep)[keep]

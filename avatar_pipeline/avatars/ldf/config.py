@@ -78,6 +78,12 @@ class LDFConfig(AvatarConfig):
     # rendering: a ray's samples behind the point where it has less than 1e-4 of its light left are not
     # computed (early ray termination; a pixel changes by less than 1e-4)
     early_termination: bool = True
+    # rendering: > 0 traces first only the corners of blocks of this many pixels; a block whose colour its corners
+    # predict within adaptive_tolerance (their spread, or else the five midpoints traced next) is filled by bilinear
+    # interpolation, any other split in four, down to single pixels (adaptive sampling in image space,
+    # volume.adaptive_pixels); 0: every pixel traced (the paper). The alpha is exact only where traced
+    adaptive_block: int = 0
+    adaptive_tolerance: float = 8 / 255
 
     evaluation_keys: ClassVar[tuple[str, ...]] = (
         "fit_steps",
@@ -85,6 +91,8 @@ class LDFConfig(AvatarConfig):
         "fit_every",
         "fit_learning_rate",
         "early_termination",
+        "adaptive_block",
+        "adaptive_tolerance",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -131,6 +139,9 @@ PRESETS: dict[str, dict] = {
         "window_steps": 800,
         "checkpoint_every": 250,
         "validate_every": 500,
+        # rendering: adaptive sampling in image space (block and tolerance tuned on lp_d18 and dt_W009: held-out
+        # PSNR within 0.06 dB of every pixel traced, 4-6x fewer rays at 256 px; bench/render_bench.py)
+        "adaptive_block": 8,
         "fit_steps": 60,
         "fit_rays": 256,
         "fit_every": 1,

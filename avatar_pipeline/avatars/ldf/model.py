@@ -374,7 +374,9 @@ class LDFModel(AvatarModel):
             )
             return out["colour"], out["alpha"]
 
-        return render_rays(trace, view.camera_to_head, view.focal, view.size, view.background, 4096)
+        cfg = self.cfg
+        adaptive = (cfg.adaptive_block, cfg.adaptive_tolerance) if cfg.adaptive_block > 0 else None
+        return render_rays(trace, view.camera_to_head, view.focal, view.size, view.background, 4096, adaptive=adaptive)
 
     # --- test frames ------------------------------------------------------------------------------
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:

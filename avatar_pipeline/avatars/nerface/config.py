@@ -74,6 +74,12 @@ class NeRFaceConfig(AvatarConfig):
     # grid's empty cells skipped when it is on, early termination when on), as Instant-NGP renders, instead of the
     # coarse pass and its importance samples; 0: the paper's coarse + fine rendering
     march_samples: int = 0
+    # rendering: > 0 traces first only the corners of blocks of this many pixels; a block whose colour its corners
+    # predict within adaptive_tolerance (their spread, or else the five midpoints traced next) is filled by bilinear
+    # interpolation, any other split in four, down to single pixels (adaptive sampling in image space,
+    # volume.adaptive_pixels); 0: every pixel traced (the paper). The alpha is exact only where traced
+    adaptive_block: int = 0
+    adaptive_tolerance: float = 8 / 255
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
@@ -90,6 +96,8 @@ class NeRFaceConfig(AvatarConfig):
         "occupancy_threshold",
         "early_termination",
         "march_samples",
+        "adaptive_block",
+        "adaptive_tolerance",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
     added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0, "distortion_weight": 0.0}
@@ -130,6 +138,9 @@ PRESETS: dict[str, dict] = {
         "error_sampling": 0.5,
         "checkpoint_every": 250,
         "validate_every": 500,
+        # rendering: adaptive sampling in image space (block and tolerance tuned on lp_d18 and dt_W009: held-out
+        # PSNR within 0.06 dB of every pixel traced, 4-6x fewer rays at 256 px; bench/render_bench.py)
+        "adaptive_block": 8,
         "latent_steps": 60,
         "video_frames": 60,
         "orbit_frames": 24,

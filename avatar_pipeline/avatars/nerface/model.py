@@ -178,6 +178,7 @@ class NeRFaceModel(AvatarModel):
             occupancy=self.occupancy_grid(),
             stop_early=self.cfg.early_termination,
             march_samples=self.cfg.march_samples,
+            adaptive=(self.cfg.adaptive_block, self.cfg.adaptive_tolerance) if self.cfg.adaptive_block > 0 else None,
         )
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
@@ -250,12 +251,14 @@ def render_image(
     occupancy: OccupancyGrid | None = None,
     stop_early: bool = False,
     march_samples: int = 0,
+    adaptive: tuple[int, float] | None = None,
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
     empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
     SKIP_EMPTY of its light left; with march_samples > 0, the fine field alone along that many evenly spaced
-    samples (NeRFaceRenderer.render_marched, skipping the same). Out of memory, the renderer's sample
-    chunk halves with the rays per call."""
+    samples (NeRFaceRenderer.render_marched, skipping the same); with `adaptive` (block, tolerance), only the
+    pixels volume.adaptive_pixels picks. Out of memory, the renderer's sample chunk halves with the rays per
+    call."""
     device = next(renderer.parameters()).device
     stop_below = SKIP_EMPTY if stop_early else 0.0
 
@@ -277,4 +280,4 @@ def render_image(
     def shrink():
         renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
 
-    return render_rays(trace, camera_to_head, focal, size, background, rays_per_call, shrink)
+    return render_rays(trace, camera_to_head, focal, size, background, rays_per_call, shrink, adaptive)
