@@ -227,6 +227,8 @@ def _avatar_section(store: cache.SubjectCache, name: str, out: Path) -> str:
         f"MS-SSIM over {summary['ms_ssim_scales']} scale(s).</p>"
     )
     parts += [f"<p class='warn'>{esc(text)}</p>" for text in _unavailable_metrics(summary)]
+    if summary.get("rendering"):
+        parts.append(f"<p>rendered with {esc(summary['rendering'])}</p>")
     rel = f"../avatars/{name}/eval"
     parts.append(_video(f"{rel}/test.mp4", "test frames: ground truth | render | error x4", width=1080))
     for video, caption in (

@@ -305,6 +305,8 @@ def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_few
     assert adaptive.renderer.samples_computed - before < 0.8 * dense.renderer.samples_computed
     assert (image - expected).abs().max() < 0.1 and (alpha - expected_alpha).abs().max() < 0.1
     assert ((image - expected) ** 2).mean() < 1e-4  # above 40 dB
+    # and the evaluation can say so (its summary and the report carry the note)
+    assert dense.rendering_note() == "" and "blocks of 4 px" in adaptive.rendering_note()
 
 
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):

@@ -231,6 +231,11 @@ class AvatarModel(torch.nn.Module):
         """Image (size, size, 3) and foreground alpha (size, size) on the CPU, without gradients."""
         raise NotImplementedError
 
+    def rendering_note(self) -> str:
+        """What `render` approximates, if anything ("" when it renders exactly); evaluations log it, write it into
+        their summary and the report shows it."""
+        return ""
+
     def test_views(self, protocol: str, test: Any) -> list[View]:
         """The held-out frames conditioned under `protocol` (may optimise per-frame codes)."""
         raise NotImplementedError

@@ -76,7 +76,10 @@ def evaluate(
         "csim_available": csim_model.available,
         "precision": model.precision,
         "device": str(device),
+        "rendering": model.rendering_note(),
     }
+    if summary["rendering"]:
+        log.info("%s renders with %s", spec.name, summary["rendering"])
     headline_views: list[View] = []
     for protocol in cfg.protocols:
         views = model.test_views(protocol, test)

@@ -229,6 +229,23 @@ def _chunked(function: Callable[[torch.Tensor], torch.Tensor], points: torch.Ten
     return torch.cat([function(points[a : a + chunk]) for a in range(0, len(points), chunk)])
 
 
+def adaptive_sampling(cfg) -> tuple[int, float] | None:
+    """(block, tolerance) of adaptive sampling from a volumetric method's config (`adaptive_block`,
+    `adaptive_tolerance`); None when every pixel is traced."""
+    return (cfg.adaptive_block, cfg.adaptive_tolerance) if cfg.adaptive_block > 0 else None
+
+
+def adaptive_note(cfg) -> str:
+    """The rendering note of a volumetric method's config (AvatarModel.rendering_note)."""
+    if adaptive_sampling(cfg) is None:
+        return ""
+    return (
+        f"adaptive sampling: pixels traced where the image changes (blocks of {cfg.adaptive_block} px), the others "
+        f"interpolated within {cfg.adaptive_tolerance * 255:g}/255 of their neighbours' prediction; "
+        "adaptive_block: 0 traces every pixel"
+    )
+
+
 @torch.no_grad()
 def render_rays(
     trace: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],

@@ -37,7 +37,17 @@ from ...runtime import progress
 from ...video import VideoWriter
 from ..base import AvatarModel, Phase, View
 from ..data import SubjectFrames, psnr
-from ..volume import SKIP_EMPTY, composite, importance_depths, march, ray_bounds, render_rays, stratified_depths
+from ..volume import (
+    SKIP_EMPTY,
+    adaptive_note,
+    adaptive_sampling,
+    composite,
+    importance_depths,
+    march,
+    ray_bounds,
+    render_rays,
+    stratified_depths,
+)
 from .canonical import CanonicalField, resize_parameter
 from .config import METRES_PER_UNIT, LDFConfig
 from .deformation import Deformation, support_radius
@@ -374,9 +384,11 @@ class LDFModel(AvatarModel):
             )
             return out["colour"], out["alpha"]
 
-        cfg = self.cfg
-        adaptive = (cfg.adaptive_block, cfg.adaptive_tolerance) if cfg.adaptive_block > 0 else None
+        adaptive = adaptive_sampling(self.cfg)
         return render_rays(trace, view.camera_to_head, view.focal, view.size, view.background, 4096, adaptive=adaptive)
+
+    def rendering_note(self) -> str:
+        return adaptive_note(self.cfg)
 
     # --- test frames ------------------------------------------------------------------------------
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:

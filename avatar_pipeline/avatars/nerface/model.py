@@ -20,7 +20,15 @@ from ...geometry import camera_rays, rigidly_moved
 from ...runtime import progress
 from ..base import AvatarModel, Phase, View
 from ..data import ErrorMap, SubjectFrames, psnr
-from ..volume import SKIP_EMPTY, OccupancyGrid, distortion_loss, ray_bounds, render_rays
+from ..volume import (
+    SKIP_EMPTY,
+    OccupancyGrid,
+    adaptive_note,
+    adaptive_sampling,
+    distortion_loss,
+    ray_bounds,
+    render_rays,
+)
 from .config import NeRFaceConfig
 from .field import NeRFaceRenderer
 
@@ -178,8 +186,11 @@ class NeRFaceModel(AvatarModel):
             occupancy=self.occupancy_grid(),
             stop_early=self.cfg.early_termination,
             march_samples=self.cfg.march_samples,
-            adaptive=(self.cfg.adaptive_block, self.cfg.adaptive_tolerance) if self.cfg.adaptive_block > 0 else None,
+            adaptive=adaptive_sampling(self.cfg),
         )
+
+    def rendering_note(self) -> str:
+        return adaptive_note(self.cfg)
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
         cameras = test.camera_to_head
