@@ -276,11 +276,12 @@ def test_rendering_lowers_its_chunk_when_memory_runs_out(tracked, trained):
 def test_the_occupancy_grid_renders_a_trained_avatar_as_the_dense_render_does(tracked, trained):
     """The grid is an evaluation setting: the same checkpoint renders with it, skipping empty cells, and
     the held-out frame comes out as without it."""
-    cfg = tiny(steps=150)
+    cfg = tiny(steps=150, adaptive_block=0)  # every pixel traced, to see the grid alone
     data = SubjectFrames(tracked, cfg.size, "test")
     dense = load_trained(trained, cfg, tracked)
     # a 150-step avatar is still foggy almost everywhere; a looser threshold lets its grid skip some of it
-    skipping = load_trained(trained, tiny(steps=150, occupancy_cells=32, occupancy_threshold=0.05), tracked)
+    grid = {"occupancy_cells": 32, "occupancy_threshold": 0.05, "adaptive_block": 0}
+    skipping = load_trained(trained, tiny(steps=150, **grid), tracked)
     view = dense.view(data, 0)
     expected, _ = dense.render(view)
     image, _ = skipping.render(view)
@@ -294,7 +295,7 @@ def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_few
     """Adaptive sampling in image space is an evaluation setting: the same checkpoint renders the held-out frame
     from fewer rays, and every pixel stays near the dense render (interpolation errors are bounded by the
     tolerance where the corners predicted the midpoints, a few times it in between)."""
-    cfg = tiny(steps=150)
+    cfg = tiny(steps=150, adaptive_block=0)
     data = SubjectFrames(tracked, cfg.size, "test")
     dense = load_trained(trained, cfg, tracked)
     adaptive = load_trained(trained, tiny(steps=150, adaptive_block=4, adaptive_tolerance=8 / 255), tracked)
