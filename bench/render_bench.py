@@ -1,6 +1,7 @@
 """Rendering speed of trained NeRFace and LDF avatars with and without empty-space skipping and adaptive sampling.
 
-    .venv/bin/python bench/render_bench.py [--evaluation] [CLIP ...]     # -> bench/results/render_speed.json
+    .venv/bin/python bench/render_bench.py [CLIP ...]     # -> bench/results/render_speed.json
+    .venv/bin/python bench/render_bench.py evaluation [CLIP ...]     # -> its "evaluation" entry
     .venv/bin/python bench/render_bench.py sparse [--render-only] [CLIP ...]   # -> bench/results/nerface_sparse.json
 
 Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians_bench.py compare CLIP` or
@@ -12,8 +13,8 @@ rendering) and with the grid as well (`adaptive_grid`), and the samples per pixe
 size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`, `after` and
 `adaptive` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters) and
 of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every pixel traced, and
-adaptive sampling); with --evaluation, for the first clip named, the minutes of the evaluation stage with the
-compare run's settings and `adaptive` rendering (the compare run's own evaluation log gives the minutes before).
+adaptive sampling). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with
+the compare run's settings and the presets' rendering now, beside the minutes their own evaluation logs show.
 This CPU's matrix-product throughput is recorded beside the figures.
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
@@ -27,6 +28,7 @@ spaced samples a ray) beside the default one; --render-only renders the avatars 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import tempfile
 import time
@@ -102,7 +104,7 @@ def timed_render(model, view) -> tuple[np.ndarray, float]:
     return image.clamp(0, 1).numpy(), time.perf_counter() - start
 
 
-def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variants: dict = VARIANTS) -> dict:
+def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS) -> dict:
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     train_dir = store.root / "avatars" / avatar / "train"
@@ -172,15 +174,32 @@ def clip_figures(name: str, time_evaluation: bool, avatar: str = AVATAR, variant
             "lowest_psnr_against_before": round(float(against_before.min()), 2),
         }
     print(name, avatar, figures["quality"], flush=True)
-    if not time_evaluation:
-        return figures
-    # the evaluation stage as the compare run ran it (both protocols, 60 latent steps, no orbit or sweep), now
+    return figures
+
+
+def evaluation_figures(name: str, avatar: str) -> dict:
+    """Minutes of the evaluation stage of a compare-run avatar as that run ran it (both protocols, 60 latent steps,
+    no orbit or sweep) with today's preset rendering, beside the minutes its own log shows (first to last line)."""
+    settings = {**AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
+    spec = find(settings["method"])
+    cfg = spec.config_from(settings)
+    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        evaluate(spec, store, configs["adaptive"], train_dir, Path(scratch))
-        figures["evaluation_minutes_adaptive"] = round((time.perf_counter() - start) / 60, 2)
-    figures["test_frames"] = len(views)
-    print(name, "evaluation minutes", figures["evaluation_minutes_adaptive"], flush=True)
+        summary = evaluate(spec, store, cfg, store.root / "avatars" / avatar / "train", Path(scratch))
+        minutes = round((time.perf_counter() - start) / 60, 2)
+    stamps = re.findall(
+        r"^(\d\d):(\d\d):(\d\d) ", (store.root / "logs" / f"avatar_eval_{avatar}.log").read_text(), re.M
+    )
+    seconds = [int(h) * 3600 + int(m) * 60 + int(sec) for h, m, sec in stamps]
+    before = ((seconds[-1] - seconds[0]) % 86400) / 60 if seconds else None
+    figures = {
+        "minutes": minutes,
+        "rendering": summary["rendering"],
+        "minutes_in_compare_log": round(before, 2) if before is not None else None,
+        "test_frames": len(summary["test_frames"]),
+    }
+    print(name, avatar, "evaluation", figures, flush=True)
     return figures
 
 
@@ -237,24 +256,24 @@ def sparse_bench(clips: list[str], render_only: bool = False) -> None:
     render = figures.setdefault("render", {})
     for clip in clips:
         name = Path(clip).stem
-        render[name] = {avatar: clip_figures(name, False, avatar, SPARSE_VARIANTS) for avatar in NERFACE_AVATARS}
+        render[name] = {avatar: clip_figures(name, avatar, SPARSE_VARIANTS) for avatar in NERFACE_AVATARS}
         render[name]["gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
         _write(SPARSE_RESULTS, figures)
 
 
-def main(clips: list[str], time_evaluation: bool) -> None:
+def main(clips: list[str]) -> None:
     figures = _read("render_speed.json", {"clips": {}})
     figures.update(
         {
-            "command": "bench/render_bench.py " + "--evaluation " * time_evaluation + " ".join(clips),
+            "command": "bench/render_bench.py " + " ".join(clips),
             "cpu": cpu_info(),
             "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
             "threads": torch.get_num_threads(),
             "commit": head_commit(),
         }
     )
-    for k, clip in enumerate(clips):
-        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, time_evaluation and k == 0)
+    for clip in clips:
+        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem)
         _write("render_speed.json", figures)
     for clip in clips:
         figures.setdefault("ldf", {})[Path(clip).stem] = ldf_figures(Path(clip).stem)
@@ -263,9 +282,30 @@ def main(clips: list[str], time_evaluation: bool) -> None:
     _write("render_speed.json", figures)
 
 
+def evaluation_bench(clips: list[str]) -> None:
+    figures = _read("render_speed.json", {"clips": {}})
+    timed = figures.setdefault("evaluation", {})
+    timed.update(
+        {
+            "command": "bench/render_bench.py evaluation " + " ".join(clips),
+            "commit": head_commit(),
+            "matmul_gflops_fp32": round(matmul_gflops(torch.float32), 1),
+        }
+    )
+    for clip in clips:
+        timed[Path(clip).stem] = {
+            avatar: evaluation_figures(Path(clip).stem, avatar) for avatar in (AVATAR, LDF_AVATAR)
+        }
+        _write("render_speed.json", figures)
+    timed["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
+    _write("render_speed.json", figures)
+
+
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a not in ("--evaluation", "--render-only")]
+    arguments = [a for a in sys.argv[1:] if a != "--render-only"]
     if arguments[:1] == ["sparse"]:
         sparse_bench(arguments[1:] or list(TUNED_CLIPS), "--render-only" in sys.argv[1:])
+    elif arguments[:1] == ["evaluation"]:
+        evaluation_bench(arguments[1:] or list(CLIPS))
     else:
-        main(arguments or list(CLIPS), "--evaluation" in sys.argv[1:])
+        main(arguments or list(CLIPS))

@@ -321,9 +321,11 @@ def adaptive_image(
     values, source, _ = adaptive_pixels(
         trace_both, size, block, tolerance, groups=[slice(0, 4), slice(4, 7)], readouts=[premultiplied, difference]
     )
-    alpha = values[..., 3]
-    composited = values[..., :3] + (1.0 - alpha)[..., None] * background
-    return torch.where((source == 1)[..., None], background + values[..., 4:], composited), alpha
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    pixels, flat = torch.stack([xs.flatten(), ys.flatten()], 1), values.view(-1, values.shape[-1])
+    by_difference = (source == 1).view(-1, 1)  # the traced pixels read the same either way
+    colour = torch.where(by_difference, difference(flat, pixels), premultiplied(flat, pixels))
+    return colour.view(size, size, 3), values[..., 3]
 
 
 def adaptive_pixels(
