@@ -289,12 +289,17 @@ def render_rays(
         return torch.cat(out)
 
     if adaptive is None:
-        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        values = trace_pixels(torch.stack([xs.flatten(), ys.flatten()], 1)).reshape(size, size, 4)
+        values = trace_pixels(_all_pixels(size)).reshape(size, size, 4)
         alpha = values[..., 3]
         return values[..., :3] + (1.0 - alpha)[..., None] * bg, alpha
 
     return adaptive_image(trace_pixels, bg, *adaptive)
+
+
+def _all_pixels(size: int) -> torch.Tensor:
+    """(size * size, 2) integer (x, y) of every pixel, row by row."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], 1)
 
 
 def adaptive_image(
@@ -321,8 +326,7 @@ def adaptive_image(
     values, source, _ = adaptive_pixels(
         trace_both, size, block, tolerance, groups=[slice(0, 4), slice(4, 7)], readouts=[premultiplied, difference]
     )
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    pixels, flat = torch.stack([xs.flatten(), ys.flatten()], 1), values.view(-1, values.shape[-1])
+    pixels, flat = _all_pixels(size), values.view(-1, values.shape[-1])
     by_difference = (source == 1).view(-1, 1)  # the traced pixels read the same either way
     colour = torch.where(by_difference, difference(flat, pixels), premultiplied(flat, pixels))
     return colour.view(size, size, 3), values[..., 3]
@@ -348,6 +352,8 @@ def adaptive_pixels(
     is to be read from (-1 where traced), and the number of pixels traced. A detail smaller than a block that
     none of the points traced touches is missed: the block size bounds what can be lost."""
     groups = groups or [slice(None)]
+    # without readouts a group is judged on its own channels
+    readouts = readouts or [lambda values, _, g=g: values[:, g] for g in groups]
     lattice = torch.tensor(sorted(set(range(0, size, block)) | {size - 1}))
     image: torch.Tensor | None = None
     source = torch.full((size, size), -1, dtype=torch.int8)
@@ -393,16 +399,11 @@ def adaptive_pixels(
         u = ((middles[0] - x0.repeat(5)) / (x1 - x0).clamp_min(1).repeat(5))[:, None]
         v = ((middles[1] - y0.repeat(5)) / (y1 - y0).clamp_min(1).repeat(5))[:, None]
         c = corners.repeat(5, 1, 1)
-        predicted = (1 - u) * (1 - v) * c[:, 0] + u * (1 - v) * c[:, 1] + (1 - u) * v * c[:, 2] + u * v * c[:, 3]
-        truth = image[middles[1], middles[0]]
-        if readouts is None:
-            error = (predicted - truth).abs().view(5, len(rough), image.shape[-1]).amax(0)
-            predictable, group = best_group(error)
-        else:
-            pixels = torch.stack(middles, 1)
-            errors = [(read(predicted, pixels) - read(truth, pixels)).abs().amax(1) for read in readouts]
-            smallest, group = torch.stack(errors, 1).view(5, len(rough), len(readouts)).amax(0).min(1)
-            predictable = smallest <= tolerance
+        predicted, truth = _bilinear(c, u, v), image[middles[1], middles[0]]
+        pixels = torch.stack(middles, 1)
+        errors = [(read(predicted, pixels) - read(truth, pixels)).abs().amax(1) for read in readouts]
+        smallest, group = torch.stack(errors, 1).view(5, len(rough), len(readouts)).amax(0).min(1)
+        predictable = smallest <= tolerance
         # children: halves along each side longer than one pixel step (a side of one step stays whole); a block
         # whose pixels are all corners is done
         wide, tall = x1 - x0 > 1, y1 - y0 > 1
@@ -421,6 +422,14 @@ def adaptive_pixels(
         children = torch.unique(children[~predictable], dim=0)
         blocks = children[(children[:, 1] - children[:, 0] > 1) | (children[:, 3] - children[:, 2] > 1)]
     return image, source, int(traced.sum())
+
+
+def _bilinear(corners: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of corner values (..., 4, C) (top left, top right, bottom left, bottom right) at
+    fractions u across and v down (broadcasting against (..., C))."""
+    top = (1 - u) * corners[..., 0, :] + u * corners[..., 1, :]
+    bottom = (1 - u) * corners[..., 2, :] + u * corners[..., 3, :]
+    return (1 - v) * top + v * bottom
 
 
 def _corners(image: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -449,8 +458,7 @@ def _fill_bilinear(
         u = torch.arange(width + 1) / max(width, 1)
         v = torch.arange(height + 1) / max(height, 1)
         vv, uu = torch.meshgrid(v, u, indexing="ij")  # (h + 1, w + 1)
-        w = torch.stack([(1 - uu) * (1 - vv), uu * (1 - vv), (1 - uu) * vv, uu * vv], -1)  # (h + 1, w + 1, 4)
-        values = torch.einsum("hwk,bkc->bhwc", w, c)
+        values = _bilinear(c[:, None, None], uu[None, :, :, None], vv[None, :, :, None])  # (B, h + 1, w + 1, C)
         ys = (b[:, 2, None, None] + torch.arange(height + 1)[None, :, None]).expand(-1, height + 1, width + 1)
         xs = (b[:, 0, None, None] + torch.arange(width + 1)[None, None, :]).expand(-1, height + 1, width + 1)
         keep = ~traced[ys, xs]
