@@ -32,20 +32,30 @@ def test_paper_lengths_are_converted_from_im_avatars_units():
     assert reach == pytest.approx(0.0075 * math.sqrt(2 * math.log(1e4)))  # about 3.2 cm
 
 
+def dense_support(points: torch.Tensor, centres: torch.Tensor, support: float, cutoff: float) -> torch.Tensor:
+    """g (N, L) from support_weights' pairs, checked against the formula at every pair."""
+    pairs, values = support_weights(points, centres, support, cutoff)
+    g = torch.zeros(len(points), len(centres))
+    g[pairs[:, 1], pairs[:, 0]] = values
+    formula = (torch.exp(-torch.cdist(points, centres).square() / (2 * support**2)) - cutoff).clamp_min(0)
+    assert torch.allclose(g, formula, atol=1e-6) and (pairs[1:, 0] >= pairs[:-1, 0]).all()  # sorted by field
+    return g
+
+
 def test_support_weights_vanish_beyond_the_reach_and_blend_to_at_most_one():
     support, cutoff = PAPER.support, PAPER.cutoff
     reach = support_radius(support, cutoff)
     centres = torch.tensor([[0.0, 0.0, 0.0], [0.01, 0.0, 0.0]])
     distances = torch.linspace(0, 0.06, 601)
     points = torch.stack([-distances, torch.zeros_like(distances), torch.zeros_like(distances)], 1)
-    g = support_weights(points, centres, support, cutoff)
+    g = dense_support(points, centres, support, cutoff)
     beyond = distances > reach + 1e-6
     assert (g[beyond, 0] == 0).all() and (g[~beyond & (distances < reach - 1e-4), 0] > 0).all()
     assert (g[distances > reach + 0.01 + 1e-6, 1] == 0).all()
     assert g[0, 0] == pytest.approx(1 - cutoff)
     # the landmark term's blend weights: normalised where the supports overlap past one, fading at the rim
     dense = torch.rand(2000, 3) * 0.08 - 0.04
-    g = support_weights(dense, centres, support, cutoff)
+    g = dense_support(dense, centres, support, cutoff)
     blend = g / g.sum(1, keepdim=True).clamp_min(1.0)
     assert torch.allclose(blend.sum(1), g.sum(1).clamp_max(1.0), atol=1e-6)
     assert (blend.sum(1)[g.sum(1) == 0] == 0).all()

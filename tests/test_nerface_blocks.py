@@ -16,6 +16,61 @@ def test_positional_encoding_matches_the_paper_sizes():
     )
 
 
+def test_positional_encoding_is_the_formula_at_the_largest_angles_and_passes_gradients():
+    """One product lifts x to its angles (cosines as sines of the angles + pi/2): within 1e-5 of sin and cos of
+    2^k x taken apart, for positions up to 3 (2^9 x up to 1536 rad), with the gradient of the formula."""
+    x = (torch.rand(2000, 3) * 6 - 3).requires_grad_()
+    angles = (x[:, None, :] * 2.0 ** torch.arange(10.0)[:, None]).flatten(1)
+    formula = torch.cat([x, angles.sin(), angles.cos()], -1)
+    encoding = positional_encoding(x, 10)
+    assert (encoding - formula).abs().max() < 1e-5 and torch.equal(encoding[:, :3], x)
+    weights = torch.randn(63)
+    (ours,) = torch.autograd.grad((encoding * weights).sum(), x)
+    (theirs,) = torch.autograd.grad((formula * weights).sum(), x)
+    assert torch.allclose(ours, theirs, rtol=1e-3, atol=0.05)  # terms up to 512: 6e-5 rad of shift times 2^9
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast never lowers the angles' precision
+        assert positional_encoding(x, 10).dtype == torch.float32
+
+
+def test_dense_layer_fused_for_rendering_is_the_layer_and_pads_to_few_shapes():
+    """In bf16 without autograd, dense() runs oneDNN's fused kernel on rows padded to a bucket: the same values
+    as PyTorch's layer and activation in bf16 (to bf16 rounding), for odd row counts and a sliced weight."""
+    from avatar_pipeline.avatars.layers import bucket, dense
+
+    torch.manual_seed(0)
+    wide = torch.randn(64, 150) / 10
+    weight, bias = wide[:, :100], torch.randn(64) / 10  # a strided slice, as NeRFace's colour layer passes
+    for rows in (1, 65, 1000, 8192):
+        x = torch.randn(rows, 100)
+        for activation, function in (("none", lambda y: y), ("relu", torch.relu), ("sigmoid", torch.sigmoid)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = function(torch.nn.functional.linear(x, weight, bias)).float()
+                with torch.no_grad():
+                    got = dense(x, weight, bias, activation)
+            assert got.shape == (rows, 64) and got.dtype == torch.bfloat16
+            assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max() + 1e-3, (rows, activation)
+    # at most 12.5% more rows, eight sizes per octave: 64 and 8 for each octave from 64 to 65536
+    assert all(n <= bucket(n) <= max(64, 1.125 * n) for n in range(1, 65_537))
+    assert len({bucket(n) for n in range(1, 65_537)}) == 1 + 8 * 10
+
+
+def test_field_renders_what_it_trains_on():
+    """Rendering (no autograd, bf16: fused layers, conditioning folded into the first bias) gives the density and
+    colour the training path computes in the same precision, with and without kept samples."""
+    torch.manual_seed(0)
+    field = ConditionedField(FieldConfig(expression_dim=5, latent_dim=4, width=64, depth=3, plane_resolutions=(16,)))
+    pts, cond = torch.randn(40, 9, 3) * 0.3, torch.randn(9)
+    dirs = torch.nn.functional.normalize(torch.randn(40, 3), dim=-1)
+    keep = torch.rand(40, 9, generator=torch.Generator().manual_seed(1)) > 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = [field(pts, dirs, cond), field(pts, dirs, cond, keep)]
+        with torch.no_grad():
+            rendered = [field(pts, dirs, cond), field(pts, dirs, cond, keep)]
+    for (density, rgb), (density_r, rgb_r) in zip(trained, rendered):
+        assert (density_r.float() - density.float()).abs().max() <= 0.03 * density.float().abs().max() + 1e-3
+        assert (rgb_r.float() - rgb.float()).abs().max() <= 0.02 and rgb.float().std() > 0.01
+
+
 def test_field_is_the_paper_architecture_and_uses_its_conditioning():
     field = ConditionedField(FieldConfig())
     linears = [field.position_in] + [m for m in field.backbone if isinstance(m, torch.nn.Linear)]
@@ -77,7 +132,7 @@ def test_colour_layer_split_per_ray_is_the_layer_on_features_and_direction_toget
     field = ConditionedField(FieldConfig(expression_dim=5, latent_dim=4))
     pts, cond = torch.randn(7, 9, 3) * 0.2, torch.randn(9)
     dirs = torch.nn.functional.normalize(torch.randn(7, 3), dim=-1)
-    features = field.backbone(field._encode(pts.reshape(-1, 3)) + field.condition_in(cond))
+    features = field.backbone(field.position_in(field._encode(pts.reshape(-1, 3))) + field.condition_in(cond))
     view = positional_encoding(dirs, 4)[:, None].expand(-1, 9, -1).reshape(-1, 27)
     expected = torch.sigmoid(field.colour(torch.cat([features, view], -1))).view(7, 9, 3)
     _, rgb = field(pts, dirs, cond)

@@ -419,9 +419,17 @@ def adaptive_pixels(
         )
         predictable, group = predictable.repeat(4), group.repeat(4)
         fill(children[predictable], group[predictable])
-        children = torch.unique(children[~predictable], dim=0)
+        children = _unique_rows(children[~predictable], size)
         blocks = children[(children[:, 1] - children[:, 0] > 1) | (children[:, 3] - children[:, 2] > 1)]
     return image, source, int(traced.sum())
+
+
+def _unique_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """The distinct rows of an (N, K) tensor of integers in [0, size), sorted: as one number per row (torch.unique
+    with dim=0 compares rows one pair at a time, which cost a tenth of an adaptive render)."""
+    weights = size ** torch.arange(rows.shape[1] - 1, -1, -1)
+    keys = torch.unique(rows @ weights)
+    return torch.stack([(keys // w) % size for w in weights.tolist()], 1)
 
 
 def _bilinear(corners: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -452,7 +460,7 @@ def _fill_bilinear(
     if not len(blocks):
         return
     shapes = blocks[:, [1, 3]] - blocks[:, [0, 2]]
-    for width, height in torch.unique(shapes, dim=0).tolist():
+    for width, height in _unique_rows(shapes, image.shape[0]).tolist():
         pick = (shapes[:, 0] == width) & (shapes[:, 1] == height)
         b, c = blocks[pick], corners[pick]
         u = torch.arange(width + 1) / max(width, 1)

@@ -19,6 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..layers import compute_dtype, dense
 from ..volume import OccupancyGrid, composite, importance_depths, march, stratified_depths
 
 # early ray termination (rendering): the most samples a ray takes between two checks of its light left
@@ -45,9 +46,20 @@ class FieldConfig:
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
     """(..., D) -> (..., D * (1 + 2 * frequencies)): x, then sin and cos of 2^k x for k < frequencies."""
-    scales = 2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device)
-    angles = (x[..., None, :] * scales[:, None]).flatten(-2)
-    return torch.cat([x, angles.sin(), angles.cos()], -1)
+    dims = x.shape[-1]
+    eye = torch.eye(dims, dtype=x.dtype, device=x.device)
+    scaled = torch.kron(2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device), eye)  # blocks of 2^k I
+    # one product gives x, the angles 2^k x (k-major) and the angles + pi/2, whose sine is the cosine; each column
+    # one power of two times x, plus zeros (exact), the last ones plus pi/2 (one rounding, under 1e-4 at the
+    # largest angles). Fifteen times faster than the angles' broadcast product, and no joining of three tensors.
+    # In x's precision, never autocast's
+    lift = torch.cat([eye, scaled, scaled], 1)
+    shift = torch.cat([torch.zeros(dims * (1 + frequencies)), torch.full((dims * frequencies,), torch.pi / 2)])
+    flat = x.reshape(-1, dims)
+    with torch.autocast(x.device.type, enabled=False):
+        encoding = torch.addmm(shift.to(x), flat, lift).sin()
+    encoding[:, :dims] = flat  # x itself, not its sine
+    return encoding.view(*x.shape[:-1], -1)
 
 
 class FeaturePlanes(nn.Module):
@@ -60,15 +72,19 @@ class FeaturePlanes(nn.Module):
         super().__init__()
         self.planes = nn.ParameterList(nn.Parameter(0.1 * torch.randn(3, channels, r, r)) for r in resolutions)
         self.dim = 3 * channels * len(resolutions)
+        self.register_buffer("pairs", torch.tensor([[0, 1], [0, 2], [1, 2]]), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N, dim)"""
-        grid = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None]  # (3, N, 1, 2)
-        reads = [
-            torch.nn.functional.grid_sample(plane, grid, align_corners=True, padding_mode="border")
-            for plane in self.planes
-        ]  # each (3, C, N, 1)
-        return torch.cat(reads, 1)[..., 0].permute(2, 0, 1).reshape(len(x), -1)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 3) -> (N, dim), written into `out` (N, dim; any precision) when given."""
+        # (3, N, 1, 2), contiguous (grid_sample reads a strided grid six times slower)
+        grid = x.t()[self.pairs].transpose(1, 2).contiguous()[:, :, None]
+        out = x.new_empty(len(x), self.dim) if out is None else out
+        by_plane, start = out.view(len(x), 3, -1), 0
+        for plane in self.planes:
+            read = torch.nn.functional.grid_sample(plane, grid, align_corners=True, padding_mode="border")
+            by_plane[:, :, start : start + plane.shape[1]] = read[..., 0].permute(2, 0, 1)  # from (3, C, N)
+            start += plane.shape[1]
+        return out
 
 
 class ConditionedField(nn.Module):
@@ -106,18 +122,48 @@ class ConditionedField(nn.Module):
             nn.init.normal_(part.weight, std=(2.0 / fan_in) ** 0.5)
 
     def _density(self, features: torch.Tensor) -> torch.Tensor:
-        raw = self.density(features)[:, 0]
+        raw = dense(features, self.density.weight, self.density.bias)[:, 0]
         # a ReLU density can die everywhere in the first steps (it did for vr_face2's coarse field: the render
         # stayed the background); the shifted softplus always has a gradient and starts as thin fog
         return torch.relu(raw) if self.cfg.density_activation == "relu" else torch.nn.functional.softplus(raw - 1.0)
 
     def _encode(self, points: torch.Tensor) -> torch.Tensor:
-        """(N, 3) head-space points -> the first layer's position part (N, width)."""
+        """(N, 3) head-space points -> the first layer's position input (N, position features)."""
         scaled = points * self.cfg.position_scale
-        enc = positional_encoding(scaled, self.cfg.position_frequencies)
-        if self.planes is not None:
-            enc = torch.cat([enc, self.planes(scaled).to(enc.dtype)], -1)
-        return self.position_in(enc)
+        encoding = positional_encoding(scaled, self.cfg.position_frequencies)  # in fp32: sin(2^9 x) needs it
+        dtype = compute_dtype(points)
+        if self.planes is None:
+            return encoding.to(dtype)
+        # both parts written into one tensor of the layers' precision: joining in fp32 and casting the whole took
+        # three times as long as the first layer
+        joined = encoding.new_empty(len(points), encoding.shape[1] + self.planes.dim, dtype=dtype)
+        joined[:, : encoding.shape[1]] = encoding
+        self.planes(scaled, joined[:, encoding.shape[1] :])
+        return joined
+
+    def _features(self, encoding: torch.Tensor, conditioned: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        """The backbone's output (N, width) from encoded positions (N, F) and the conditioning's part of the first
+        layer: (width,) shared by all, or per ray (N / samples, width) for rays of `samples` consecutive samples."""
+        first = self.position_in
+        if conditioned.dim() == 1:  # a shared conditioning is part of the first layer's bias
+            hidden = dense(encoding, first.weight, first.bias + conditioned, "relu")
+        else:
+            hidden = dense(encoding, first.weight, first.bias).view(len(conditioned), samples, -1)
+            hidden = torch.relu_((hidden + conditioned[:, None]).view(len(encoding), -1))
+        for layer in self.backbone:
+            if isinstance(layer, nn.Linear):
+                hidden = dense(hidden, layer.weight, layer.bias, "relu")
+        return hidden
+
+    def _colour(self, features: torch.Tensor, view: torch.Tensor, samples: int = 1) -> torch.Tensor:
+        """RGB (N, 3) from the backbone's features (N, width) and the viewing direction's part of the colour
+        branch's first layer, per ray (N / samples, colour width) for rays of `samples` consecutive samples."""
+        first, *rest = [layer for layer in self.colour if isinstance(layer, nn.Linear)]
+        hidden = dense(features, first.weight[:, : self.cfg.width], first.bias)
+        hidden = torch.relu_((hidden.view(len(view), samples, -1) + view[:, None]).view(len(features), -1))
+        for layer in rest[:-1]:
+            hidden = dense(hidden, layer.weight, layer.bias, "relu")
+        return dense(hidden, rest[-1].weight, rest[-1].bias, "sigmoid")
 
     def forward(
         self,
@@ -131,30 +177,21 @@ class ConditionedField(nn.Module):
         empty space (density 0, black)."""
         rays, samples = points.shape[:2]
         shared = condition.dim() == 1
-        # the colour branch's first layer is split like the backbone's: its viewing-direction part is one
-        # product per ray (per-sample copies of the direction and the concatenation with the features cost more
-        # than the layer)
-        first = self.colour[0]
-        width = self.cfg.width
 
         def per_ray_terms(directions, condition):
-            """The first layers' parts that are constant along a ray: conditioning (one row for a shared
-            condition) and viewing direction."""
-            view = torch.nn.functional.linear(
-                positional_encoding(directions, self.cfg.direction_frequencies), first.weight[:, width:]
-            )
+            """The first layers' parts that are constant along a ray, each one product per ray instead of one per
+            sample: conditioning (one row for a shared condition) and viewing direction (per-sample copies of the
+            direction and their concatenation with the features cost more than the colour branch's layer)."""
+            encoded = positional_encoding(directions, self.cfg.direction_frequencies)
+            view = dense(encoded, self.colour[0].weight[:, self.cfg.width :])
             return self.condition_in(condition), view
 
         if keep is None:
             conditioned, view = per_ray_terms(directions, condition)
             # 2-D (rays * samples, features) operands: batched 3-D matmuls and their backward copies cost twice
             # as much
-            hidden = self._encode(points.reshape(-1, 3)).view(rays, samples, -1)
-            hidden = hidden + (conditioned if shared else conditioned[:, None])
-            features = self.backbone(hidden.view(rays * samples, -1))
-            colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias)
-            colour_in = (colour_in.view(rays, samples, -1) + view[:, None]).view(rays * samples, -1)
-            rgb = torch.sigmoid(self.colour[1:](colour_in)).view(rays, samples, 3)
+            features = self._features(self._encode(points.reshape(-1, 3)), conditioned, samples)
+            rgb = self._colour(features, view, samples).view(rays, samples, 3)
             return self._density(features).view(rays, samples), rgb
         # the kept samples packed, ray by ray; the per-ray terms only for the rays with a kept sample (a chunk of
         # sparse rays spans thousands of rays, and their products with the 85-wide condition cost more than the
@@ -164,18 +201,18 @@ class ConditionedField(nn.Module):
             return points.new_zeros(rays, samples), points.new_zeros(rays, samples, 3)
         hit, of_sample = torch.unique_consecutive(index // samples, return_inverse=True)
         conditioned, view = per_ray_terms(directions[hit], condition if shared else condition[hit])
-        hidden = self._encode(points.reshape(-1, 3)[index])
-        features = self.backbone(hidden + (conditioned if shared else conditioned[of_sample]))
+        features = self._features(
+            self._encode(points.reshape(-1, 3)[index]), conditioned if shared else conditioned[of_sample]
+        )
         density = points.new_zeros(rays * samples).index_put((index,), self._density(features).to(points.dtype))
-        colour_in = torch.nn.functional.linear(features, first.weight[:, :width], first.bias) + view[of_sample]
         rgb = points.new_zeros(rays * samples, 3).index_put(
-            (index,), torch.sigmoid(self.colour[1:](colour_in)).to(points.dtype)
+            (index,), self._colour(features, view[of_sample]).to(points.dtype)
         )
         return density.view(rays, samples), rgb.view(rays, samples, 3)
 
     def density_at(self, points: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Density per metre (N,) at head-space points (N, 3) under one condition (C,); no colour."""
-        return self._density(self.backbone(self._encode(points) + self.condition_in(condition)))
+        return self._density(self._features(self._encode(points), self.condition_in(condition)))
 
 
 class NeRFaceRenderer(nn.Module):
