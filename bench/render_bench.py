@@ -13,7 +13,11 @@ rendering) and with the grid as well (`adaptive_grid`), and the samples per pixe
 size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`, `after` and
 `adaptive` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters) and
 of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every pixel traced, and
-adaptive sampling). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with
+adaptive sampling). Every avatar is also rendered at each size by the code of ISSUE_COMMIT, the commit before
+the first change of issue 22 (`issue_commit`; bench/render_at_commit.py in a temporary git worktree), and the
+adaptive render's speed-up over it is recorded beside the one over `before` (today's code tracing every pixel,
+which got faster too). Each model renders once before any timing (oneDNN builds its bf16 kernels per shape in
+a process's first renders). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with
 the compare run's settings and the presets' rendering now, beside the minutes their own evaluation logs show.
 This CPU's matrix-product throughput is recorded beside the figures.
 
@@ -27,8 +31,11 @@ spaced samples a ray) beside the default one; --render-only renders the avatars 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +74,10 @@ SPARSE_RESULTS = "nerface_sparse.json"
 TUNED_CLIPS = [c for c in CLIPS if Path(c).stem in TUNED]
 
 SIZES = (128, 256, 512)
+# the code as it was when issue 22 (rendering 10x faster at 256 px) was filed: the commit before its first change
+# (9e3bd71). Each avatar is also rendered by that code (bench/render_at_commit.py, from a temporary worktree), so
+# the speed-ups of the dense path since then count as well
+ISSUE_COMMIT = "f4393d7"
 FRAME_STRIDE = 4
 # how a frame is rendered: as before this work (every sample computed, only the fine pass of rays the coarse
 # pass found empty skipped), with each speed-up alone, and with both
@@ -104,7 +115,47 @@ def timed_render(model, view) -> tuple[np.ndarray, float]:
     return image.clamp(0, 1).numpy(), time.perf_counter() - start
 
 
-def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS) -> dict:
+@contextlib.contextmanager
+def issue_tree():
+    """A temporary checkout of ISSUE_COMMIT (git worktree), removed afterwards."""
+    with tempfile.TemporaryDirectory() as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), ISSUE_COMMIT], cwd=REPO, check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
+
+
+def seconds_at_issue(tree: Path, name: str, avatar: str) -> dict:
+    """Seconds per frame at each of SIZES of `avatar` rendered by ISSUE_COMMIT's code (checked out at `tree`)."""
+    command = [sys.executable, str(REPO / "bench" / "render_at_commit.py"), str(tree)]
+    command += [str(REPO / "bench" / "work" / "results"), name, avatar, *map(str, SIZES)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def view_at(view, store: cache.SubjectCache, size: int):
+    """A held-out view rendered at another size."""
+    at_size = SubjectFrames(store, size, "test", with_images=False)
+    return dataclasses.replace(view, size=size, focal=at_size.focal, background=at_size.background)
+
+
+def warm_up(models: dict, view, store: cache.SubjectCache) -> None:
+    """One render of each model at the smallest size before any is timed: a process's first renders build the
+    oneDNN kernels of their bf16 shapes, which later renders reuse."""
+    for model in models.values():
+        model.render(view_at(view, store, SIZES[0]))
+
+
+def since_issue(seconds: dict, at_issue: dict | None, size: int) -> None:
+    """Add the seconds of ISSUE_COMMIT's code at `size` and the adaptive render's speed-up over them."""
+    if at_issue is not None:
+        seconds["issue_commit"] = at_issue[f"{size}px"]
+        seconds["speedup_adaptive_since_issue"] = round(at_issue[f"{size}px"] / seconds["adaptive"], 1)
+
+
+def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tree: Path | None = None) -> dict:
     spec = find("nerface")
     store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
     train_dir = store.root / "avatars" / avatar / "train"
@@ -134,9 +185,10 @@ def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS) -> 
             models[variant].occupancy = models["after"].occupancy_grid()
     views = models["after"].test_views("first_train_frame", test)
     print(name, avatar, figures["grid"], flush=True)
+    at_issue = seconds_at_issue(tree, name, avatar) if tree is not None else None
+    warm_up(models, views[0], store)
     for render_size in SIZES:
-        at_size = SubjectFrames(store, render_size, "test", with_images=False)
-        view = dataclasses.replace(views[0], size=render_size, focal=at_size.focal, background=at_size.background)
+        view = view_at(views[0], store, render_size)
         # and, at the training size, the samples each render sends through the fields per pixel (96 at most for
         # NeRFace fast: 32 coarse, and 64 fine on the rays the coarse pass finds busy), counted during the same render
         seconds, samples = {}, {}
@@ -146,6 +198,7 @@ def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS) -> 
             samples[variant] = round((model.renderer.samples_computed - counted) / render_size**2, 1)
         for variant in skipping:
             seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
+        since_issue(seconds, at_issue, render_size)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
         if render_size == size:
             figures["samples_per_pixel"] = samples
@@ -203,7 +256,7 @@ def evaluation_figures(name: str, avatar: str) -> dict:
     return figures
 
 
-def ldf_figures(name: str) -> dict:
+def ldf_figures(name: str, tree: Path | None = None) -> dict:
     """Local Deformation Fields' `cmp_ldf`: seconds per held-out frame at each size with every pixel traced and
     with adaptive sampling, and the PSNR of both over every FRAME_STRIDE-th held-out frame (first_train_frame
     codes) against the real frame and of the adaptive render against the dense one."""
@@ -218,11 +271,13 @@ def ldf_figures(name: str) -> dict:
     models = {v: load_trained(spec, cfg, train, train_dir, torch.device("cpu")) for v, cfg in configs.items()}
     views = models["before"].test_views("first_train_frame", test)
     figures: dict = {"seconds_per_frame": {}}
+    at_issue = seconds_at_issue(tree, name, LDF_AVATAR) if tree is not None else None
+    warm_up(models, views[0], store)
     for render_size in SIZES:
-        at_size = SubjectFrames(store, render_size, "test", with_images=False)
-        view = dataclasses.replace(views[0], size=render_size, focal=at_size.focal, background=at_size.background)
+        view = view_at(views[0], store, render_size)
         seconds = {v: round(timed_render(model, view)[1], 2) for v, model in models.items()}
         seconds["speedup_adaptive"] = round(seconds["before"] / seconds["adaptive"], 1)
+        since_issue(seconds, at_issue, render_size)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
         print(name, LDF_AVATAR, render_size, seconds, flush=True)
     rows = []
@@ -272,12 +327,14 @@ def main(clips: list[str]) -> None:
             "commit": head_commit(),
         }
     )
-    for clip in clips:
-        figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem)
-        _write("render_speed.json", figures)
-    for clip in clips:
-        figures.setdefault("ldf", {})[Path(clip).stem] = ldf_figures(Path(clip).stem)
-        _write("render_speed.json", figures)
+    figures["issue_commit"] = ISSUE_COMMIT
+    with issue_tree() as tree:
+        for clip in clips:
+            figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, tree=tree)
+            _write("render_speed.json", figures)
+        for clip in clips:
+            figures.setdefault("ldf", {})[Path(clip).stem] = ldf_figures(Path(clip).stem, tree)
+            _write("render_speed.json", figures)
     figures["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
     _write("render_speed.json", figures)
 
