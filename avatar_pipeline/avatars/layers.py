@@ -45,8 +45,10 @@ def dense(
         return _FUSED(x.to(dtype), weight, bias, activation, [], "")
     # oneDNN builds a kernel for every new shape (about 1 ms, four times the product of 8192 samples through a
     # 128-wide layer), so the rows are padded to one of eight sizes per octave: at most 12.5% more rows, and the
-    # few shapes are built once per process
-    padded = x.new_empty(size, x.shape[1], dtype=dtype)
+    # few shapes are built once per process. The padding is zeros: with an odd width the bf16 kernel reads a row's
+    # inputs in pairs, the last one paired with the next row's first value (times a zero weight), so a NaN in
+    # uninitialised padding turned the last real row into NaN (measured: renders with NaN pixels)
+    padded = x.new_zeros(size, x.shape[1], dtype=dtype)
     padded[:rows] = x
     return _FUSED(padded, weight, bias, activation, [], "")[:rows]
 
