@@ -190,3 +190,39 @@ def test_the_fast_preset_keeps_the_papers_structure():
     assert fast.phase_steps() == [200, 200, 200, fast.steps - fast.pretrain_steps]
     assert fast.grid_sizes()[0] == fast.grid_start and fast.grid_sizes()[-1] == fast.grid_final
     assert PAPER.grid_sizes()[0] == 128 and PAPER.grid_sizes()[-1] == 300 and len(PAPER.phase_steps()) == 7
+
+
+def test_rays_placed_by_their_own_first_pass_weights_render_as_with_the_first_pass(lp_d18_ict):
+    """A given proposal replaces the density-only first pass: with the rays' own first-pass weights it renders
+    what the first pass would, and the full pass's weights come back over the stratified samples."""
+    from avatar_pipeline.avatars import find
+    from avatar_pipeline.avatars.data import SubjectFrames
+    from avatar_pipeline.avatars.volume import SKIP_EMPTY, composite, ray_bounds, stratified_depths
+    from avatar_pipeline.geometry import camera_rays
+
+    spec = find("ldf")
+    cfg = spec.config_from(spec.smoke_settings)
+    train = SubjectFrames(lp_d18_ict, cfg.size, "train", with_images=False)
+    torch.manual_seed(0)
+    model = spec.model_class()(cfg, train, torch.device("cpu"))
+    state = model.frame_state(train.conditions[0], train.camera_to_head[0], model.untested_code())
+    pixels = torch.stack(torch.meshgrid(torch.arange(cfg.size), torch.arange(cfg.size), indexing="xy"), -1)
+    origins, dirs = camera_rays(train.camera_to_head[0], train.focal, cfg.size, pixels.reshape(-1, 2).float())
+    near, far = (b.expand(len(origins)) for b in ray_bounds(train.camera_to_head[0], cfg.scene_radius))
+    background = torch.rand(len(origins), 3)
+    with torch.no_grad():
+        args = (origins, dirs, near, far, background, state, float(model.window))
+        own = model.trace(*args, jitter=False, learned=True, skip_empty=SKIP_EMPTY, propose=True)
+        # the first pass's weights, as trace computes them
+        depths = stratified_depths(near, far, cfg.samples, jitter=False)
+        points = (origins[:, None] + dirs[:, None] * depths[..., None]).reshape(-1, 3)
+        density, _ = model.canonical.sigma(points + model.deform(points, state, float(model.window), True))
+        _, weights, _ = composite(density.view(len(origins), -1), torch.zeros(*depths.shape, 3), depths, background)
+        first = weights[:, :-1]
+        placed = model.trace(*args, jitter=False, learned=True, skip_empty=SKIP_EMPTY, proposal=first, propose=True)
+    busy = first.sum(-1) >= SKIP_EMPTY
+    assert busy.sum() > len(origins) // 4  # the untrained canonical grid is foggy: most rays take the full pass
+    assert torch.allclose(placed["colour"], own["colour"], atol=1e-5)
+    assert torch.allclose(placed["alpha"], own["alpha"], atol=1e-5)
+    assert own["proposal"].shape == (len(origins), cfg.samples)
+    assert torch.allclose(own["proposal"][busy].sum(-1), own["alpha"][busy], atol=1e-4)

@@ -2,8 +2,15 @@
 
 import torch
 
-from avatar_pipeline.avatars.nerface.field import ConditionedField, FeaturePlanes, FieldConfig, positional_encoding
-from avatar_pipeline.avatars.volume import composite, distortion_loss, importance_depths, stratified_depths
+from avatar_pipeline.avatars.layers import positional_encoding
+from avatar_pipeline.avatars.nerface.field import ConditionedField, FeaturePlanes, FieldConfig
+from avatar_pipeline.avatars.volume import (
+    binned_weights,
+    composite,
+    distortion_loss,
+    importance_depths,
+    stratified_depths,
+)
 
 
 def test_positional_encoding_matches_the_paper_sizes():
@@ -250,6 +257,43 @@ def test_importance_samples_gather_where_the_weights_are():
     torch.manual_seed(0)
     strat = stratified_depths(torch.zeros(3), torch.ones(3), 8, jitter=True)
     assert (strat[:, 1:] > strat[:, :-1]).all() and (strat >= 0).all() and (strat <= 1).all()
+
+
+def test_a_second_pass_weights_gather_onto_the_nearest_first_pass_sample():
+    torch.manual_seed(0)
+    bins = torch.sort(torch.rand(5, 12) * 3, -1).values
+    depths = torch.sort(torch.rand(5, 30) * 3.4 - 0.2, -1).values  # some before the first and after the last bin
+    weights = torch.rand(5, 30)
+    gathered = binned_weights(weights, depths, bins)
+    nearest = (depths[:, :, None] - bins[:, None, :]).abs().argmin(-1)
+    expected = torch.zeros(5, 12).scatter_add_(1, nearest, weights)
+    assert torch.allclose(gathered, expected) and torch.allclose(gathered.sum(-1), weights.sum(-1))
+
+
+def test_a_ray_placed_by_its_own_coarse_weights_as_proposal_renders_as_with_its_coarse_pass():
+    """The fine pass placed from a given proposal is the paper's fine pass when the proposal is the ray's own
+    coarse weights; the coarse field is then never run, and the fine weights come back over the coarse samples."""
+    from avatar_pipeline.avatars.nerface.field import NeRFaceRenderer
+
+    torch.manual_seed(0)
+    renderer = NeRFaceRenderer(FieldConfig(expression_dim=4, latent_dim=3, width=32, depth=2, colour_width=16), 16, 16)
+    rays = 40
+    origins = torch.tensor([0.0, 0.0, -1.0]).expand(rays, 3)
+    dirs = torch.nn.functional.normalize(torch.cat([0.3 * torch.randn(rays, 2), torch.ones(rays, 1)], 1), dim=-1)
+    args = (origins, dirs, torch.full((rays,), 0.5), torch.full((rays,), 1.5), torch.randn(7), torch.rand(rays, 3))
+    with torch.no_grad():
+        own = renderer(*args, jitter=False, skip_empty=1e-4, propose=True)
+        counted = renderer.samples_computed
+        placed = renderer(*args, jitter=False, skip_empty=1e-4, proposal=own["coarse_weights"], propose=True)
+    assert renderer.samples_computed - counted == rays * 32  # the fine pass alone: 16 coarse + 16 fine depths
+    # (a ray found empty shows the background itself instead of its coarse colour: less than skip_empty apart)
+    busy = own["coarse_alpha"] >= 1e-4
+    assert busy.sum() > rays // 2 and torch.allclose(placed["fine"][busy], own["fine"][busy], atol=1e-6)
+    assert torch.allclose(placed["fine"], own["fine"], atol=1e-4)
+    assert torch.allclose(placed["fine_alpha"], own["fine_alpha"], atol=1e-4)
+    # the proposal handed on holds the fine pass's foreground weight, over the 16 coarse samples
+    assert own["proposal"].shape == (rays, 16)
+    assert torch.allclose(own["proposal"].sum(-1), own["fine_alpha"], atol=1e-5)
 
 
 def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():
@@ -578,6 +622,32 @@ def test_adaptive_sampling_traces_the_edges_and_interpolates_the_smooth_parts():
     # a tolerance below every step the image takes traces every pixel but the ramp's own interpolable ones
     exact, _, _ = adaptive_pixels(_counting(image)[0], size, block=8, tolerance=0.0)
     assert torch.allclose(exact, image, atol=1e-5)
+
+
+def test_a_pixel_traced_inside_a_block_is_handed_its_corners_guides_interpolated():
+    """Guided adaptive sampling: each traced pixel's guide is its own (x, y), so a hint, the bilinear
+    interpolation of the guides of its block's corners, must be exactly the pixel's (x, y); the first lattice
+    is handed none; the image is the unguided one."""
+    from avatar_pipeline.avatars.volume import adaptive_pixels
+
+    size = 45
+    ys, xs = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    disc = (((xs - 20) ** 2 + (ys - 23) ** 2) < 81).float()
+    image = torch.stack([xs / size, 0.3 * ys / size, disc], -1)
+    hinted = []
+
+    def trace_pixels(pixels, hint):
+        hinted.append((pixels, hint))
+        return image[pixels[:, 1], pixels[:, 0]], pixels.float()
+
+    filled, _, traced = adaptive_pixels(trace_pixels, size, block=8, tolerance=0.05, guided=True)
+    first, *later = hinted
+    assert first[1] is None and len(later) > 1
+    assert sum(len(p) for p, _ in hinted) == traced
+    for pixels, hint in later:
+        assert torch.allclose(hint, pixels.float(), atol=1e-4)
+    unguided, _, _ = adaptive_pixels(lambda p: image[p[:, 1], p[:, 0]], size, block=8, tolerance=0.05)
+    assert torch.equal(filled, unguided)
 
 
 def test_adaptive_image_reads_fog_of_the_background_colour_from_its_difference_to_the_background():

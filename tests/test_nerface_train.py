@@ -298,7 +298,8 @@ def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_few
     cfg = tiny(steps=150, adaptive_block=0)
     data = SubjectFrames(tracked, cfg.size, "test")
     dense = load_trained(trained, cfg, tracked)
-    adaptive = load_trained(trained, tiny(steps=150, adaptive_block=4, adaptive_tolerance=8 / 255), tracked)
+    settings = {"adaptive_block": 4, "adaptive_tolerance": 8 / 255, "neighbour_proposals": False}
+    adaptive = load_trained(trained, tiny(steps=150, **settings), tracked)
     view = dense.view(data, 0)
     expected, expected_alpha = dense.render(view)
     before = adaptive.renderer.samples_computed
@@ -308,6 +309,14 @@ def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_few
     assert ((image - expected) ** 2).mean() < 1e-4  # above 40 dB
     # and the evaluation can say so (its summary and the report carry the note)
     assert dense.rendering_note() == "" and "blocks of 4 px" in adaptive.rendering_note()
+    # the pixels traced inside a block placing their fine samples from its corners' weights: the coarse pass is
+    # left to the first lattice, so fewer samples again for the same pixels, and the image as near the dense one
+    proposing = load_trained(trained, tiny(steps=150, **{**settings, "neighbour_proposals": True}), tracked)
+    image, alpha = proposing.render(view)
+    assert proposing.renderer.samples_computed < 0.85 * (adaptive.renderer.samples_computed - before)
+    assert (image - expected).abs().max() < 0.1 and (alpha - expected_alpha).abs().max() < 0.1
+    assert ((image - expected) ** 2).mean() < 1e-4
+    assert "neighbour_proposals" in proposing.rendering_note() and "proposals" not in adaptive.rendering_note()
 
 
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):

@@ -59,6 +59,15 @@ def importance_depths(depths: torch.Tensor, weights: torch.Tensor, count: int, j
     return t_lo + frac * (t_hi - t_lo)
 
 
+def binned_weights(weights: torch.Tensor, depths: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Weights (R, M) of samples at depths (R, M) gathered onto the nearest of the sorted depths `bins` (R, S):
+    (R, S), each sample's weight counted at the bin sample it lies nearest to, as importance_depths spreads a
+    bin sample's weight around it. A second pass's weights as a proposal over the first pass's samples."""
+    mids = 0.5 * (bins[:, 1:] + bins[:, :-1])
+    nearest = torch.searchsorted(mids.contiguous(), depths.contiguous())
+    return weights.new_zeros(bins.shape).scatter_add_(1, nearest, weights)
+
+
 def sample_widths(depths: torch.Tensor) -> torch.Tensor:
     """(R, S) sorted depths -> (R, S) the length of ray each sample stands for: up to the next sample, the
     last one as long as the one before it (the background sample comes after it)."""
@@ -239,16 +248,21 @@ def adaptive_note(cfg) -> str:
     """The rendering note of a volumetric method's config (AvatarModel.rendering_note)."""
     if adaptive_sampling(cfg) is None:
         return ""
+    proposals = (
+        "; pixels traced inside a block place their samples from its corners' weights (neighbour_proposals)"
+        if cfg.neighbour_proposals
+        else ""
+    )
     return (
         f"adaptive sampling: pixels traced where the image changes (blocks of {cfg.adaptive_block} px), the others "
-        f"interpolated within {cfg.adaptive_tolerance * 255:g}/255 of their neighbours' prediction; "
+        f"interpolated within {cfg.adaptive_tolerance * 255:g}/255 of their neighbours' prediction{proposals}; "
         "adaptive_block: 0 traces every pixel"
     )
 
 
 @torch.no_grad()
 def render_rays(
-    trace: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    trace: Callable[..., tuple[torch.Tensor, ...]],
     camera_to_head: torch.Tensor,
     focal: float,
     size: int,
@@ -256,24 +270,34 @@ def render_rays(
     rays_per_call: int = 8192,
     shrink: Callable[[], None] | None = None,
     adaptive: tuple[int, float] | None = None,
+    proposals: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, from `trace(origins, dirs,
     background colours)` -> (colours, alphas) over batches of rays. Running out of memory halves the rays
     per call (and calls `shrink`, for the method to lower its own chunking) and tries again. With `adaptive`
-    (block, tolerance), only the pixels `adaptive_pixels` picks are traced and the others interpolated."""
+    (block, tolerance), only the pixels `adaptive_pixels` picks are traced and the others interpolated.
+    With `proposals`, `trace(origins, dirs, background colours, proposal)` -> (colours, alphas, proposals):
+    a ray's proposal (N, S) is its weights over the method's first-pass samples; with `adaptive`, a pixel traced
+    inside a block is given the interpolation of its corners' proposals (None for the first pixels traced), to
+    place its samples from instead of a first pass of its own."""
     bg = background.reshape(size, size, 3)
     calls = {"rays": rays_per_call}
 
-    def trace_pixels(pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 2) integer (x, y) -> (N, 4): the foreground's colour premultiplied by its alpha, and the alpha."""
+    def trace_pixels(pixels: torch.Tensor, hint: torch.Tensor | None = None):
+        """(N, 2) integer (x, y) -> (N, 4): the foreground's colour premultiplied by its alpha, and the alpha;
+        with `proposals` also the rays' proposals (N, S)."""
         origins, dirs = camera_rays(camera_to_head, focal, size, pixels.float())
         behind = bg[pixels[:, 1], pixels[:, 0]]
-        out = []
+        out, guides = [], []
         a = 0
         while a < len(pixels):
             sl = slice(a, a + calls["rays"])
             try:
-                rgb, opacity = trace(origins[sl], dirs[sl], behind[sl])
+                if proposals:
+                    rgb, opacity, guide = trace(origins[sl], dirs[sl], behind[sl], None if hint is None else hint[sl])
+                    guides.append(guide.cpu().float())
+                else:
+                    rgb, opacity = trace(origins[sl], dirs[sl], behind[sl])
             except RuntimeError as e:
                 if not is_out_of_memory(e) or calls["rays"] <= 64:
                     raise
@@ -286,14 +310,15 @@ def render_rays(
             # the background is the last sample: colour = premultiplied foreground + (1 - alpha) background
             out.append(torch.cat([rgb - (1.0 - opacity)[:, None] * behind[sl], opacity[:, None]], 1))
             a += len(origins[sl])
-        return torch.cat(out)
+        return (torch.cat(out), torch.cat(guides)) if proposals else torch.cat(out)
 
     if adaptive is None:
-        values = trace_pixels(_all_pixels(size)).reshape(size, size, 4)
+        values = trace_pixels(_all_pixels(size))
+        values = (values[0] if proposals else values).reshape(size, size, 4)
         alpha = values[..., 3]
         return values[..., :3] + (1.0 - alpha)[..., None] * bg, alpha
 
-    return adaptive_image(trace_pixels, bg, *adaptive)
+    return adaptive_image(trace_pixels, bg, *adaptive, guided=proposals)
 
 
 def _all_pixels(size: int) -> torch.Tensor:
@@ -303,17 +328,22 @@ def _all_pixels(size: int) -> torch.Tensor:
 
 
 def adaptive_image(
-    trace_pixels: Callable[[torch.Tensor], torch.Tensor], background: torch.Tensor, block: int, tolerance: float
+    trace_pixels: Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    background: torch.Tensor,
+    block: int,
+    tolerance: float,
+    guided: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image (size, size, 3) and foreground alpha (size, size) over `background` (size, size, 3) from the pixels
     adaptive_pixels picks, `trace_pixels((N, 2) x, y) -> (N, 4)` giving their premultiplied foreground colour and
     alpha. A pixel is interpolated either as that (smooth over an opaque head in front of a textured background)
     or as its difference from the background (smooth where a thin fog of the background's own colour lies in
-    front of it): each block takes the one its corners predict better."""
+    front of it): each block takes the one its corners predict better. `guided`: as adaptive_pixels'."""
 
-    def trace_both(pixels: torch.Tensor) -> torch.Tensor:
-        values = trace_pixels(pixels)
-        return torch.cat([values, values[:, :3] - values[:, 3:] * background[pixels[:, 1], pixels[:, 0]]], 1)
+    def trace_both(pixels: torch.Tensor, hint: torch.Tensor | None = None):
+        values, guide = trace_pixels(pixels, hint) if guided else (trace_pixels(pixels), None)
+        both = torch.cat([values, values[:, :3] - values[:, 3:] * background[pixels[:, 1], pixels[:, 0]]], 1)
+        return (both, guide) if guided else both
 
     # what a pixel looks like, read either way: the error that matters is the composited colour's
     def premultiplied(values: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
@@ -324,7 +354,13 @@ def adaptive_image(
 
     size = background.shape[0]
     values, source, _ = adaptive_pixels(
-        trace_both, size, block, tolerance, groups=[slice(0, 4), slice(4, 7)], readouts=[premultiplied, difference]
+        trace_both,
+        size,
+        block,
+        tolerance,
+        groups=[slice(0, 4), slice(4, 7)],
+        readouts=[premultiplied, difference],
+        guided=guided,
     )
     pixels, flat = _all_pixels(size), values.view(-1, values.shape[-1])
     by_difference = (source == 1).view(-1, 1)  # the traced pixels read the same either way
@@ -339,6 +375,7 @@ def adaptive_pixels(
     tolerance: float,
     groups: list[slice] | None = None,
     readouts: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+    guided: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A (size, size, C) image of which only some pixels are traced (adaptive sampling in image space, as ray
     tracers refine where an image changes): the corners of blocks of `block` pixels first; a block whose
@@ -350,7 +387,10 @@ def adaptive_pixels(
     group's readout makes of it against what it makes of the traced values.
     `trace_pixels((N, 2) integer x, y) -> (N, C)`. Returns the image, per pixel the group a filled pixel's value
     is to be read from (-1 where traced), and the number of pixels traced. A detail smaller than a block that
-    none of the points traced touches is missed: the block size bounds what can be lost."""
+    none of the points traced touches is missed: the block size bounds what can be lost.
+    `guided`: `trace_pixels(pixels, hint)` -> (values (N, C), guides (N, G)), and a pixel traced inside a block
+    is given as hint the bilinear interpolation of the guides of the block's corners (every block's corners are
+    traced pixels; the first lattice is given None): what a tracer may reuse of its neighbours' work."""
     groups = groups or [slice(None)]
     # without readouts a group is judged on its own channels
     readouts = readouts or [lambda values, _, g=g: values[:, g] for g in groups]
@@ -358,13 +398,29 @@ def adaptive_pixels(
     image: torch.Tensor | None = None
     source = torch.full((size, size), -1, dtype=torch.int8)
 
-    def trace(xs: torch.Tensor, ys: torch.Tensor) -> None:
-        nonlocal image
-        key = torch.unique(ys * size + xs)
-        key = key[~traced.view(-1)[key]]
+    guides: torch.Tensor | None = None  # (size * size, G) of the traced pixels when guided
+
+    def trace(xs: torch.Tensor, ys: torch.Tensor, hints: torch.Tensor | None = None) -> None:
+        """Trace the pixels (xs, ys) not traced yet; `hints` (one row per pixel given, guided only): a pixel
+        given twice (an edge's midpoint, shared by two blocks) takes the mean of its rows."""
+        nonlocal image, guides
+        key, inverse = torch.unique(ys * size + xs, return_inverse=True)
+        hint = None
+        if hints is not None:
+            sums = hints.new_zeros(len(key), hints.shape[1]).index_add_(0, inverse, hints)
+            hint = sums / torch.bincount(inverse, minlength=len(key)).clamp_min(1)[:, None]
+        new = ~traced.view(-1)[key]
+        key = key[new]
         if not len(key):
             return
-        values = trace_pixels(torch.stack([key % size, key // size], 1))
+        pixels = torch.stack([key % size, key // size], 1)
+        if guided:
+            values, guide = trace_pixels(pixels, None if hint is None else hint[new])
+            if guides is None:
+                guides = guide.new_zeros(size * size, guide.shape[1])
+            guides[key] = guide
+        else:
+            values = trace_pixels(pixels)
         if image is None:
             image = values.new_zeros(size, size, values.shape[1])
         image.view(-1, values.shape[1])[key] = values
@@ -395,9 +451,14 @@ def adaptive_pixels(
         x0, x1, y0, y1 = rough.T
         xm, ym = (x0 + x1) // 2, (y0 + y1) // 2
         middles = (torch.cat([xm, xm, x0, x1, xm]), torch.cat([y0, y1, ym, ym, ym]))
-        trace(*middles)
         u = ((middles[0] - x0.repeat(5)) / (x1 - x0).clamp_min(1).repeat(5))[:, None]
         v = ((middles[1] - y0.repeat(5)) / (y1 - y0).clamp_min(1).repeat(5))[:, None]
+        hints = None
+        if guided:
+            top, bottom = y0 * size, y1 * size
+            around = torch.stack([guides[top + x0], guides[top + x1], guides[bottom + x0], guides[bottom + x1]], 1)
+            hints = _bilinear(around.repeat(5, 1, 1), u, v)
+        trace(*middles, hints)
         c = corners.repeat(5, 1, 1)
         predicted, truth = _bilinear(c, u, v), image[middles[1], middles[0]]
         pixels = torch.stack(middles, 1)

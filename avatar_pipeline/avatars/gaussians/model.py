@@ -28,6 +28,7 @@ from ...metrics import Lpips
 from ...tracking import joint_pose
 from ..base import AvatarModel, Phase, View
 from ..data import SubjectFrames, psnr, textured_head_model
+from ..layers import positional_encoding
 from ..nha.mesh import build_head_mesh
 from .body import HEAD_MARGIN, SPREAD_FRAMES, BodyGaussians, free_person_pixels, grid_over
 from .config import GaussianConfig
@@ -114,13 +115,6 @@ def uv_raster(mesh, count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(triangles), np.concatenate(weights).astype(np.float32)
 
 
-def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
-    """x and sin, cos of 2^k pi x for k < frequencies (NeRF's encoding)."""
-    scales = (2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device)) * np.pi
-    angles = (x[..., None, :] * scales[:, None]).flatten(-2)
-    return torch.cat([x, torch.sin(angles), torch.cos(angles)], -1)
-
-
 class OffsetNetwork(torch.nn.Module):
     """Encoded canonical position and frame conditions -> 10 tanh-bounded outputs: position (3), rotation
     (4, as a quaternion delta) and scale (3) offsets; the last layer starts at zero (no offset)."""
@@ -167,7 +161,7 @@ class GaussianAvatarModel(AvatarModel):
             canonical = self.surface_points(torch.zeros(1, len(train.conditions[0])))[0]
         low, high = canonical.min(0).values, canonical.max(0).values
         normalised = (canonical - (low + high) / 2) / ((high - low).max() / 2)
-        self.register_buffer("encoded", positional_encoding(normalised, cfg.frequencies), persistent=False)
+        self.register_buffer("encoded", positional_encoding(normalised, cfg.frequencies, np.pi), persistent=False)
         count = len(canonical)
         # FlashAvatar's start: colour 0.5 (zero harmonics), opacity 0.1, isotropic scale the RMS distance to
         # the three nearest neighbours, no rotation
@@ -235,7 +229,7 @@ class GaussianAvatarModel(AvatarModel):
             train.size,
             colours[at[:, 1], at[:, 0]],
             torch.stack([BodyGaussians.pose(m) for m in to_camera]).mean(0),
-            lambda x: positional_encoding(x, 4),
+            lambda x: positional_encoding(x, 4, np.pi),
             cfg.max_offset,
         )
 

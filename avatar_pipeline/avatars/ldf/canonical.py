@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..nerface.field import positional_encoding
+from ..layers import positional_encoding
 from ..volume import cell_occupied
 
 PLANES = ((0, 1), (0, 2), (1, 2))  # the plane of each pair, and the line along the remaining axis
@@ -124,8 +124,15 @@ class CanonicalField(nn.Module):
         """RGB in [0, 1] (N, 3) at points with their ray directions (N, 3) and the frame's code (D,)."""
         features = self.basis(self.appearance.read(self.unit(points)).flatten(1))
         inputs = torch.cat([positional_encoding(features, 2), positional_encoding(directions, 2)], -1)
-        inputs = torch.cat([inputs, code.expand(len(points), -1)], -1)
-        return torch.sigmoid(self.decoder(inputs))
+        # the code is the same for every point: its part of the first layer joins the bias (one product, where
+        # copying it beside every point's inputs cost as much as the layer)
+        first, *rest = self.decoder
+        per_point = inputs.shape[1]
+        bias = first.bias + first.weight[:, per_point:] @ code
+        hidden = F.linear(inputs, first.weight[:, :per_point].contiguous(), bias)
+        for layer in rest:
+            hidden = layer(hidden)
+        return torch.sigmoid(hidden)
 
     def forward(self, points: torch.Tensor, directions: torch.Tensor, code: torch.Tensor):
         """Density per metre (N,) and colour (N, 3); the colour is only computed where density is positive."""

@@ -84,6 +84,10 @@ class LDFConfig(AvatarConfig):
     # volume.adaptive_pixels); 0: every pixel traced (the paper). The alpha is exact only where traced
     adaptive_block: int = 0
     adaptive_tolerance: float = 8 / 255
+    # rendering with adaptive sampling: a pixel traced inside a block places its importance samples from the
+    # weights of the block's corners (their full pass's weights gathered onto the stratified samples, bilinearly
+    # interpolated) instead of a first pass of its own. False: every traced pixel takes both passes
+    neighbour_proposals: bool = False
 
     evaluation_keys: ClassVar[tuple[str, ...]] = (
         "fit_steps",
@@ -93,6 +97,7 @@ class LDFConfig(AvatarConfig):
         "early_termination",
         "adaptive_block",
         "adaptive_tolerance",
+        "neighbour_proposals",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -142,6 +147,9 @@ PRESETS: dict[str, dict] = {
         # rendering: adaptive sampling in image space (block and tolerance tuned on lp_d18 and dt_W009: held-out
         # PSNR within 0.06 dB of every pixel traced, 4-6x fewer rays at 256 px; bench/render_bench.py)
         "adaptive_block": 8,
+        # and the pixels traced inside a block placing their samples from its corners' weights instead of a first pass
+        # of their own (chosen on dt_W009 and lp_d18; bench/render_bench.py, `proposals`)
+        "neighbour_proposals": True,
         "fit_steps": 60,
         "fit_rays": 256,
         "fit_every": 1,

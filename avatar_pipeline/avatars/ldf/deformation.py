@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..layers import positional_encoding
 from .config import METRES_PER_UNIT
 
 # the supplement's five field centres: the eyes' centres, the mouth corners and the lower lip's midpoint
@@ -75,11 +76,12 @@ def attention_masks(landmark_motion: np.ndarray, quantile: float = 0.25, floor: 
 def windowed_encoding(x: torch.Tensor, frequencies: int, alpha: float) -> torch.Tensor:
     """(..., 3) -> (..., 3 (1 + 2F)): x, then sin and cos of 2^k pi x, frequency k weighted by
     (1 - cos(pi clamp(alpha - k, 0, 1))) / 2 (Nerfies' coarse-to-fine window; alpha grows to F)."""
+    encoding = positional_encoding(x, frequencies, math.pi)
     k = torch.arange(frequencies, dtype=x.dtype, device=x.device)
     window = 0.5 * (1 - torch.cos(math.pi * (alpha - k).clamp(0, 1)))
-    angles = (x[..., None, :] * (math.pi * 2.0**k)[:, None]).flatten(-2)
-    weights = window.repeat_interleave(3)
-    return torch.cat([x, angles.sin() * weights, angles.cos() * weights], -1)
+    if bool((window < 1).any()):  # only while the window opens (a trained avatar renders with every weight 1)
+        encoding[..., 3:] *= window.repeat_interleave(3).repeat(2)
+    return encoding
 
 
 class LocalFields(nn.Module):

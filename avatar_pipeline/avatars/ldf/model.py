@@ -41,6 +41,7 @@ from ..volume import (
     SKIP_EMPTY,
     adaptive_note,
     adaptive_sampling,
+    binned_weights,
     composite,
     importance_depths,
     march,
@@ -223,6 +224,8 @@ class LDFModel(AvatarModel):
         jitter: bool,
         learned: bool,
         skip_empty: float = 0.0,
+        proposal: torch.Tensor | None = None,
+        propose: bool = False,
     ):
         """Render rays of one frame: colour (R, 3), foreground alpha (R,), and per sample the weights
         (R, S + 1, the background's last), the observed points (R, S, 3) and their deformation (R, S, 3).
@@ -230,31 +233,38 @@ class LDFModel(AvatarModel):
         With importance samples, a first pass of density alone over the stratified samples places them.
         skip_empty > 0 (rendering only): rays whose first-pass foreground alpha is below it show the
         background and skip the second pass, and with `early_termination` the others are computed only until
-        less than skip_empty of their light is left; only colour and alpha are returned then."""
+        less than skip_empty of their light is left; only colour and alpha are returned then, and with `propose`
+        the full pass's weights gathered onto the stratified samples (`proposal`, R, S); a given `proposal` (R, S;
+        a neighbouring pixel's, volume.render_rays) places the importance samples instead of the first pass."""
         cfg = self.cfg
         depths = stratified_depths(near, far, cfg.samples, jitter)
-        rays, busy = len(origins), None
+        rays, busy, weights = len(origins), None, proposal
         if cfg.importance_samples:
-            with torch.no_grad():
-                points = (origins[:, None] + dirs[:, None] * depths[..., None]).reshape(-1, 3)
-                density, _ = self.canonical.sigma(points + self.deform(points, state, alpha, learned))
-                _, weights, _ = composite(
-                    density.view(rays, -1), depths.new_zeros(rays, cfg.samples, 3), depths, background
-                )
-                extra = importance_depths(depths, weights[:, :-1], cfg.importance_samples, jitter)
-                if skip_empty > 0:
-                    busy = weights[:, :-1].sum(-1) >= skip_empty
-            depths = torch.sort(torch.cat([depths, extra], -1), -1).values
+            if weights is None:
+                with torch.no_grad():
+                    points = (origins[:, None] + dirs[:, None] * depths[..., None]).reshape(-1, 3)
+                    density, _ = self.canonical.sigma(points + self.deform(points, state, alpha, learned))
+                    _, weights, _ = composite(
+                        density.view(rays, -1), depths.new_zeros(rays, cfg.samples, 3), depths, background
+                    )
+                    weights = weights[:, :-1]
+            extra = importance_depths(depths, weights, cfg.importance_samples, jitter)
+            if skip_empty > 0:
+                busy = weights.sum(-1) >= skip_empty
+            stratified, depths = depths, torch.sort(torch.cat([depths, extra], -1), -1).values
         if skip_empty > 0:
             # rendering: rays the first pass found empty show the background; the others stop being traced
             # once less than skip_empty of their light is left
             busy = busy if busy is not None else torch.ones(rays, dtype=torch.bool, device=origins.device)
             colour, opacity = background.clone(), background.new_zeros(rays)
+            proposed = weights.clone() if propose else None
             if bool(busy.any()):
                 shade = self._shade_marching if cfg.early_termination else self._shade
                 out = shade(origins[busy], dirs[busy], depths[busy], background[busy], state, alpha, learned)
                 colour[busy], opacity[busy] = out["colour"], out["alpha"]
-            return {"colour": colour, "alpha": opacity}
+                if propose:
+                    proposed[busy] = binned_weights(out["weights"][:, :-1], depths[busy], stratified[busy])
+            return {"colour": colour, "alpha": opacity, "proposal": proposed}
         return self._shade(origins, dirs, depths, background, state, alpha, learned)
 
     def _shade_marching(self, origins, dirs, depths, background, state: FrameState, alpha: float, learned: bool):
@@ -266,8 +276,8 @@ class LDFModel(AvatarModel):
             return density, rgb
 
         density, rgb = march(evaluate, depths, SKIP_EMPTY)
-        colour, _, opacity = composite(density, rgb, depths, background)
-        return {"colour": colour, "alpha": opacity}
+        colour, weights, opacity = composite(density, rgb, depths, background)
+        return {"colour": colour, "alpha": opacity, "weights": weights}
 
     def _samples(self, origins, dirs, depths, state: FrameState, alpha: float, learned: bool):
         """Rays' samples at depths (R, S): the observed points (R, S, 3), their deformation (R, S, 3), and the
@@ -368,7 +378,11 @@ class LDFModel(AvatarModel):
         alpha = float(self.window)
         device = self.device
 
-        def trace(origins, dirs, background):
+        adaptive = adaptive_sampling(self.cfg)
+        # a traced pixel's importance samples placed from its neighbours' weights: only between traced neighbours
+        proposals = self.cfg.neighbour_proposals and self.cfg.importance_samples > 0 and adaptive is not None
+
+        def trace(origins, dirs, background, proposal=None):
             n = len(origins)
             out = self.trace(
                 origins.to(device),
@@ -381,11 +395,21 @@ class LDFModel(AvatarModel):
                 jitter=False,
                 learned=True,
                 skip_empty=SKIP_EMPTY,
+                proposal=None if proposal is None else proposal.to(device),
+                propose=proposals,
             )
-            return out["colour"], out["alpha"]
+            return (out["colour"], out["alpha"], out["proposal"]) if proposals else (out["colour"], out["alpha"])
 
-        adaptive = adaptive_sampling(self.cfg)
-        return render_rays(trace, view.camera_to_head, view.focal, view.size, view.background, 4096, adaptive=adaptive)
+        return render_rays(
+            trace,
+            view.camera_to_head,
+            view.focal,
+            view.size,
+            view.background,
+            4096,
+            adaptive=adaptive,
+            proposals=proposals,
+        )
 
     def rendering_note(self) -> str:
         return adaptive_note(self.cfg)

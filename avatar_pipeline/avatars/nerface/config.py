@@ -80,6 +80,11 @@ class NeRFaceConfig(AvatarConfig):
     # volume.adaptive_pixels); 0: every pixel traced (the paper). The alpha is exact only where traced
     adaptive_block: int = 0
     adaptive_tolerance: float = 8 / 255
+    # rendering with adaptive sampling: a pixel traced inside a block places its fine samples from the weights of
+    # the block's corners (their fine weights gathered onto the coarse samples, bilinearly interpolated) instead
+    # of a coarse pass of its own; the pixels of the first lattice take the coarse pass. False: every traced
+    # pixel takes both passes (the paper)
+    neighbour_proposals: bool = False
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
@@ -98,6 +103,7 @@ class NeRFaceConfig(AvatarConfig):
         "march_samples",
         "adaptive_block",
         "adaptive_tolerance",
+        "neighbour_proposals",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
     added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0, "distortion_weight": 0.0}
@@ -141,6 +147,9 @@ PRESETS: dict[str, dict] = {
         # rendering: adaptive sampling in image space (block and tolerance tuned on lp_d18 and dt_W009: held-out
         # PSNR within 0.06 dB of every pixel traced, 4-6x fewer rays at 256 px; bench/render_bench.py)
         "adaptive_block": 8,
+        # and the pixels traced inside a block placing their samples from its corners' weights instead of a coarse pass
+        # of their own (chosen on dt_W009 and lp_d18; bench/render_bench.py, `proposals`)
+        "neighbour_proposals": True,
         "latent_steps": 60,
         "video_frames": 60,
         "orbit_frames": 24,

@@ -19,8 +19,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..layers import compute_dtype, dense
-from ..volume import OccupancyGrid, composite, importance_depths, march, stratified_depths
+from ..layers import compute_dtype, dense, positional_encoding
+from ..volume import OccupancyGrid, binned_weights, composite, importance_depths, march, stratified_depths
 
 # early ray termination (rendering): the most samples a ray takes between two checks of its light left
 MARCH_SEGMENT = 16
@@ -42,24 +42,6 @@ class FieldConfig:
     # backbone beside the positional encoding; none in the paper
     plane_resolutions: tuple[int, ...] = ()
     plane_channels: int = 8
-
-
-def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
-    """(..., D) -> (..., D * (1 + 2 * frequencies)): x, then sin and cos of 2^k x for k < frequencies."""
-    dims = x.shape[-1]
-    eye = torch.eye(dims, dtype=x.dtype, device=x.device)
-    scaled = torch.kron(2.0 ** torch.arange(frequencies, dtype=x.dtype, device=x.device), eye)  # blocks of 2^k I
-    # one product gives x, the angles 2^k x (k-major) and the angles + pi/2, whose sine is the cosine; each column
-    # one power of two times x, plus zeros (exact), the last ones plus pi/2 (one rounding, under 1e-4 at the
-    # largest angles). Fifteen times faster than the angles' broadcast product, and no joining of three tensors.
-    # In x's precision, never autocast's
-    lift = torch.cat([eye, scaled, scaled], 1)
-    shift = torch.cat([torch.zeros(dims * (1 + frequencies)), torch.full((dims * frequencies,), torch.pi / 2)])
-    flat = x.reshape(-1, dims)
-    with torch.autocast(x.device.type, enabled=False):
-        encoding = torch.addmm(shift.to(x), flat, lift).sin()
-    encoding[:, :dims] = flat  # x itself, not its sine
-    return encoding.view(*x.shape[:-1], -1)
 
 
 class FeaturePlanes(nn.Module):
@@ -328,6 +310,8 @@ class NeRFaceRenderer(nn.Module):
         skip_empty: float = 0.0,
         occupancy: OccupancyGrid | None = None,
         stop_below: float = 0.0,
+        proposal: torch.Tensor | None = None,
+        propose: bool = False,
     ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
         dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,); the
@@ -338,24 +322,27 @@ class NeRFaceRenderer(nn.Module):
         instead of the fine one (they show the background), which saves most of the fine pass on the
         background pixels of a frame; `occupancy`: samples in its empty cells are not computed (empty);
         stop_below > 0: a ray's samples behind the point where less than stop_below of its light is left are
-        not computed (empty)."""
+        not computed (empty); `proposal` (R, S): weights over the coarse samples that place the fine samples
+        instead of a coarse pass (a neighbouring pixel's, volume.render_rays), whose colour is then the
+        background's; `propose`: also the fine weights gathered onto the coarse samples (`proposal`, R, S)."""
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
-        points = origins[:, None] + directions[:, None] * depths[..., None]
-        keep = None if occupancy is None else occupancy.contains(points)
-        density, rgb = self._trace(self.coarse, points, directions, condition, keep, depths, stop_below)
-        coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
-        out = {
-            "coarse": coarse,
-            "coarse_alpha": coarse_alpha,
-            "coarse_weights": weights[:, :-1],
-            "coarse_depths": depths,
-        }
+        if proposal is None:
+            points = origins[:, None] + directions[:, None] * depths[..., None]
+            keep = None if occupancy is None else occupancy.contains(points)
+            density, rgb = self._trace(self.coarse, points, directions, condition, keep, depths, stop_below)
+            coarse, weights, coarse_alpha = composite(density, rgb, depths, background)
+            weights = weights[:, :-1]
+        else:
+            weights, coarse_alpha = proposal, proposal.sum(-1)
+            coarse = background.clone()
+        out = {"coarse": coarse, "coarse_alpha": coarse_alpha, "coarse_weights": weights, "coarse_depths": depths}
         busy = torch.ones_like(coarse_alpha, dtype=torch.bool) if skip_empty <= 0 else coarse_alpha >= skip_empty
         fine, fine_alpha, fine_depth = coarse.clone(), coarse_alpha.clone(), far.clone()
+        proposed = weights.clone() if propose else None
         if busy.any():
             # a slice when every ray is busy (always so in training) avoids copying the ray tensors
             sel = slice(None) if bool(busy.all()) else busy.nonzero()[:, 0]
-            extra = importance_depths(depths[sel], weights[sel, :-1], self.fine_samples, jitter)
+            extra = importance_depths(depths[sel], weights[sel], self.fine_samples, jitter)
             fine_depths = torch.sort(torch.cat([depths[sel], extra], -1), -1).values
             points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
             keep = None if occupancy is None else occupancy.contains(points)
@@ -365,9 +352,11 @@ class NeRFaceRenderer(nn.Module):
             depth = (fine_weights[:, :-1] * fine_depths).sum(-1) + fine_weights[:, -1] * far[sel]
             if isinstance(sel, slice):  # every ray (training): the weights along them, for losses on their shape
                 out.update(fine_weights=fine_weights[:, :-1], fine_depths=fine_depths)
+            if propose:
+                proposed[sel] = binned_weights(fine_weights[:, :-1], fine_depths, depths[sel])
             fine, fine_alpha, fine_depth = (
                 whole.index_put((sel,), part) if not isinstance(sel, slice) else part
                 for whole, part in ((fine, colour), (fine_alpha, alpha), (fine_depth, depth))
             )
-        out.update(fine=fine, fine_alpha=fine_alpha, fine_depth=fine_depth)
+        out.update(fine=fine, fine_alpha=fine_alpha, fine_depth=fine_depth, proposal=proposed)
         return out

@@ -187,6 +187,7 @@ class NeRFaceModel(AvatarModel):
             stop_early=self.cfg.early_termination,
             march_samples=self.cfg.march_samples,
             adaptive=adaptive_sampling(self.cfg),
+            proposals=self.cfg.neighbour_proposals,
         )
 
     def rendering_note(self) -> str:
@@ -263,17 +264,20 @@ def render_image(
     stop_early: bool = False,
     march_samples: int = 0,
     adaptive: tuple[int, float] | None = None,
+    proposals: bool = False,
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
     empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
     SKIP_EMPTY of its light left; with march_samples > 0, the fine field alone along that many evenly spaced
     samples (NeRFaceRenderer.render_marched, skipping the same); with `adaptive` (block, tolerance), only the
-    pixels volume.adaptive_pixels picks. Out of memory, the renderer's sample chunk halves with the rays per
-    call."""
+    pixels volume.adaptive_pixels picks, and with `proposals` as well those traced inside a block place their
+    fine samples from its corners' weights instead of a coarse pass (not with march_samples). Out of memory,
+    the renderer's sample chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
     stop_below = SKIP_EMPTY if stop_early else 0.0
+    proposals = proposals and adaptive is not None and march_samples <= 0
 
-    def trace(origins, dirs, background_colours):
+    def trace(origins, dirs, background_colours, proposal=None):
         n = len(origins)
         rays = (
             origins.to(device),
@@ -285,10 +289,18 @@ def render_image(
         )
         if march_samples > 0:
             return renderer.render_marched(*rays, occupancy, march_samples, stop_below)
-        out = renderer(*rays, jitter=False, skip_empty=SKIP_EMPTY, occupancy=occupancy, stop_below=stop_below)
-        return out["fine"], out["fine_alpha"]
+        out = renderer(
+            *rays,
+            jitter=False,
+            skip_empty=SKIP_EMPTY,
+            occupancy=occupancy,
+            stop_below=stop_below,
+            proposal=None if proposal is None else proposal.to(device),
+            propose=proposals,
+        )
+        return (out["fine"], out["fine_alpha"], out["proposal"]) if proposals else (out["fine"], out["fine_alpha"])
 
     def shrink():
         renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
 
-    return render_rays(trace, camera_to_head, focal, size, background, rays_per_call, shrink, adaptive)
+    return render_rays(trace, camera_to_head, focal, size, background, rays_per_call, shrink, adaptive, proposals)
