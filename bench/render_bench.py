@@ -8,17 +8,19 @@ Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians
 `bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
 build time and share of occupied cells; seconds per frame of a held-out frame at 128, 256 and 512 px rendered
 as before (every sample computed), with early ray termination alone, with the occupancy grid alone, and with
-both (`after`), with adaptive sampling in image space and early termination (`adaptive`, the fast preset's
-rendering) and with the grid as well (`adaptive_grid`), and the samples per pixel each computes at the training
+both (`after`), with adaptive sampling in image space and early termination (`adaptive`) and with the grid as
+well (`adaptive_grid`), and with the pixels traced inside a block placing their samples from its corners'
+weights (`proposals`, the fast preset's rendering), and the samples per pixel each computes at the training
 size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`, `after` and
-`adaptive` renders against the real frame (the `first_train_frame` protocol, so no test-time fitting enters) and
-of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every pixel traced, and
-adaptive sampling). Every avatar is also rendered at each size by the code of ISSUE_COMMIT, the commit before
-the first change of issue 22 (`issue_commit`; bench/render_at_commit.py in a temporary git worktree), and the
-adaptive render's speed-up over it is recorded beside the one over `before` (today's code tracing every pixel,
-which got faster too). Each model renders once before any timing (oneDNN builds its bf16 kernels per shape in
-a process's first renders). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with
-the compare run's settings and the presets' rendering now, beside the minutes their own evaluation logs show.
+`adaptive` and `proposals` renders against the real frame (the `first_train_frame` protocol, so no test-time
+fitting enters) and of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every
+pixel traced, adaptive sampling, and with proposals; a clip whose `cmp_ldf` is not trained is skipped). Every
+avatar is also rendered at each size by the code of ISSUE_COMMIT, the commit before the first change of issue
+22 (`issue_commit`; bench/render_at_commit.py in a temporary git worktree), and the adaptive renders' speed-ups
+over it are recorded beside the ones over `before` (today's code tracing every pixel, which got faster too).
+Each model renders once before any timing (oneDNN builds its bf16 kernels per shape in a process's first
+renders). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with the
+compare run's settings and the presets' rendering now, beside the minutes their own evaluation logs show.
 This CPU's matrix-product throughput is recorded beside the figures.
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
@@ -88,14 +90,22 @@ VARIANTS = {
     "after": {"occupancy_cells": 64, "early_termination": True, "adaptive_block": 0},
     # adaptive sampling in image space (the fast preset's 8 px blocks and 8/255), with early termination, without
     # and with the grid
-    "adaptive": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8},
+    "adaptive": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": False},
     "adaptive_grid": {"occupancy_cells": 64, "early_termination": True, "adaptive_block": 8},
+    # and the pixels traced inside a block placing their fine samples from its corners' weights, without a coarse
+    # pass of their own (the fast preset's rendering since 2026-12-02)
+    "proposals": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": True},
 }
 # the variants whose renders are also compared with the dense one over the held-out frames
-COMPARED = ("after", "adaptive")
+COMPARED = ("after", "adaptive", "proposals")
 # Local Deformation Fields (`cmp_ldf` of the compare run): every pixel traced, and adaptive sampling
 LDF_AVATAR = "cmp_ldf"
-LDF_VARIANTS = {"before": {"adaptive_block": 0}, "adaptive": {"adaptive_block": 8}}
+ADAPTIVE_LDF = ("adaptive", "proposals")
+LDF_VARIANTS = {
+    "before": {"adaptive_block": 0},
+    "adaptive": {"adaptive_block": 8, "neighbour_proposals": False},
+    "proposals": {"adaptive_block": 8, "neighbour_proposals": True},
+}
 # for the sparse avatars also a looser grid: a cell is empty when its density over the cube's width takes less
 # than 1% of a ray's light (1e-3 by default); nearer Instant-NGP's rule, which bounds each cell's share alone
 LOOSE_THRESHOLD = 1e-2
@@ -149,10 +159,11 @@ def warm_up(models: dict, view, store: cache.SubjectCache) -> None:
 
 
 def since_issue(seconds: dict, at_issue: dict | None, size: int) -> None:
-    """Add the seconds of ISSUE_COMMIT's code at `size` and the adaptive render's speed-up over them."""
+    """Add the seconds of ISSUE_COMMIT's code at `size` and the adaptive renders' speed-ups over them."""
     if at_issue is not None:
         seconds["issue_commit"] = at_issue[f"{size}px"]
-        seconds["speedup_adaptive_since_issue"] = round(at_issue[f"{size}px"] / seconds["adaptive"], 1)
+        for variant in ("adaptive", "proposals"):
+            seconds[f"speedup_{variant}_since_issue"] = round(at_issue[f"{size}px"] / seconds[variant], 1)
 
 
 def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tree: Path | None = None) -> dict:
@@ -203,21 +214,28 @@ def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tre
         if render_size == size:
             figures["samples_per_pixel"] = samples
         print(name, avatar, render_size, seconds, flush=True)
-    # per frame: PSNR of the dense render against the real frame, then of each skipping variant against the
-    # real frame and against the dense render
+    figures["quality"] = quality_figures(models, skipping, views, test)
+    print(name, avatar, figures["quality"], flush=True)
+    return figures
+
+
+def quality_figures(models: dict, compared, views: list, test: SubjectFrames) -> dict:
+    """Over every FRAME_STRIDE-th held-out view: the PSNR of the dense render (`before`) against the real frame,
+    and of each `compared` variant's against the real frame and against the dense render."""
     rows = []
     for k in range(0, len(views), FRAME_STRIDE):
         truth = test.images[k].numpy()
         before, _ = timed_render(models["before"], views[k])
         row = [psnr(before, truth)]
-        for variant in skipping:
+        for variant in compared:
             fast, _ = timed_render(models[variant], views[k])
             row += [psnr(fast, truth), psnr(fast, before)]
         rows.append(row)
     table = np.array(rows)
-    for j, variant in enumerate(skipping):
+    quality = {}
+    for j, variant in enumerate(compared):
         against_truth, against_before = table[:, 1 + 2 * j], table[:, 2 + 2 * j]
-        figures["quality"][variant] = {
+        quality[variant] = {
             "protocol": "first_train_frame",
             "frames": len(rows),
             "psnr_before": round(float(table[:, 0].mean()), 3),
@@ -226,8 +244,7 @@ def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tre
             "psnr_against_before": round(float(against_before.mean()), 2),
             "lowest_psnr_against_before": round(float(against_before.min()), 2),
         }
-    print(name, avatar, figures["quality"], flush=True)
-    return figures
+    return quality
 
 
 def evaluation_figures(name: str, avatar: str) -> dict:
@@ -276,25 +293,12 @@ def ldf_figures(name: str, tree: Path | None = None) -> dict:
     for render_size in SIZES:
         view = view_at(views[0], store, render_size)
         seconds = {v: round(timed_render(model, view)[1], 2) for v, model in models.items()}
-        seconds["speedup_adaptive"] = round(seconds["before"] / seconds["adaptive"], 1)
+        for variant in ADAPTIVE_LDF:
+            seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
         since_issue(seconds, at_issue, render_size)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
         print(name, LDF_AVATAR, render_size, seconds, flush=True)
-    rows = []
-    for k in range(0, len(views), FRAME_STRIDE):
-        truth = test.images[k].numpy()
-        before, adaptive = (timed_render(models[v], views[k])[0] for v in ("before", "adaptive"))
-        rows.append([psnr(before, truth), psnr(adaptive, truth), psnr(adaptive, before)])
-    table = np.array(rows)
-    figures["quality"] = {
-        "protocol": "first_train_frame",
-        "frames": len(rows),
-        "psnr_before": round(float(table[:, 0].mean()), 3),
-        "psnr": round(float(table[:, 1].mean()), 3),
-        "largest_frame_difference_db": round(float(np.abs(table[:, 0] - table[:, 1]).max()), 3),
-        "psnr_against_before": round(float(table[:, 2].mean()), 2),
-        "lowest_psnr_against_before": round(float(table[:, 2].min()), 2),
-    }
+    figures["quality"] = quality_figures(models, ADAPTIVE_LDF, views, test)
     print(name, LDF_AVATAR, figures["quality"], flush=True)
     return figures
 
@@ -333,7 +337,12 @@ def main(clips: list[str]) -> None:
             figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, tree=tree)
             _write("render_speed.json", figures)
         for clip in clips:
-            figures.setdefault("ldf", {})[Path(clip).stem] = ldf_figures(Path(clip).stem, tree)
+            name = Path(clip).stem
+            trained = REPO / "bench" / "work" / "results" / name / "avatars" / LDF_AVATAR / "train" / "done.json"
+            if not trained.exists():  # its figures from an earlier run stay as they were
+                print(name, LDF_AVATAR, "not trained: skipped (bench/ldf_bench.py compare trains it)", flush=True)
+                continue
+            figures.setdefault("ldf", {})[name] = ldf_figures(name, tree)
             _write("render_speed.json", figures)
     figures["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
     _write("render_speed.json", figures)
