@@ -8,12 +8,12 @@ Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians
 `bench/ldf_bench.py compare CLIP`) trained into bench/work (run that first). Per clip: the occupancy grid's
 build time and share of occupied cells; seconds per frame of a held-out frame at 128, 256 and 512 px rendered
 as before (every sample computed), with early ray termination alone, with the occupancy grid alone, and with
-both (`after`), with adaptive sampling in image space and early termination (`adaptive`) and with the grid as
-well (`adaptive_grid`), and with the pixels traced inside a block placing their samples from its corners'
-weights (`proposals`, the fast preset's rendering), and the samples per pixel each computes at the training
-size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`, `after` and
-`adaptive` and `proposals` renders against the real frame (the `first_train_frame` protocol, so no test-time
-fitting enters) and of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every
+both (`after`), with adaptive sampling in image space and early termination (`adaptive`), with the pixels
+traced inside a block placing their samples from its corners' weights as well (`proposals`, the fast preset's
+rendering) and with the grid on top of that (`adaptive_grid`), and the samples per pixel each computes at the
+training size; and, over every FRAME_STRIDE-th held-out frame at the training size, the PSNR of the `before`,
+`after`, `adaptive` and `proposals` renders against the real frame (the `first_train_frame` protocol, so no
+test-time fitting enters) and of the others against `before`; the same for Local Deformation Fields' `cmp_ldf` (every
 pixel traced, adaptive sampling, and with proposals; a clip whose `cmp_ldf` is not trained is skipped). Every
 avatar is also rendered at each size by the code of ISSUE_COMMIT, the commit before the first change of issue
 22 (`issue_commit`; bench/render_at_commit.py in a temporary git worktree), and the adaptive renders' speed-ups
@@ -91,7 +91,13 @@ VARIANTS = {
     # adaptive sampling in image space (the fast preset's 8 px blocks and 8/255), with early termination, without
     # and with the grid
     "adaptive": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": False},
-    "adaptive_grid": {"occupancy_cells": 64, "early_termination": True, "adaptive_block": 8},
+    # the grid on top of the preset's rendering (proposals included since they are the preset's)
+    "adaptive_grid": {
+        "occupancy_cells": 64,
+        "early_termination": True,
+        "adaptive_block": 8,
+        "neighbour_proposals": True,
+    },
     # and the pixels traced inside a block placing their fine samples from its corners' weights, without a coarse
     # pass of their own (the fast preset's rendering since 2026-12-02)
     "proposals": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": True},
