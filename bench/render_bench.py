@@ -264,9 +264,8 @@ def evaluation_figures(name: str, avatar: str) -> dict:
         start = time.perf_counter()
         summary = evaluate(spec, store, cfg, store.root / "avatars" / avatar / "train", Path(scratch))
         minutes = round((time.perf_counter() - start) / 60, 2)
-    stamps = re.findall(
-        r"^(\d\d):(\d\d):(\d\d) ", (store.root / "logs" / f"avatar_eval_{avatar}.log").read_text(), re.M
-    )
+    log_path = store.root / "logs" / f"avatar_eval_{avatar}.log"  # absent where the avatar was trained alone
+    stamps = re.findall(r"^(\d\d):(\d\d):(\d\d) ", log_path.read_text(), re.M) if log_path.exists() else []
     seconds = [int(h) * 3600 + int(m) * 60 + int(sec) for h, m, sec in stamps]
     before = ((seconds[-1] - seconds[0]) % 86400) / 60 if seconds else None
     figures = {
@@ -365,8 +364,10 @@ def evaluation_bench(clips: list[str]) -> None:
         }
     )
     for clip in clips:
+        # each clip's own commit: a run of some clips leaves the others' figures as an earlier commit measured them
         timed[Path(clip).stem] = {
-            avatar: evaluation_figures(Path(clip).stem, avatar) for avatar in (AVATAR, LDF_AVATAR)
+            "commit": head_commit(),
+            **{avatar: evaluation_figures(Path(clip).stem, avatar) for avatar in (AVATAR, LDF_AVATAR)},
         }
         _write("render_speed.json", figures)
     timed["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
