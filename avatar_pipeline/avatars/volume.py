@@ -455,9 +455,7 @@ def adaptive_pixels(
         v = ((middles[1] - y0.repeat(5)) / (y1 - y0).clamp_min(1).repeat(5))[:, None]
         hints = None
         if guided:
-            top, bottom = y0 * size, y1 * size
-            around = torch.stack([guides[top + x0], guides[top + x1], guides[bottom + x0], guides[bottom + x1]], 1)
-            hints = _bilinear(around.repeat(5, 1, 1), u, v)
+            hints = _bilinear(_corners(guides.view(size, size, -1), rough).repeat(5, 1, 1), u, v)
         trace(*middles, hints)
         c = corners.repeat(5, 1, 1)
         predicted, truth = _bilinear(c, u, v), image[middles[1], middles[0]]
