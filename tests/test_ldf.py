@@ -197,7 +197,13 @@ def test_rays_placed_by_their_own_first_pass_weights_render_as_with_the_first_pa
     what the first pass would, and the full pass's weights come back over the stratified samples."""
     from avatar_pipeline.avatars import find
     from avatar_pipeline.avatars.data import SubjectFrames
-    from avatar_pipeline.avatars.volume import SKIP_EMPTY, composite, ray_bounds, stratified_depths
+    from avatar_pipeline.avatars.volume import (
+        SKIP_EMPTY,
+        composite,
+        importance_depths,
+        ray_bounds,
+        stratified_depths,
+    )
     from avatar_pipeline.geometry import camera_rays
 
     spec = find("ldf")
@@ -226,3 +232,11 @@ def test_rays_placed_by_their_own_first_pass_weights_render_as_with_the_first_pa
     assert torch.allclose(placed["alpha"], own["alpha"], atol=1e-5)
     assert own["proposal"].shape == (len(origins), cfg.samples)
     assert torch.allclose(own["proposal"][busy].sum(-1), own["alpha"][busy], atol=1e-4)
+    # against the full pass at the same depths, every sample computed: early termination leaves out only samples
+    # behind the point where less than SKIP_EMPTY of a ray's light is left
+    extra = importance_depths(depths, first, cfg.importance_samples, jitter=False)
+    every = torch.sort(torch.cat([depths, extra], -1), -1).values[busy]
+    with torch.no_grad():
+        full = model._shade(origins[busy], dirs[busy], every, background[busy], state, float(model.window), True)
+    assert (own["colour"][busy] - full["colour"]).abs().max() < SKIP_EMPTY + 1e-5
+    assert torch.allclose(own["alpha"][busy], full["alpha"], atol=SKIP_EMPTY + 1e-5)
