@@ -148,7 +148,8 @@ PRESETS: dict[str, dict] = {
         # PSNR within 0.06 dB of every pixel traced, 4-6x fewer rays at 256 px; bench/render_bench.py)
         "adaptive_block": 8,
         # and the pixels traced inside a block placing their samples from its corners' weights instead of a first pass
-        # of their own (chosen on the tuning clip dt_W009; bench/render_bench.py, `proposals`)
+        # of their own (chosen on dt_W009 and checked on lp_d18,
+        # the tuning clips; untuned check in README; bench/render_bench.py, `proposals`)
         "neighbour_proposals": True,
         "fit_steps": 60,
         "fit_rays": 256,
