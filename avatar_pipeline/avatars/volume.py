@@ -273,13 +273,13 @@ def render_rays(
     proposals: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, from `trace(origins, dirs,
-    background colours)` -> (colours, alphas) over batches of rays. Running out of memory halves the rays
-    per call (and calls `shrink`, for the method to lower its own chunking) and tries again. With `adaptive`
-    (block, tolerance), only the pixels `adaptive_pixels` picks are traced and the others interpolated.
-    With `proposals`, `trace(origins, dirs, background colours, proposal)` -> (colours, alphas, proposals):
-    a ray's proposal (N, S) is its weights over the method's first-pass samples; with `adaptive`, a pixel traced
-    inside a block is given the interpolation of its corners' proposals (None for the first pixels traced), to
-    place its samples from instead of a first pass of its own."""
+    background colours, proposal)` -> (colours, alphas, proposals) over batches of rays. Running out of memory
+    halves the rays per call (and calls `shrink`, for the method to lower its own chunking) and tries again. With
+    `adaptive` (block, tolerance), only the pixels `adaptive_pixels` picks are traced and the others interpolated.
+    Without `proposals`, `proposal` is always None and the proposals returned are ignored (None will do). With
+    them, a ray's proposal (N, S) is its weights over the method's first-pass samples; with `adaptive`, a pixel
+    traced inside a block is given the interpolation of its corners' proposals (None for the first pixels
+    traced), to place its samples from instead of a first pass of its own."""
     bg = background.reshape(size, size, 3)
     calls = {"rays": rays_per_call}
 
@@ -293,11 +293,9 @@ def render_rays(
         while a < len(pixels):
             sl = slice(a, a + calls["rays"])
             try:
+                rgb, opacity, guide = trace(origins[sl], dirs[sl], behind[sl], None if hint is None else hint[sl])
                 if proposals:
-                    rgb, opacity, guide = trace(origins[sl], dirs[sl], behind[sl], None if hint is None else hint[sl])
                     guides.append(guide.cpu().float())
-                else:
-                    rgb, opacity = trace(origins[sl], dirs[sl], behind[sl])
             except RuntimeError as e:
                 if not is_out_of_memory(e) or calls["rays"] <= 64:
                     raise

@@ -398,7 +398,7 @@ class LDFModel(AvatarModel):
                 proposal=None if proposal is None else proposal.to(device),
                 propose=proposals,
             )
-            return (out["colour"], out["alpha"], out["proposal"]) if proposals else (out["colour"], out["alpha"])
+            return out["colour"], out["alpha"], out["proposal"]  # the proposal None unless `proposals`
 
         return render_rays(
             trace,

@@ -288,7 +288,7 @@ def render_image(
             background_colours.to(device),
         )
         if march_samples > 0:
-            return renderer.render_marched(*rays, occupancy, march_samples, stop_below)
+            return *renderer.render_marched(*rays, occupancy, march_samples, stop_below), None
         out = renderer(
             *rays,
             jitter=False,
@@ -298,7 +298,7 @@ def render_image(
             proposal=None if proposal is None else proposal.to(device),
             propose=proposals,
         )
-        return (out["fine"], out["fine_alpha"], out["proposal"]) if proposals else (out["fine"], out["fine_alpha"])
+        return out["fine"], out["fine_alpha"], out["proposal"]  # the proposal None unless `proposals`
 
     def shrink():
         renderer.chunk_samples = max(256, renderer.chunk_samples // 2)
