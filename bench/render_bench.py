@@ -102,11 +102,12 @@ VARIANTS = {
     # pass of their own (the fast preset's rendering since 2026-12-02)
     "proposals": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": True},
 }
+# the adaptive renders (both methods), whose speed-ups over the issue's code are recorded
+ADAPTIVE = ("adaptive", "proposals")
 # the variants whose renders are also compared with the dense one over the held-out frames
-COMPARED = ("after", "adaptive", "proposals")
+COMPARED = ("after", *ADAPTIVE)
 # Local Deformation Fields (`cmp_ldf` of the compare run): every pixel traced, and adaptive sampling
 LDF_AVATAR = "cmp_ldf"
-ADAPTIVE_LDF = ("adaptive", "proposals")
 LDF_VARIANTS = {
     "before": {"adaptive_block": 0},
     "adaptive": {"adaptive_block": 8, "neighbour_proposals": False},
@@ -168,7 +169,7 @@ def since_issue(seconds: dict, at_issue: dict | None, size: int) -> None:
     """Add the seconds of ISSUE_COMMIT's code at `size` and the adaptive renders' speed-ups over them."""
     if at_issue is not None:
         seconds["issue_commit"] = at_issue[f"{size}px"]
-        for variant in ("adaptive", "proposals"):
+        for variant in ADAPTIVE:
             seconds[f"speedup_{variant}_since_issue"] = round(at_issue[f"{size}px"] / seconds[variant], 1)
 
 
@@ -298,12 +299,12 @@ def ldf_figures(name: str, tree: Path | None = None) -> dict:
     for render_size in SIZES:
         view = view_at(views[0], store, render_size)
         seconds = {v: round(timed_render(model, view)[1], 2) for v, model in models.items()}
-        for variant in ADAPTIVE_LDF:
+        for variant in ADAPTIVE:
             seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
         since_issue(seconds, at_issue, render_size)
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
         print(name, LDF_AVATAR, render_size, seconds, flush=True)
-    figures["quality"] = quality_figures(models, ADAPTIVE_LDF, views, test)
+    figures["quality"] = quality_figures(models, ADAPTIVE, views, test)
     print(name, LDF_AVATAR, figures["quality"], flush=True)
     return figures
 
