@@ -9,6 +9,7 @@ from avatar_pipeline.avatars.volume import (
     composite,
     distortion_loss,
     importance_depths,
+    proposed_samples,
     stratified_depths,
 )
 
@@ -294,6 +295,20 @@ def test_a_ray_placed_by_its_own_coarse_weights_as_proposal_renders_as_with_its_
     # the proposal handed on holds the fine pass's foreground weight, over the 16 coarse samples
     assert own["proposal"].shape == (rays, 16)
     assert torch.allclose(own["proposal"].sum(-1), own["fine_alpha"], atol=1e-5)
+
+
+def test_proposed_samples_keep_every_importance_sample_and_the_stratified_ones_near_the_proposals_weight():
+    proposal = torch.tensor([[0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0], [0.0] * 7 + [0.2]])
+    depths = torch.arange(8.0).expand(2, 8)
+    extra = torch.tensor([[3.1, 3.2], [6.9, 0.5]])  # importance samples, one in an empty bin
+    order = torch.sort(torch.cat([depths, extra], -1), -1).indices
+    kept = proposed_samples(proposal, order, 0.01)
+    by_index = torch.zeros_like(kept).scatter_(1, order, kept)  # back in the joined (stratified, extra) order
+    assert by_index[0, :8].tolist() == [False, False, True, True, True, False, False, False]
+    assert by_index[1, :8].tolist() == [False] * 6 + [True, True]
+    assert by_index[:, 8:].all()  # importance samples always computed
+    # a threshold above every weight leaves the importance samples alone; none keeps everything
+    assert proposed_samples(proposal, order, 0.9).sum() == 4 and proposed_samples(proposal, order, 0.0).all()
 
 
 def test_rays_start_at_the_camera_and_cross_the_image_plane_where_expected():

@@ -325,6 +325,15 @@ def test_adaptive_pixels_render_a_trained_avatar_within_their_tolerance_from_few
     assert _off_pixels(image, expected, alpha, expected_alpha) <= 4
     assert ((image - expected) ** 2).mean() < 2e-4  # above 37 dB
     assert "neighbour_proposals" in proposing.rendering_note() and "proposals" not in adaptive.rendering_note()
+    # and those pixels drawing fewer importance samples and leaving out the coarse samples where the proposal
+    # found no weight: fewer samples again, the image as near the dense one
+    lean = {**settings, "neighbour_proposals": True, "proposal_samples": 8, "proposal_empty_below": 1e-2}
+    leaner = load_trained(trained, tiny(steps=150, **lean), tracked)
+    image, alpha = leaner.render(view)
+    assert leaner.renderer.samples_computed < 0.9 * proposing.renderer.samples_computed
+    assert _off_pixels(image, expected, alpha, expected_alpha) <= 4
+    assert ((image - expected) ** 2).mean() < 2e-4
+    assert "8 importance samples" in leaner.rendering_note() and "importance" not in proposing.rendering_note()
 
 
 def test_resuming_drops_log_rows_past_the_checkpoint_and_half_written_ones(tmp_path):

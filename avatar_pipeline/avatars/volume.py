@@ -68,6 +68,20 @@ def binned_weights(weights: torch.Tensor, depths: torch.Tensor, bins: torch.Tens
     return weights.new_zeros(bins.shape).scatter_add_(1, nearest, weights)
 
 
+def proposed_samples(proposal: torch.Tensor, order: torch.Tensor, empty_below: float) -> torch.Tensor:
+    """Which samples of a ray to compute when its fine samples come from a proposal (R, S) over its S stratified
+    samples: (R, S + M) bool over the joined samples sorted by `order` (R, S + M; indices below S are the
+    stratified ones), True for every importance sample and for a stratified sample whose bin or a neighbouring
+    bin carries at least `empty_below` of the proposal's weight. Where the proposal puts (nearly) no weight the
+    neighbours found empty space, and computing it there changes nothing but the time."""
+    bins = proposal.shape[1]
+    busy = proposal >= empty_below
+    near = busy.clone()
+    near[:, 1:] |= busy[:, :-1]
+    near[:, :-1] |= busy[:, 1:]
+    return (order >= bins) | near.gather(1, order.clamp(max=bins - 1))
+
+
 def sample_widths(depths: torch.Tensor) -> torch.Tensor:
     """(R, S) sorted depths -> (R, S) the length of ray each sample stands for: up to the next sample, the
     last one as long as the one before it (the background sample comes after it)."""

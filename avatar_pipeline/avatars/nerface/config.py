@@ -85,6 +85,11 @@ class NeRFaceConfig(AvatarConfig):
     # of a coarse pass of its own; the pixels of the first lattice take the coarse pass. False: every traced
     # pixel takes both passes (the paper)
     neighbour_proposals: bool = False
+    # rendering with neighbour_proposals, for the pixels given a proposal: the importance samples they draw from it
+    # (0: fine_samples), and their coarse samples left out (empty) where the proposal's bin and both neighbouring bins
+    # weigh less than proposal_empty_below (0: every coarse sample computed); the neighbours found empty space there
+    proposal_samples: int = 0
+    proposal_empty_below: float = 0.0
     # evaluation: test-frame latent codes (and optionally a pose correction) fitted with the network frozen
     latent_steps: int = 100
     latent_rays: int = 256
@@ -104,6 +109,8 @@ class NeRFaceConfig(AvatarConfig):
         "adaptive_block",
         "adaptive_tolerance",
         "neighbour_proposals",
+        "proposal_samples",
+        "proposal_empty_below",
     )
     resumable_keys: ClassVar[tuple[str, ...]] = ("final_learning_rate", "chunk_samples")
     added_keys: ClassVar[dict[str, object]] = {"train_occupancy_cells": 0, "distortion_weight": 0.0}

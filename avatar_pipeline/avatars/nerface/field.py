@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from ..layers import compute_dtype, dense, positional_encoding
-from ..volume import OccupancyGrid, binned_weights, composite, importance_depths, march, stratified_depths
+from ..volume import (
+    OccupancyGrid,
+    binned_weights,
+    composite,
+    importance_depths,
+    march,
+    proposed_samples,
+    stratified_depths,
+)
 
 # early ray termination (rendering): the most samples a ray takes between two checks of its light left
 MARCH_SEGMENT = 16
@@ -312,6 +320,8 @@ class NeRFaceRenderer(nn.Module):
         stop_below: float = 0.0,
         proposal: torch.Tensor | None = None,
         propose: bool = False,
+        proposal_samples: int = 0,
+        proposal_empty_below: float = 0.0,
     ):
         """origins/directions (R, 3), near/far (R,), condition (C,) or (R, C), background (R, 3) ->
         dict of coarse and fine colours (R, 3), foreground alphas (R,) and the fine expected depth (R,); the
@@ -324,7 +334,10 @@ class NeRFaceRenderer(nn.Module):
         stop_below > 0: a ray's samples behind the point where less than stop_below of its light is left are
         not computed (empty); `proposal` (R, S): weights over the coarse samples that place the fine samples
         instead of a coarse pass (a neighbouring pixel's, volume.render_rays), whose colour is then the
-        background's; `propose`: also the fine weights gathered onto the coarse samples (`proposal`, R, S)."""
+        background's; `propose`: also the fine weights gathered onto the coarse samples (`proposal`, R, S). Rays given a
+        `proposal` draw proposal_samples importance samples when it is > 0 (fine_samples otherwise) and, with
+        proposal_empty_below > 0, leave out (empty) the coarse samples where the proposal and its neighbouring bins
+        weigh less than it (volume.proposed_samples)."""
         depths = stratified_depths(near, far, self.coarse_samples, jitter)
         if proposal is None:
             points = origins[:, None] + directions[:, None] * depths[..., None]
@@ -342,10 +355,14 @@ class NeRFaceRenderer(nn.Module):
         if busy.any():
             # a slice when every ray is busy (always so in training) avoids copying the ray tensors
             sel = slice(None) if bool(busy.all()) else busy.nonzero()[:, 0]
-            extra = importance_depths(depths[sel], weights[sel], self.fine_samples, jitter)
-            fine_depths = torch.sort(torch.cat([depths[sel], extra], -1), -1).values
+            count = proposal_samples if proposal is not None and proposal_samples > 0 else self.fine_samples
+            extra = importance_depths(depths[sel], weights[sel], count, jitter)
+            fine_depths, order = torch.sort(torch.cat([depths[sel], extra], -1), -1)
             points = origins[sel, None] + directions[sel, None] * fine_depths[..., None]
             keep = None if occupancy is None else occupancy.contains(points)
+            if proposal is not None and proposal_empty_below > 0:
+                guided = proposed_samples(weights[sel], order, proposal_empty_below)
+                keep = guided if keep is None else keep & guided
             cond = condition if condition.dim() == 1 else condition[sel]
             density, rgb = self._trace(self.fine, points, directions[sel], cond, keep, fine_depths, stop_below)
             colour, fine_weights, alpha = composite(density, rgb, fine_depths, background[sel])

@@ -188,10 +188,18 @@ class NeRFaceModel(AvatarModel):
             march_samples=self.cfg.march_samples,
             adaptive=adaptive_sampling(self.cfg),
             proposals=self.cfg.neighbour_proposals,
+            proposal_sampling=(self.cfg.proposal_samples, self.cfg.proposal_empty_below),
         )
 
     def rendering_note(self) -> str:
-        return adaptive_note(self.cfg)
+        note, cfg = adaptive_note(self.cfg), self.cfg
+        if note and cfg.neighbour_proposals and (cfg.proposal_samples or cfg.proposal_empty_below):
+            note += (
+                f"; those pixels draw {cfg.proposal_samples or cfg.fine_samples} importance samples and leave out the "
+                f"coarse samples where the proposal weighs below {cfg.proposal_empty_below:g} (proposal_samples, "
+                "proposal_empty_below)"
+            )
+        return note
 
     def test_views(self, protocol: str, test: SubjectFrames) -> list[View]:
         cameras = test.camera_to_head
@@ -265,13 +273,15 @@ def render_image(
     march_samples: int = 0,
     adaptive: tuple[int, float] | None = None,
     proposals: bool = False,
+    proposal_sampling: tuple[int, float] = (0, 0.0),
 ):
     """Full image (size, size, 3) and foreground alpha (size, size) on the CPU, skipping the samples in the
     empty cells of `occupancy` and, with `stop_early`, those behind the point where a ray has less than
     SKIP_EMPTY of its light left; with march_samples > 0, the fine field alone along that many evenly spaced
     samples (NeRFaceRenderer.render_marched, skipping the same); with `adaptive` (block, tolerance), only the
     pixels volume.adaptive_pixels picks, and with `proposals` as well those traced inside a block place their
-    fine samples from its corners' weights instead of a coarse pass (not with march_samples). Out of memory,
+    fine samples from its corners' weights instead of a coarse pass (not with march_samples), as
+    `proposal_sampling` (NeRFaceRenderer's proposal_samples, proposal_empty_below) says. Out of memory,
     the renderer's sample chunk halves with the rays per call."""
     device = next(renderer.parameters()).device
     stop_below = SKIP_EMPTY if stop_early else 0.0
@@ -297,6 +307,8 @@ def render_image(
             stop_below=stop_below,
             proposal=None if proposal is None else proposal.to(device),
             propose=proposals,
+            proposal_samples=proposal_sampling[0],
+            proposal_empty_below=proposal_sampling[1],
         )
         return out["fine"], out["fine_alpha"], out["proposal"]  # the proposal None unless `proposals`
 
