@@ -1,7 +1,7 @@
 """Rendering speed of trained NeRFace and LDF avatars with and without empty-space skipping and adaptive sampling.
 
-    .venv/bin/python bench/render_bench.py [CLIP ...]     # -> bench/results/render_speed.json
-    .venv/bin/python bench/render_bench.py evaluation [CLIP ...]     # -> its "evaluation" entry
+    .venv/bin/python bench/render_bench.py [--results=NAME.json] [CLIP ...]     # -> bench/results/render_speed.json
+    .venv/bin/python bench/render_bench.py evaluation [--results=NAME.json] [CLIP ...]     # -> its "evaluation" entry
     .venv/bin/python bench/render_bench.py sparse [--render-only] [CLIP ...]   # -> bench/results/nerface_sparse.json
 
 Reads the `cmp_nerface` avatars that the all-method comparison (`bench/gaussians_bench.py compare CLIP` or
@@ -21,7 +21,8 @@ over it are recorded beside the ones over `before` (today's code tracing every p
 Each model renders once before any timing (oneDNN builds its bf16 kernels per shape in a process's first
 renders). `evaluation`: per clip, the minutes of the evaluation stage of both compare-run avatars with the
 compare run's settings and the presets' rendering now, beside the minutes their own evaluation logs show.
-This CPU's matrix-product throughput is recorded beside the figures.
+This CPU's matrix-product throughput is recorded beside the figures. --results: another file in bench/results
+(render_speed.json holds one machine's run: another machine's goes to a file of its own).
 
 `sparse` (lp_d18 and dt_W009 unless clips are named): `cmp_nerface` beside `cmp_nerface_sparse`, the same
 avatar trained with the mask term and the training grid, and `cmp_nerface_opaque`, with the mask term and the
@@ -73,6 +74,8 @@ NERFACE_AVATARS = {
     "cmp_nerface_opaque": {**AVATARS[AVATAR], "mask_weight": 0.1, "distortion_weight": 0.01, "occupancy_cells": 64},
 }
 SPARSE_RESULTS = "nerface_sparse.json"
+SPEED_RESULTS = "render_speed.json"
+WORK_RESULTS = REPO / "bench" / "work" / "results"
 TUNED_CLIPS = [c for c in CLIPS if Path(c).stem in TUNED]
 
 SIZES = (128, 256, 512)
@@ -81,6 +84,10 @@ SIZES = (128, 256, 512)
 # the speed-ups of the dense path since then count as well
 ISSUE_COMMIT = "f4393d7"
 FRAME_STRIDE = 4
+# the fast preset's proposal_samples and proposal_empty_below (the `lean` rendering below)
+LEAN_SAMPLES, LEAN_EMPTY_BELOW = 16, 1e-3
+# every proposed sample computed (the `proposals` rendering before `lean`)
+ALL_PROPOSED = {"proposal_samples": 0, "proposal_empty_below": 0.0}
 # how a frame is rendered: as before this work (every sample computed, only the fine pass of rays the coarse
 # pass found empty skipped), with each speed-up alone, and with both
 VARIANTS = {
@@ -97,15 +104,33 @@ VARIANTS = {
         "early_termination": True,
         "adaptive_block": 8,
         "neighbour_proposals": True,
+        **ALL_PROPOSED,
     },
     # and the pixels traced inside a block placing their fine samples from its corners' weights, without a coarse
-    # pass of their own (the fast preset's rendering since 2026-12-02)
-    "proposals": {"occupancy_cells": 0, "early_termination": True, "adaptive_block": 8, "neighbour_proposals": True},
+    # pass of their own (the fast preset's rendering on 2026-12-02, before `lean`)
+    "proposals": {
+        "occupancy_cells": 0,
+        "early_termination": True,
+        "adaptive_block": 8,
+        "neighbour_proposals": True,
+        **ALL_PROPOSED,
+    },
+    # and those pixels drawing fewer importance samples from the proposal and leaving out the coarse samples where
+    # it found (nearly) no weight (proposal_samples, proposal_empty_below; the fast preset's rendering now)
+    "lean": {
+        "occupancy_cells": 0,
+        "early_termination": True,
+        "adaptive_block": 8,
+        "neighbour_proposals": True,
+        "proposal_samples": LEAN_SAMPLES,
+        "proposal_empty_below": LEAN_EMPTY_BELOW,
+    },
 }
-# the adaptive renders (both methods), whose speed-ups over the issue's code are recorded
+# the adaptive renders of both methods, whose speed-ups over the issue's code are recorded, and NeRFace's
 ADAPTIVE = ("adaptive", "proposals")
+NERFACE_ADAPTIVE = (*ADAPTIVE, "lean")
 # the variants whose renders are also compared with the dense one over the held-out frames
-COMPARED = ("after", *ADAPTIVE)
+COMPARED = ("after", *NERFACE_ADAPTIVE)
 # Local Deformation Fields (`cmp_ldf` of the compare run): every pixel traced, and adaptive sampling
 LDF_AVATAR = "cmp_ldf"
 LDF_VARIANTS = {
@@ -147,7 +172,7 @@ def issue_tree():
 def seconds_at_issue(tree: Path, name: str, avatar: str) -> dict:
     """Seconds per frame at each of SIZES of `avatar` rendered by ISSUE_COMMIT's code (checked out at `tree`)."""
     command = [sys.executable, str(REPO / "bench" / "render_at_commit.py"), str(tree)]
-    command += [str(REPO / "bench" / "work" / "results"), name, avatar, *map(str, SIZES)]
+    command += [str(WORK_RESULTS), name, avatar, *map(str, SIZES)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -165,17 +190,17 @@ def warm_up(models: dict, view, store: cache.SubjectCache) -> None:
         model.render(view_at(view, store, SIZES[0]))
 
 
-def since_issue(seconds: dict, at_issue: dict | None, size: int) -> None:
-    """Add the seconds of ISSUE_COMMIT's code at `size` and the adaptive renders' speed-ups over them."""
+def since_issue(seconds: dict, at_issue: dict | None, size: int, adaptive: tuple[str, ...] = ADAPTIVE) -> None:
+    """Add the seconds of ISSUE_COMMIT's code at `size` and the `adaptive` renders' speed-ups over them."""
     if at_issue is not None:
         seconds["issue_commit"] = at_issue[f"{size}px"]
-        for variant in ADAPTIVE:
+        for variant in adaptive:
             seconds[f"speedup_{variant}_since_issue"] = round(at_issue[f"{size}px"] / seconds[variant], 1)
 
 
 def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tree: Path | None = None) -> dict:
     spec = find("nerface")
-    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
+    store = cache.SubjectCache(WORK_RESULTS, name)
     train_dir = store.root / "avatars" / avatar / "train"
     settings = {**NERFACE_AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
     configs = {variant: spec.config_from({**settings, **keys}) for variant, keys in variants.items()}
@@ -216,7 +241,7 @@ def clip_figures(name: str, avatar: str = AVATAR, variants: dict = VARIANTS, tre
             samples[variant] = round((model.renderer.samples_computed - counted) / render_size**2, 1)
         for variant in skipping:
             seconds[f"speedup_{variant}"] = round(seconds["before"] / seconds[variant], 1)
-        since_issue(seconds, at_issue, render_size)
+        since_issue(seconds, at_issue, render_size, tuple(v for v in NERFACE_ADAPTIVE if v in variants))
         figures["seconds_per_frame"][f"{render_size}px"] = seconds
         if render_size == size:
             figures["samples_per_pixel"] = samples
@@ -260,7 +285,7 @@ def evaluation_figures(name: str, avatar: str) -> dict:
     settings = {**AVATARS[avatar], "max_minutes": COMPARE_MINUTES}
     spec = find(settings["method"])
     cfg = spec.config_from(settings)
-    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
+    store = cache.SubjectCache(WORK_RESULTS, name)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         summary = evaluate(spec, store, cfg, store.root / "avatars" / avatar / "train", Path(scratch))
@@ -284,7 +309,7 @@ def ldf_figures(name: str, tree: Path | None = None) -> dict:
     with adaptive sampling, and the PSNR of both over every FRAME_STRIDE-th held-out frame (first_train_frame
     codes) against the real frame and of the adaptive render against the dense one."""
     spec = find("ldf")
-    store = cache.SubjectCache(REPO / "bench" / "work" / "results", name)
+    store = cache.SubjectCache(WORK_RESULTS, name)
     settings = {**AVATARS[LDF_AVATAR], "max_minutes": COMPARE_MINUTES}
     configs = {v: spec.config_from({**settings, **keys}) for v, keys in LDF_VARIANTS.items()}
     size = configs["before"].size
@@ -326,8 +351,8 @@ def sparse_bench(clips: list[str], render_only: bool = False) -> None:
         _write(SPARSE_RESULTS, figures)
 
 
-def main(clips: list[str]) -> None:
-    figures = _read("render_speed.json", {"clips": {}})
+def main(clips: list[str], results: str = SPEED_RESULTS) -> None:
+    figures = _read(results, {"clips": {}})
     figures.update(
         {
             "command": "bench/render_bench.py " + " ".join(clips),
@@ -341,21 +366,21 @@ def main(clips: list[str]) -> None:
     with issue_tree() as tree:
         for clip in clips:
             figures["clips"][Path(clip).stem] = clip_figures(Path(clip).stem, tree=tree)
-            _write("render_speed.json", figures)
+            _write(results, figures)
         for clip in clips:
             name = Path(clip).stem
-            trained = REPO / "bench" / "work" / "results" / name / "avatars" / LDF_AVATAR / "train" / "done.json"
+            trained = WORK_RESULTS / name / "avatars" / LDF_AVATAR / "train" / "done.json"
             if not trained.exists():  # its figures from an earlier run stay as they were
                 print(name, LDF_AVATAR, "not trained: skipped (bench/ldf_bench.py compare trains it)", flush=True)
                 continue
             figures.setdefault("ldf", {})[name] = ldf_figures(name, tree)
-            _write("render_speed.json", figures)
+            _write(results, figures)
     figures["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
-    _write("render_speed.json", figures)
+    _write(results, figures)
 
 
-def evaluation_bench(clips: list[str]) -> None:
-    figures = _read("render_speed.json", {"clips": {}})
+def evaluation_bench(clips: list[str], results: str = SPEED_RESULTS) -> None:
+    figures = _read(results, {"clips": {}})
     timed = figures.setdefault("evaluation", {})
     timed.update(
         {
@@ -366,20 +391,22 @@ def evaluation_bench(clips: list[str]) -> None:
     )
     for clip in clips:
         # each clip's own commit: a run of some clips leaves the others' figures as an earlier commit measured them
-        timed[Path(clip).stem] = {
-            "commit": head_commit(),
-            **{avatar: evaluation_figures(Path(clip).stem, avatar) for avatar in (AVATAR, LDF_AVATAR)},
-        }
-        _write("render_speed.json", figures)
+        name = Path(clip).stem
+        trained = [
+            a for a in (AVATAR, LDF_AVATAR) if (WORK_RESULTS / name / "avatars" / a / "train" / "done.json").exists()
+        ]
+        timed[name] = {"commit": head_commit(), **{avatar: evaluation_figures(name, avatar) for avatar in trained}}
+        _write(results, figures)
     timed["matmul_gflops_fp32_after"] = round(matmul_gflops(torch.float32), 1)
-    _write("render_speed.json", figures)
+    _write(results, figures)
 
 
 if __name__ == "__main__":
-    arguments = [a for a in sys.argv[1:] if a != "--render-only"]
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    results = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--results=")), SPEED_RESULTS)
     if arguments[:1] == ["sparse"]:
         sparse_bench(arguments[1:] or list(TUNED_CLIPS), "--render-only" in sys.argv[1:])
     elif arguments[:1] == ["evaluation"]:
-        evaluation_bench(arguments[1:] or list(CLIPS))
+        evaluation_bench(arguments[1:] or list(CLIPS), results)
     else:
-        main(arguments or list(CLIPS))
+        main(arguments or list(CLIPS), results)
