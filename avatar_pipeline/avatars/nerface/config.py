@@ -158,11 +158,9 @@ PRESETS: dict[str, dict] = {
         # of their own (chosen on dt_W009 and checked on lp_d18,
         # the tuning clips; untuned check in README; bench/render_bench.py, `proposals`)
         "neighbour_proposals": True,
-        # those pixels drawing 16 importance samples instead of 32 and leaving out the coarse samples where the
-        # proposal weighs below 1e-3 (chosen on dt_W009 and lp_d18: 1.4-1.5x fewer samples, -0.03 and -0.01 dB;
-        # 1e-2 cost lp_d18 0.09 dB, 3e-2 3 dB; bench/render_bench.py, `lean`)
-        "proposal_samples": 16,
-        "proposal_empty_below": 1e-3,
+        # (proposal_samples 16 with proposal_empty_below 1e-3, chosen on dt_W009 and lp_d18, takes 1.4-1.5x off
+        # the samples for -0.03 and -0.01 dB there, but -0.11 and -0.05 dB more on the untuned clips for little
+        # time: not the default; bench/render_bench.py, `lean`, and README)
         "latent_steps": 60,
         "video_frames": 60,
         "orbit_frames": 24,
