@@ -390,8 +390,9 @@ def test_the_occupancy_grid_skips_empty_space_without_changing_the_render():
 
     renderer, rays, _, _ = _fit_tiny_nerface()
     # the threshold bounds the light skipped space takes from a ray where the density between the cell centres
-    # is no higher than at them; this coarse grid over a fog-filled toy needs the margin to the tolerance
-    tolerance = 2e-3
+    # is no higher than at them; this coarse grid over a fog-filled toy needs the margin to the tolerance (the
+    # toy fits differently per CPU: the largest change was under 2e-3 on an Intel Xeon, 7.2e-3 on an AMD EPYC)
+    tolerance = 1e-2
     grid = OccupancyGrid(radius=0.5, cells=16, threshold=1e-3)
     assert grid.contains(torch.zeros(3))  # everything is occupied before it is measured
     share = grid.build(lambda points: renderer.peak_density(points, rays["condition"][None]))
